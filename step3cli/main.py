@@ -1,0 +1,46 @@
+"""The `step3` command: registers one module per command and draws the one error boundary."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+from rich.markup import escape
+
+from converters.errors import Step3Error
+
+app = typer.Typer(
+    name="step3",
+    help="Convert, quantize, serve and benchmark StepFun's Step-3 with Attention-FFN Disaggregation.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+# Each command module exposes `register(app)`; the order here is the order in `step3 --help`.
+from step3cli import (  # noqa: E402
+)
+
+for module in ():
+    module.register(app)
+
+
+def main() -> None:
+    """Entry point: user mistakes (Step3Error) print `Error: ...` to stderr and exit 1, no traceback."""
+    try:
+        app()
+    except Step3Error as e:
+        if os.environ.get("STEP3_DEBUG"):
+            raise
+        from step3cli.render import err
+
+        err.print(f"[bold red]Error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
