@@ -20,10 +20,11 @@ app = typer.Typer(
 )
 
 # Each command module exposes `register(app)`; the order here is the order in `step3 --help`.
-from step3cli import (  # noqa: E402
-)
+# Add a command: import its module here and append it to COMMANDS.
+from step3cli import render  # noqa: E402,F401  (keeps this import list non-empty)
 
-for module in ():
+COMMANDS: tuple = ()
+for module in COMMANDS:
     module.register(app)
 
 
