@@ -1,0 +1,178 @@
+"""The reference model against independent formulations of the same math (fp32, fixed seeds)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from converters.config import get_preset
+from converters.errors import CheckpointError, Step3Error
+from converters.names import text_tensor_specs
+from runtime.model import reference as ref
+from runtime.model.reference import Step3Reference
+
+TINY = get_preset("step3-tiny")
+
+
+def randn(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def model() -> Step3Reference:
+    return Step3Reference(TINY, seed=3)
+
+
+@pytest.fixture(scope="module")
+def prompt() -> torch.Tensor:
+    return torch.randint(0, TINY.vocab_size, (2, 9), generator=torch.Generator().manual_seed(5))
+
+
+# ---- pieces ------------------------------------------------------------------------------------
+def test_rmsnorm_matches_formula() -> None:
+    x, w = randn(3, 5, 40, seed=1), randn(40, seed=2)
+    expected = w * x / torch.sqrt((x * x).mean(-1, keepdim=True) + 1e-5)
+    torch.testing.assert_close(ref.rmsnorm(x, w, 1e-5), expected)
+    assert ref.rmsnorm(x.bfloat16(), w, 1e-5).dtype == torch.bfloat16
+
+
+def test_rope_is_a_rotation_of_neox_pairs() -> None:
+    D, T = 64, 11
+    x, pos = randn(2, T, 3, D, seed=4), torch.arange(7, 7 + T)
+    y = ref.apply_rope(x, pos, 10000.0)
+    # Pairs (i, i + D/2) rotate by angle pos * theta^(-2i/D): norms are kept, angle is as stated.
+    i = 5
+    angle = pos.double() * 10000.0 ** (-2 * i / D)
+    a, b = x[..., i].double(), x[..., i + D // 2].double()
+    c, s = angle.cos()[None, :, None], angle.sin()[None, :, None]
+    torch.testing.assert_close(y[..., i].double(), a * c - b * s, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y[..., i + D // 2].double(), b * c + a * s, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1))
+    # Position 0 is the identity; a relative shift of both q and k keeps their dot product.
+    torch.testing.assert_close(ref.apply_rope(x, torch.zeros(T), 10000.0), x)
+    q, k = randn(1, 1, D, seed=5), randn(1, 1, D, seed=6)
+    dots = [(ref.apply_rope(q, torch.tensor([p + 9]), 1e4) * ref.apply_rope(k, torch.tensor([p]), 1e4)).sum()
+            for p in (0, 13)]
+    torch.testing.assert_close(dots[0], dots[1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("T,S", [(7, 7), (1, 12), (3, 10)])
+def test_mfa_equals_sdpa_with_kv_repeated_per_head(T: int, S: int) -> None:
+    B, heads, D = 2, 5, 24
+    q, k, v = randn(B, T, heads, D, seed=7), randn(B, S, D, seed=8), randn(B, S, D, seed=9)
+    ours = ref.mfa_attention(q, k, v)  # [B, T, heads, D]
+    k_rep = k[:, None].expand(B, heads, S, D)  # every head gets the same K/V
+    v_rep = v[:, None].expand(B, heads, S, D)
+    mask = torch.ones(T, S, dtype=torch.bool).tril(diagonal=S - T)  # query t sees keys <= S - T + t
+    expected = F.scaled_dot_product_attention(q.transpose(1, 2), k_rep, v_rep, attn_mask=mask)
+    torch.testing.assert_close(ours, expected.transpose(1, 2), rtol=1e-5, atol=1e-5)
+
+
+def _moe_per_token(x, router, gate, up, down, top_k, norm):
+    """The MoE written the slow, obvious way: one token, one chosen expert at a time."""
+    out = torch.zeros_like(x)
+    for n in range(x.shape[0]):
+        probs = torch.softmax(router @ x[n], dim=0)
+        chosen = sorted(range(router.shape[0]), key=lambda e: -probs[e].item())[:top_k]
+        total = sum(probs[e] for e in chosen) if norm else 1.0
+        for e in chosen:
+            h = F.silu(gate[e] @ x[n]) * (up[e] @ x[n])
+            out[n] += probs[e] / total * (down[e] @ h)
+    return out
+
+
+def _moe_weights(E: int = 6, H: int = 32, Ie: int = 20, seed: int = 10):
+    return (randn(E, H, seed=seed) / H**0.5, randn(E, Ie, H, seed=seed + 1) / H**0.5,
+            randn(E, Ie, H, seed=seed + 2) / H**0.5, randn(E, H, Ie, seed=seed + 3) / Ie**0.5)
+
+
+@pytest.mark.parametrize("norm", [False, True])
+def test_moe_equals_per_token_loop(norm: bool) -> None:
+    x, (router, gate, up, down) = randn(13, 32, seed=11), _moe_weights()
+    ours = ref.moe(x, router, gate, up, down, top_k=3, norm_expert_weight=norm)
+    torch.testing.assert_close(ours, _moe_per_token(x, router, gate, up, down, 3, norm), rtol=1e-5, atol=1e-5)
+
+
+def test_norm_expert_weight_renormalizes() -> None:
+    x, (router, *_) = randn(17, 32, seed=12), _moe_weights()
+    raw, ids = ref.route(x, router, 3, norm_expert_weight=False)
+    normed, ids2 = ref.route(x, router, 3, norm_expert_weight=True)
+    assert torch.equal(ids, ids2)
+    assert (raw.sum(-1) < 1 - 1e-3).all()  # 3 of 6 softmax weights: never the whole mass here
+    torch.testing.assert_close(normed.sum(-1), torch.ones(17))
+    torch.testing.assert_close(normed, raw / raw.sum(-1, keepdim=True))
+
+
+def test_moe_invariant_under_expert_permutation() -> None:
+    x, (router, gate, up, down) = randn(19, 32, seed=13), _moe_weights()
+    perm = torch.randperm(6, generator=torch.Generator().manual_seed(14))
+    base = ref.moe(x, router, gate, up, down, 3, False)
+    permuted = ref.moe(x, router[perm], gate[perm], up[perm], down[perm], 3, False)
+    torch.testing.assert_close(permuted, base, rtol=1e-5, atol=1e-5)
+    # ...but permuting the experts alone (router rows kept) changes the output.
+    assert not torch.allclose(ref.moe(x, router, gate[perm], up[perm], down[perm], 3, False), base, atol=1e-3)
+
+
+# ---- the whole model ---------------------------------------------------------------------------
+def test_parameters_are_the_tensor_table(model: Step3Reference) -> None:
+    ours = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    assert ours == {s.name: s.shape for s in text_tensor_specs(TINY)}
+
+
+def test_full_forward_equals_step_by_step_with_cache(model: Step3Reference, prompt: torch.Tensor) -> None:
+    full = model(prompt)  # [B, T, V]
+    cache = model.new_cache(prompt.shape[0], prompt.shape[1])
+    first = model(prompt[:, :4], cache)  # a 4-token prefill, then one token at a time
+    steps = [model(prompt[:, t : t + 1], cache) for t in range(4, prompt.shape[1])]
+    torch.testing.assert_close(torch.cat([first, *steps], dim=1), full, rtol=1e-4, atol=1e-4)
+    assert cache.length == prompt.shape[1]
+
+
+def test_causal_prefix_logits_do_not_see_the_future(model: Step3Reference, prompt: torch.Tensor) -> None:
+    changed = prompt.clone()
+    changed[:, -1] = (changed[:, -1] + 1) % TINY.vocab_size
+    a, b = model(prompt), model(changed)
+    torch.testing.assert_close(a[:, :-1], b[:, :-1])
+    assert not torch.allclose(a[:, -1], b[:, -1])
+
+
+def test_generate_equals_argmax_of_full_recompute(model: Step3Reference, prompt: torch.Tensor) -> None:
+    out = model.generate(prompt, max_new_tokens=6)
+    assert out.shape == (2, prompt.shape[1] + 6) and torch.equal(out[:, : prompt.shape[1]], prompt)
+    for t in range(prompt.shape[1], out.shape[1]):
+        assert torch.equal(out[:, t], model(out[:, :t])[:, -1].argmax(-1)), f"step {t}"
+
+
+def test_generate_stops_at_eos_and_pads_finished_rows(model: Step3Reference, prompt: torch.Tensor) -> None:
+    free = model.generate(prompt, max_new_tokens=5)
+    T = prompt.shape[1]
+    eos = int(free[0, T + 1])  # row 0 emits it at its second new token
+    out = model.generate(prompt, max_new_tokens=5, eos_token_id=eos)
+    assert torch.equal(out[0, T : T + 2], free[0, T : T + 2])
+    assert (out[0, T + 1 :] == eos).all()
+    row1 = free[1, T:].tolist()
+    if eos not in row1:  # row 1 never finishes: the run goes to the end with row 1 untouched
+        assert torch.equal(out[1], free[1])
+
+
+def test_model_in_bf16_tracks_fp32(model: Step3Reference, prompt: torch.Tensor) -> None:
+    weights = dict(model.named_parameters())
+    bf16 = Step3Reference(TINY, weights, dtype=torch.bfloat16)
+    a, b = model(prompt).flatten(), bf16(prompt).float().flatten()
+    assert F.cosine_similarity(a, b, dim=0) > 0.99
+
+
+def test_bad_input_ids_and_missing_tensors_are_named(model: Step3Reference) -> None:
+    with pytest.raises(Step3Error, match="vocab_size"):
+        model(torch.tensor([[0, TINY.vocab_size]]))
+    with pytest.raises(Step3Error, match="int64"):
+        model(torch.zeros(3, dtype=torch.long))
+    weights = dict(model.named_parameters())
+    del weights["model.layers.2.moe.up_proj.weight"]
+    with pytest.raises(CheckpointError, match=r"model\.layers\.2\.moe\.up_proj\.weight"):
+        Step3Reference(TINY, weights)
+    weights = dict(model.named_parameters())
+    weights["model.norm.weight"] = weights["model.norm.weight"][:-1]
+    with pytest.raises(CheckpointError, match="model.norm.weight has shape"):
+        Step3Reference(TINY, weights)
