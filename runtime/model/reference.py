@@ -304,7 +304,12 @@ class Step3Reference(nn.Module):
                         device: str | torch.device = "cpu") -> Step3Reference:
         """Load a checkpoint tensor by tensor (FP8 weights dequantized on load) into `dtype` on `device`."""
         source = open_weights(path)
-        return cls(source.config, source, dtype=dtype, device=device)
+        try:
+            return cls(source.config, source, dtype=dtype, device=device)
+        finally:
+            close = getattr(source, "close", None)  # release shard handles once every tensor is copied
+            if close is not None:
+                close()
 
     def _load(self, source: WeightSource) -> None:
         """Copy every text tensor of the table from `source`; name what is missing or misshapen."""
