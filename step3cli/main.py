@@ -21,11 +21,20 @@ app = typer.Typer(
 
 # Each command module exposes `register(app)`; the order here is the order in `step3 --help`.
 # Add a command: import its module here and append it to COMMANDS.
-from step3cli import render  # noqa: E402,F401  (keeps this import list non-empty)
+from step3cli import (  # noqa: E402
+    inspect,
+    render,  # noqa: F401  (keeps this import list non-empty)
+)
 
-COMMANDS: tuple = ()
+COMMANDS: tuple = (inspect,)
 for module in COMMANDS:
     module.register(app)
+
+
+@app.callback()
+def _root() -> None:
+    # A callback keeps `step3 COMMAND ...` a command group even while only one command is registered.
+    pass
 
 
 def main() -> None:
