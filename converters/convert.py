@@ -1,0 +1,170 @@
+"""HF checkpoint -> AFD layout, and back (`step3 convert`, `step3 convert --to hf`).
+
+Both directions only plan: which tensor (or slice) goes to which file, which files are copied, and
+the JSON written last. converters/writer.py does the writing (atomic files, checksums, resume, disk
+space, bounded memory), converters/slices.py the reading (one tensor or slice at a time, no mmap).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+from converters.afd import AFDLayout
+from converters.hf import INDEX_FILE, HFCheckpoint
+from converters.layout import (
+    CONFIG,
+    MANIFEST,
+    Piece,
+    SourceTensor,
+    build_manifest,
+    check_ranks,
+    plan_pieces,
+    shard_pieces,
+)
+from converters.names import scale_name, spec_table
+from converters.slices import read_tensor
+from converters.writer import (
+    PARTIAL,
+    TORCH_DTYPES,
+    CopyFile,
+    OutputPlan,
+    SafetensorsFile,
+    TensorOut,
+    WriteResult,
+    json_bytes,
+    record_of,
+    write_output,
+)
+
+DEFAULT_SHARD_SIZE = 4_000_000_000
+DEFAULT_FP8 = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+               "weight_block_size": [128, 128]}
+_NOT_COPIED = (".safetensors", PARTIAL, ".tmp", ".bin", ".pt", ".pth")
+
+
+@dataclass
+class ConvertResult:
+    out: Path
+    direction: str  # "hf->afd" or "afd->hf"
+    write: WriteResult
+    bytes_by_part: dict[str, int]  # "attention", "ffn/rank-0", ..., "vision", "other"
+    files_by_part: dict[str, int]
+
+
+def extra_files(src: Path, skip: tuple[str, ...]) -> list[str]:
+    """Top-level files copied verbatim (tokenizer, chat template, generation config), sorted."""
+    return sorted(p.name for p in src.iterdir() if p.is_file() and not p.name.startswith(".")
+                  and p.name not in skip and not p.name.endswith(_NOT_COPIED))
+
+
+def source_tensors(ckpt: HFCheckpoint) -> list[SourceTensor]:
+    """The checkpoint's tensors in naming-table order, each FP8 scale right after its weight."""
+    out = []
+    for name in spec_table(ckpt.config, vision=ckpt.has_vision):
+        for n in (name, scale_name(name)):
+            if n in ckpt.weight_map:
+                info = ckpt.info(n)
+                out.append(SourceTensor(n, info.dtype, info.shape))
+    return out
+
+
+def _fingerprint(direction: str, src: Path, files: list[Path], options: str) -> str:
+    """The inputs and options of a run: --resume refuses to continue a run made from other ones."""
+    h = hashlib.sha256()
+    for f in sorted(files):
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return f"{direction} {src.resolve()} {options} sources={h.hexdigest()[:16]}"
+
+
+def _data_files(pieces: list[Piece], open_source: Callable[[Piece], Callable]) -> list[SafetensorsFile]:
+    by_file: dict[str, list[TensorOut]] = {}
+    for p in pieces:
+        out = TensorOut(p.source, TORCH_DTYPES[p.dtype], p.shape, open_source(p))
+        by_file.setdefault(p.file, []).append(out)
+    return [SafetensorsFile(f, tuple(ts), {"format": "pt"}) for f, ts in by_file.items()]
+
+
+def _tally(result: WriteResult) -> tuple[dict[str, int], dict[str, int]]:
+    size: dict[str, int] = {}
+    count: dict[str, int] = {}
+    for rel, rec in result.records.items():
+        part = rel.rsplit("/", 1)[0] if "/" in rel else "other"
+        size[part] = size.get(part, 0) + rec.bytes
+        count[part] = count.get(part, 0) + 1
+    return size, count
+
+
+def quantization_of(config: dict, is_fp8: bool) -> dict | None:
+    if not is_fp8:
+        return None
+    q = config.get("quantization_config") or config.get("text_config", {}).get("quantization_config")
+    return dict(q) if isinstance(q, dict) else dict(DEFAULT_FP8)
+
+
+def hf_to_afd(src: str | Path, out: str | Path, *, ffn_ranks: int, attn_ranks: int = 1,
+              shard_size: int = DEFAULT_SHARD_SIZE, resume: bool = False, force: bool = False,
+              progress: Callable[[int, int, str], None] | None = None) -> ConvertResult:
+    """Convert an HF Step-3 checkpoint (BF16 or block FP8, with or without vision) to an AFD layout."""
+    src, out = Path(src), Path(out)
+    with HFCheckpoint(src) as ckpt:
+        ckpt.validate()  # every problem listed at once, before anything is written
+        check_ranks(ckpt.config, ffn_ranks, attn_ranks)
+        placed = plan_pieces(ckpt.config, source_tensors(ckpt), ffn_ranks, vision=ckpt.has_vision)
+        pieces = shard_pieces(placed, shard_size)
+        shard_of = {n: ckpt.path / ckpt.info(n).file for n in ckpt.weight_map}
+        config_bytes = (src / CONFIG).read_bytes()
+        config = json.loads(config_bytes)
+        quantization = quantization_of(config, ckpt.is_fp8)
+        copies = [CopyFile(n, src / n) for n in extra_files(src, (CONFIG, INDEX_FILE))]
+        files = _data_files(pieces, lambda p: partial(read_tensor, shard_of[p.source], p.source, p.slice))
+
+        def final(records):
+            recs = {k: v.to_json() for k, v in records.items()} | {CONFIG: record_of(config_bytes).to_json()}
+            manifest = build_manifest(config, ckpt.config, attn_ranks, ffn_ranks, quantization, pieces, recs)
+            return [(CONFIG, config_bytes), (MANIFEST, json_bytes(manifest))]
+
+        options = f"ffn_ranks={ffn_ranks} attn_ranks={attn_ranks} shard_size={shard_size}"
+        fingerprint = _fingerprint("hf->afd", src, [*set(shard_of.values()), src / CONFIG], options)
+        plan = OutputPlan((*files, *copies), final, fingerprint, (CONFIG, MANIFEST))
+        result = write_output(out, plan, resume=resume, force=force, progress=progress)
+    return ConvertResult(out, "hf->afd", result, *_tally(result))
+
+
+def _hf_shards(view, shard_size: int) -> list[Piece]:
+    """The HF checkpoint's tensors, whole, packed in order into model-0000i-of-0000N.safetensors."""
+    placed = []
+    for name in view.names():
+        info = view.info(name)
+        placed.append(("", Piece(name, "", name, info.dtype, info.shape, ())))
+    return shard_pieces(placed, shard_size)
+
+
+def afd_to_hf(src: str | Path, out: str | Path, *, shard_size: int = DEFAULT_SHARD_SIZE, resume: bool = False,
+              force: bool = False, progress: Callable[[int, int, str], None] | None = None) -> ConvertResult:
+    """Rebuild the HF checkpoint from an AFD layout: same tensor names, dtypes and bytes, same config.json."""
+    src, out = Path(src), Path(out)
+    layout = AFDLayout(src)
+    view = layout.hf_view()
+    pieces = _hf_shards(view, shard_size)
+    files = _data_files(pieces, lambda p: partial(view.get, p.source))
+    copied = [rel for rel in layout.files if "/" not in rel and rel != CONFIG]
+    copies = [CopyFile(rel, src / rel) for rel in sorted(copied)]
+    config_bytes = (src / CONFIG).read_bytes()
+    total = sum(p.nbytes for p in pieces)
+
+    def final(records):
+        index = {"metadata": {"total_size": total}, "weight_map": {p.source: p.file for p in pieces}}
+        return [(CONFIG, config_bytes), (INDEX_FILE, json_bytes(index))]
+
+    layout_files = [src / MANIFEST, *(src / rel for rel in layout.files)]
+    fingerprint = _fingerprint("afd->hf", src, layout_files, f"shard_size={shard_size}")
+    plan = OutputPlan((*files, *copies), final, fingerprint, (CONFIG, INDEX_FILE))
+    result = write_output(out, plan, resume=resume, force=force, progress=progress)
+    return ConvertResult(out, "afd->hf", result, *_tally(result))
+
