@@ -22,11 +22,12 @@ app = typer.Typer(
 # Each command module exposes `register(app)`; the order here is the order in `step3 --help`.
 # Add a command: import its module here and append it to COMMANDS.
 from step3cli import (  # noqa: E402
+    bench,
     inspect,
     render,  # noqa: F401  (keeps this import list non-empty)
 )
 
-COMMANDS: tuple = (inspect,)
+COMMANDS: tuple = (inspect, bench)
 for module in COMMANDS:
     module.register(app)
 
