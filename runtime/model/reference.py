@@ -18,7 +18,7 @@ loading is one loop over the tensor table.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -357,11 +357,11 @@ class Step3Reference(nn.Module):
 
     @torch.inference_mode()
     def generate(self, ids: torch.Tensor, max_new_tokens: int,
-                 eos_token_id: int | None = None) -> torch.Tensor:
+                 eos_token_id: int | Sequence[int] | None = None) -> torch.Tensor:
         """Greedy decoding with the KV cache: ids [B, T] -> [B, T + n], n <= max_new_tokens.
 
-        Stops early once every row has produced `eos_token_id`; rows that finished earlier are padded
-        with it.
+        Stops early once every row has produced a stop id (`eos_token_id`: one id, or several, e.g. EOS
+        and end-of-turn); rows that finished earlier are padded with the first stop id.
         """
         self._check_ids(ids)
         if max_new_tokens < 0:
@@ -371,14 +371,16 @@ class Step3Reference(nn.Module):
             raise Step3Error(f"prompt ({ids.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds "
                              f"max_position_embedding ({self.cfg.max_position_embedding}) of "
                              f"{self.cfg.source}")
+        stops = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []),
+                             dtype=torch.long, device=ids.device)
         cache = self.new_cache(ids.shape[0], total)
         out, done = ids, torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         logits = self(ids, cache)  # prefill: [B, T, V]
         for step in range(max_new_tokens):
             token = logits[:, -1].argmax(dim=-1)  # [B]
-            if eos_token_id is not None:
-                token = torch.where(done, eos_token_id, token)
-                done |= token == eos_token_id
+            if len(stops):
+                token = torch.where(done, stops[0], token)
+                done |= torch.isin(token, stops)
             out = torch.cat([out, token[:, None]], dim=1)
             if done.all() or step == max_new_tokens - 1:
                 break

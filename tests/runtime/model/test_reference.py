@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from converters.config import get_preset
+from converters.config import Step3Config, get_preset
 from converters.errors import CheckpointError, Step3Error
 from converters.names import text_tensor_specs
 from runtime.model import reference as ref
@@ -154,6 +156,14 @@ def test_generate_stops_at_eos_and_pads_finished_rows(model: Step3Reference, pro
     row1 = free[1, T:].tolist()
     if eos not in row1:  # row 1 never finishes: the run goes to the end with row 1 untouched
         assert torch.equal(out[1], free[1])
+    # Several stop ids (EOS, end of turn): each row stops at its first; then it is padded with stops[0].
+    stops = [int(free[0, T + 2]), int(free[1, T])]
+    both = model.generate(prompt, max_new_tokens=5, eos_token_id=stops)
+    ends = [next(j for j in range(T, T + 5) if int(free[r, j]) in stops) for r in range(2)]
+    assert both.shape[1] == max(ends) + 1
+    for r, end in enumerate(ends):
+        assert torch.equal(both[r, : end + 1], free[r, : end + 1])
+        assert (both[r, end + 1 :] == stops[0]).all()
 
 
 def test_model_in_bf16_tracks_fp32(model: Step3Reference, prompt: torch.Tensor) -> None:
@@ -176,3 +186,45 @@ def test_bad_input_ids_and_missing_tensors_are_named(model: Step3Reference) -> N
     weights["model.norm.weight"] = weights["model.norm.weight"][:-1]
     with pytest.raises(CheckpointError, match="model.norm.weight has shape"):
         Step3Reference(TINY, weights)
+
+
+# ---- real checkpoints (synthetic, HF layout) -----------------------------------------------------
+def test_from_pretrained_loads_every_tensor_as_stored(tiny_ckpt) -> None:
+    from safetensors.torch import load_file
+
+    stored = {}
+    for shard in sorted(tiny_ckpt.glob("*.safetensors")):
+        stored.update(load_file(shard))
+    loaded = Step3Reference.from_pretrained(tiny_ckpt)
+    assert loaded.cfg == Step3Config.from_pretrained(tiny_ckpt)
+    for name, p in loaded.named_parameters():
+        assert torch.equal(p, stored[name].float()), name
+    ids = torch.randint(0, TINY.vocab_size, (1, 12), generator=torch.Generator().manual_seed(1))
+    logits = loaded(ids)
+    assert logits.std() > 1 and logits[0].argmax(-1).unique().numel() > 3  # informative, not constant
+
+
+def test_fp8_checkpoint_is_within_fp8_error_of_its_bf16_twin(tiny_ckpt, tiny_fp8_ckpt) -> None:
+    bf16, fp8 = Step3Reference.from_pretrained(tiny_ckpt), Step3Reference.from_pretrained(tiny_fp8_ckpt)
+    quantized = {s.name for s in text_tensor_specs(TINY) if s.quantize}
+    for (name, a), (_, b) in zip(bf16.named_parameters(), fp8.named_parameters(), strict=True):
+        if name in quantized:
+            rel = (a - b).norm() / a.norm()
+            assert 0 < rel < 0.05, (name, rel)  # quantized: changed, but only by E4M3 rounding
+        else:
+            assert torch.equal(a, b), name  # router, embeddings, lm_head and norms stay exact
+    ids = torch.randint(0, TINY.vocab_size, (2, 16), generator=torch.Generator().manual_seed(2))
+    a, b = bf16(ids), fp8(ids)
+    assert F.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.8
+
+
+def test_from_pretrained_names_missing_and_misshapen_tensors(make_ckpt, tmp_path) -> None:
+    ckpt = make_ckpt()
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["text_config"]["share_expert_dim"] += 128  # the config now disagrees with the stored tensors
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"share_expert\.gate_proj\.weight has shape"):
+        Step3Reference.from_pretrained(ckpt)
+    with pytest.raises(Step3Error, match="config.json"):
+        Step3Reference.from_pretrained(tmp_path / "nowhere")
