@@ -9,23 +9,25 @@ Values are reproducible: each tensor has its own generator seeded from (seed, te
 SHA-256, so the shard count never changes a value, and the FP8 variant quantizes exactly the BF16
 values the BF16 variant writes. Scales keep the reference model's logits informative (std a few
 units, argmax varying by position): residual-branch outputs are shrunk by 1/sqrt(2 * layers).
-Memory stays bounded by one tensor: shards are streamed tensor by tensor (safetensors_writer).
+Memory stays bounded by one tensor: shards are streamed tensor by tensor (converters.writer).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from converters.config import TINY_VISION, Step3Config, VisionConfig
-from converters.errors import CheckpointError, ConfigError
+from converters.errors import ConfigError
 from converters.names import TensorSpec, scale_name, scale_shape, tensor_specs
-from converters.safetensors_writer import StreamingSafetensorsWriter, nbytes, write_json
-from converters.tokenizer_synth import build_tokenizer, generation_config, tokenizer_config
+from converters.tokenizer_synth import SynthTokenizer, build_tokenizer, generation_config, tokenizer_config
+from converters.writer import OutputPlan, ProgressFn, SafetensorsFile, TensorOut, json_bytes, write_output
 from quant.fp8 import FP8_DTYPE, quantize_fp8
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -36,8 +38,6 @@ _RESIDUAL_OUTPUTS = ("o_proj.weight", "down_proj.weight", "out_proj.weight", "fc
 # A mid-size tower for configs too wide for TINY_VISION (step3-small): a few MB, real layout.
 SMALL_VISION = VisionConfig(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
                             intermediate_size=1024, patch_size=14, image_size=224, output_hidden_size=512)
-_OWNED_FILES = ("config.json", INDEX_NAME, "tokenizer.json", "tokenizer_config.json",
-                "generation_config.json")
 
 Entry = tuple[str, tuple[int, ...], torch.dtype]  # a stored tensor: name, shape, dtype
 
@@ -110,7 +110,7 @@ def plan_shards(specs: list[TensorSpec], fp8: bool, shards: int) -> list[list[Te
     if not 1 <= shards <= len(specs):
         raise ConfigError(f"shards must be between 1 and {len(specs)} (at least one tensor a shard), "
                           f"got {shards}")
-    sizes = [sum(nbytes(s, d) for _, s, d in _entries(spec, fp8)) for spec in specs]
+    sizes = [sum(math.prod(s) * d.itemsize for _, s, d in _entries(spec, fp8)) for spec in specs]
     total, plan, done, k = sum(sizes), [[] for _ in range(shards)], 0, 0
     for i, (spec, size) in enumerate(zip(specs, sizes, strict=True)):
         by_bytes = min(shards - 1, int((done + size / 2) * shards / total))  # where its middle byte falls
@@ -122,62 +122,57 @@ def plan_shards(specs: list[TensorSpec], fp8: bool, shards: int) -> list[list[Te
     return plan
 
 
-def _prepare_dir(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise CheckpointError(f"{out_dir}: exists and is not a directory; choose another output path")
-    if out_dir.is_dir() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise CheckpointError(f"{out_dir}: directory is not empty; choose an empty one or overwrite "
-                                  f"(CLI: --force)")
-        for name in _OWNED_FILES:  # the completeness markers go first, so a crash never looks complete
-            (out_dir / name).unlink(missing_ok=True)
-        for stale in out_dir.glob("model-*-of-*.safetensors*"):
-            stale.unlink()
-    out_dir.mkdir(parents=True, exist_ok=True)
+class _Producer:
+    """Produces stored tensors on demand with a one-slot cache: an FP8 weight is quantized once and
+    its weight_scale_inv handed out by the next call (the writer asks for tensors in file order)."""
+
+    def __init__(self, cfg: Step3Config, seed: int, fp8: bool):
+        self.cfg, self.seed, self.fp8 = cfg, seed, fp8
+        self._slot: dict[str, torch.Tensor] = {}
+
+    def __call__(self, spec: TensorSpec, name: str) -> torch.Tensor:
+        if name not in self._slot:
+            self._slot = dict(stored_tensors(spec, self.cfg, self.seed, self.fp8))
+        return self._slot.pop(name)
+
+
+def _output_plan(cfg: Step3Config, tok: SynthTokenizer, fp8: bool, shards: int, seed: int) -> OutputPlan:
+    """Shards of tensors produced on demand, then index, tokenizer files and config.json (last)."""
+    plan = plan_shards(tensor_specs(cfg), fp8, shards)
+    produce = _Producer(cfg, seed, fp8)
+    files = tuple(
+        SafetensorsFile(f"model-{k + 1:05d}-of-{len(plan):05d}.safetensors", tuple(
+            TensorOut(name, dtype, shape, partial(produce, spec, name))
+            for spec in group for name, shape, dtype in _entries(spec, fp8)), {"format": "pt"})
+        for k, group in enumerate(plan))
+    weight_map = {t.name: f.path for f in files for t in f.tensors}
+    index = {"metadata": {"total_size": sum(t.nbytes for f in files for t in f.tensors)},
+             "weight_map": weight_map}
+    hf = cfg.to_hf_dict()
+    if fp8:
+        hf["quantization_config"] = dict(FP8_QUANT_CONFIG)
+    finals = ((INDEX_NAME, json_bytes(index)), ("tokenizer.json", tok.tokenizer.to_str(pretty=True).encode()),
+              ("tokenizer_config.json", json_bytes(tokenizer_config(cfg, tok))),
+              ("generation_config.json", json_bytes(generation_config(tok))),
+              ("config.json", json_bytes(hf)))  # last: its presence marks a complete checkpoint
+    fingerprint = f"synth seed={seed} fp8={fp8} shards={shards} config={json.dumps(hf, sort_keys=True)}"
+    return OutputPlan(files, lambda records: finals, fingerprint, tuple(name for name, _ in finals))
 
 
 def synthesize(out_dir: Path, cfg: Step3Config, *, fp8: bool = False, vision: bool = False, shards: int = 1,
-               seed: int = 0, progress=None, overwrite: bool = False) -> Path:
+               seed: int = 0, progress: ProgressFn | None = None, overwrite: bool = False,
+               resume: bool = False) -> Path:
     """Write a complete HF-format Step-3 checkpoint of random weights to `out_dir`; return `out_dir`.
 
     The written config.json may differ from `cfg` in the token ids (bos/eos/image_token_id follow the
     synthetic tokenizer) and in the vision tower (attached iff `vision`); read it back with
-    Step3Config.from_pretrained. `progress(done_bytes, total_bytes, tensor_name)` follows the tensor data.
+    Step3Config.from_pretrained. A non-empty `out_dir` is refused unless `overwrite` (deletes only what
+    a step3 run wrote there) or `resume` (keeps finished shards). `progress(done, total, file)` counts
+    file bytes (converters.writer.write_output).
     """
-    out_dir = Path(out_dir)
-    _prepare_dir(out_dir, overwrite)
     cfg = cfg.replace(vision=synthetic_vision_config(cfg) if vision else None)
     tok = build_tokenizer(cfg)
     cfg = cfg.replace(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, image_token_id=tok.image_token_id)
-    plan = plan_shards(tensor_specs(cfg, vision), fp8, shards)
-    weight_map = _write_shards(out_dir, cfg, plan, fp8, seed, progress)
-    total = sum(nbytes(s, d) for group in plan for spec in group for _, s, d in _entries(spec, fp8))
-    write_json(out_dir / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
-    tok.tokenizer.save(str(out_dir / "tokenizer.json"))
-    write_json(out_dir / "tokenizer_config.json", tokenizer_config(cfg, tok))
-    write_json(out_dir / "generation_config.json", generation_config(tok))
-    hf = cfg.to_hf_dict()
-    if fp8:
-        hf["quantization_config"] = dict(FP8_QUANT_CONFIG)
-    write_json(out_dir / "config.json", hf)  # last: its presence marks a complete checkpoint
-    return out_dir
-
-
-def _write_shards(out_dir: Path, cfg: Step3Config, plan: list[list[TensorSpec]], fp8: bool, seed: int,
-                  progress) -> dict[str, str]:
-    """Stream every shard to disk, one tensor in memory at a time; return the weight_map."""
-    layouts = [[e for spec in group for e in _entries(spec, fp8)] for group in plan]
-    total = sum(nbytes(s, d) for layout in layouts for _, s, d in layout)
-    weight_map: dict[str, str] = {}
-    done = 0
-    for k, (group, layout) in enumerate(zip(plan, layouts, strict=True)):
-        file = f"model-{k + 1:05d}-of-{len(plan):05d}.safetensors"
-        with StreamingSafetensorsWriter(out_dir / file, layout) as writer:
-            for spec in group:
-                for name, tensor in stored_tensors(spec, cfg, seed, fp8):
-                    writer.write(name, tensor)
-                    weight_map[name] = file
-                    done += tensor.numel() * tensor.element_size()
-                    if progress is not None:
-                        progress(done, total, name)
-    return weight_map
+    plan = _output_plan(cfg, tok, fp8, shards, seed)
+    write_output(out_dir, plan, resume=resume, force=overwrite, progress=progress)
+    return Path(out_dir)
