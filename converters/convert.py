@@ -52,7 +52,7 @@ class ConvertResult:
     out: Path
     direction: str  # "hf->afd" or "afd->hf"
     write: WriteResult
-    bytes_by_part: dict[str, int]  # "attention", "ffn/rank-0", ..., "vision", "other"
+    bytes_by_part: dict[str, int]  # "attention", "ffn/rank-0", ..., "vision", "top level"
     files_by_part: dict[str, int]
 
 
@@ -94,7 +94,7 @@ def _tally(result: WriteResult) -> tuple[dict[str, int], dict[str, int]]:
     size: dict[str, int] = {}
     count: dict[str, int] = {}
     for rel, rec in result.records.items():
-        part = rel.rsplit("/", 1)[0] if "/" in rel else "other"
+        part = rel.rsplit("/", 1)[0] if "/" in rel else "top level"
         size[part] = size.get(part, 0) + rec.bytes
         count[part] = count.get(part, 0) + 1
     return size, count

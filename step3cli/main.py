@@ -23,11 +23,13 @@ app = typer.Typer(
 # Add a command: import its module here and append it to COMMANDS.
 from step3cli import (  # noqa: E402
     bench,
+    convert,
     inspect,
     render,  # noqa: F401  (keeps this import list non-empty)
+    verify,
 )
 
-COMMANDS: tuple = (inspect, bench)
+COMMANDS: tuple = (inspect, convert, verify, bench)
 for module in COMMANDS:
     module.register(app)
 
