@@ -275,9 +275,10 @@ class TensorDict:
 
 def open_weights(path: str | Path) -> WeightSource:
     """The weight source for a checkpoint directory (one line per supported layout)."""
+    from converters.afd import AFDLayout, is_afd_layout
     from converters.hf import HFCheckpoint
 
-    return HFCheckpoint(path)
+    return AFDLayout(path).hf_view() if is_afd_layout(path) else HFCheckpoint(path)
 
 
 # ---- the model ---------------------------------------------------------------------------------
