@@ -24,12 +24,14 @@ app = typer.Typer(
 from step3cli import (  # noqa: E402
     bench,
     convert,
+    demo,
     inspect,
     render,  # noqa: F401  (keeps this import list non-empty)
+    synth,
     verify,
 )
 
-COMMANDS: tuple = (inspect, convert, verify, bench)
+COMMANDS: tuple = (inspect, synth, convert, verify, bench, demo)
 for module in COMMANDS:
     module.register(app)
 
