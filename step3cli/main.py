@@ -27,10 +27,11 @@ from step3cli import (  # noqa: E402
     demo,
     inspect,
     render,  # noqa: F401  (keeps this import list non-empty)
+    synth,
     verify,
 )
 
-COMMANDS: tuple = (inspect, convert, verify, bench, demo)
+COMMANDS: tuple = (inspect, synth, convert, verify, bench, demo)
 for module in COMMANDS:
     module.register(app)
 
