@@ -12,6 +12,7 @@ import typer
 
 from converters.config import load_config
 from converters.errors import Step3Error
+from runtime.bench import planner
 from runtime.bench.architectures import from_step3_config, get_model
 from runtime.bench.cost_model import cost_report
 from runtime.bench.hardware import load_hardware_file, resolve_hardware
@@ -77,21 +78,16 @@ def _models(names: str, config: str | None) -> list:
     return models
 
 
-EXAMPLE = """
-[bold]Examples[/]
-  step3 bench model                                  # the paper's tables at 8K and 32K
-  step3 bench model --context 4K,8K,32K --json       # machine-readable
-  step3 bench model --hardware H800,H200 --price H200=3.5 --plot cost.png
-  step3 bench model --config ./step3-ckpt --kv-dtype bf16
-  step3 bench model --plan --context 4096 --tpot-ms 50 --attention-hw H800 --ffn-hw H800
-
-[bold]Planner assumptions[/] (also printed with --plan): 8-GPU instances; DP attention reading its FP8
-weights once per micro-batch per layer; FFN weights split evenly, perfectly balanced; every token goes to
-every FFN instance, 1 byte per hidden value A->F and 2 back per FFN instance over one NIC per GPU; each stage
-priced on a roofline at the given efficiencies, no latency or launch overhead; micro-batches x slowest stage
-per layer (3-stage pipeline, fill/drain ignored); embedding, LM head and router free; KV cache + attention
-weights within 90% of an attention GPU's memory.
-"""
+EXAMPLE = "\n".join((
+    "[bold]Examples[/]",
+    "  step3 bench model",
+    "  step3 bench model --context 4K,8K,32K --json",
+    "  step3 bench model --hardware H800,H200 --price H200=3.5 --plot cost.png",
+    "  step3 bench model --config ./step3-ckpt --kv-dtype bf16",
+    "  step3 bench model --plan --context 4096 --tpot-ms 50 --attention-hw H800 --ffn-hw H800",
+    "",
+    "[bold]Planner assumptions[/] (also printed with --plan): " + " ".join(planner.ASSUMPTIONS),
+))
 
 
 def _opt(help_text: str, **kw) -> typer.models.OptionInfo:
@@ -119,7 +115,10 @@ PlanFlag = Annotated[bool, typer.Option("--plan", help="Run the AFD planner (fir
                                         rich_help_panel="Planner")]
 Tpot = Annotated[float, typer.Option(min=1.0, help="Planner: time-per-output-token budget, ms.",
                                      rich_help_panel="Planner")]
-PlanHw = Annotated[str, typer.Option(help="Planner: accelerator of this side.", rich_help_panel="Planner")]
+AttentionHw = Annotated[str, typer.Option(help="Planner: accelerator of the attention instances.",
+                                          rich_help_panel="Planner")]
+FfnHw = Annotated[str, typer.Option(help="Planner: accelerator of the FFN instances.",
+                                    rich_help_panel="Planner")]
 MicroBatches = Annotated[int, typer.Option(min=1, help="Planner: micro-batches in flight.",
                                            rich_help_panel="Planner")]
 
@@ -137,8 +136,8 @@ def model(
     plot: PlotFile = None,
     plan: PlanFlag = False,
     tpot_ms: Tpot = 50.0,
-    attention_hw: PlanHw = "H800",
-    ffn_hw: PlanHw = "H800",
+    attention_hw: AttentionHw = "H800",
+    ffn_hw: FfnHw = "H800",
     micro_batches: MicroBatches = 3,
     attn_mem_eff: Annotated[float, _eff("attention fraction of peak HBM bandwidth.")] = 1.0,
     attn_flop_eff: Annotated[float, _eff("attention fraction of peak FLOP/s.")] = 1.0,
