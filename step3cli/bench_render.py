@@ -86,7 +86,7 @@ def _plan_row(t: Table, p: Plan, *extra: str) -> None:
 
 
 def _pct(x: float | None) -> str:
-    return "unreachable" if x is None else f"{x:.0%}"
+    return "> 100%" if x is None else f"{x:.0%}"  # None: even the roofline falls short
 
 
 def render_plan(s: PlanSetup, plans: list[Plan], paper: list[PaperComparison]) -> None:
@@ -111,8 +111,8 @@ def render_plan(s: PlanSetup, plans: list[Plan], paper: list[PaperComparison]) -
                   "-" if row.paper_batch is None else f"{row.paper_batch:,}", _pct(row.uniform_needed))
     out.print(t)
     out.print("[dim]attn eff*: the attention HBM efficiency (others as given) at which the model predicts "
-              "the paper's figure; batch*: the batch it then picks; uniform*: one factor on every efficiency "
-              "that does the same.[/]")
+              "the paper's figure; batch*: the batch it then picks; uniform*: one factor on all the given "
+              "efficiencies that does the same ('> 100%': the model falls short even at the roofline).[/]")
     for line in planner.ASSUMPTIONS:
         out.print(f"[dim]assumption: {line}[/]")
 
