@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 
 import pytest
 
@@ -174,3 +175,12 @@ def test_architecture_checks_its_layer_count():
     with pytest.raises(Step3Error, match="layers"):
         Architecture("x", 64, 3, GQA(4, 1, 16), FFN(1, 128, 1, 4, 2, 32))
     assert set(known_models()) == set(MODELS)
+
+
+def test_toml_without_tomllib_says_use_json(tmp_path, monkeypatch):
+    """Python 3.10 has no tomllib: the error names the file and the JSON alternative."""
+    toml = tmp_path / "hw.toml"
+    toml.write_text("[accelerators.X]\n")
+    monkeypatch.setitem(sys.modules, "tomllib", None)
+    with pytest.raises(Step3Error, match=r"hw\.toml: reading TOML needs Python 3\.11\+.*JSON"):
+        load_hardware_file(toml)
