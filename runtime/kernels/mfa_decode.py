@@ -1,0 +1,183 @@
+"""MFA decode attention over the paged KV cache: split-K Triton kernel + merge, and its torch reference.
+
+    out[b, h] = softmax_t(q[b, h] . K[b, t] / sqrt(D)) @ V[b, :]      t < seq_lens[b]
+All H query heads of a sequence share one K/V head, so one program takes the H heads as the rows of
+a [H_PAD, D] tile (H_PAD >= 16 for tl.dot, padded rows masked) and reads each K/V row ONCE for all of
+them: per sequence the traffic is L x 2 x D x (2 | 1) bytes of cache (the floor), plus q and out.
+Long sequences and small batches are cut into `num_splits` slices of the sequence; each writes its
+normalized partial output [H, D] fp32 and log2-sum-exp [H], and `_mfa_merge_kernel` combines them:
+    out = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M)
+which costs 2 x H x D x 4 bytes per split (so splits are kept to ~2 waves of programs).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from runtime.kernels.kv_cache import PagedKVCache, check, gather_kv_ref, load_paged_rows
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _mfa_decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, k_scale_ptr, v_scale_ptr, out_ptr, part_o_ptr,
+                       part_lse_ptr, sm_scale_log2, tokens_per_split, num_splits,
+                       stride_qb, stride_qh, stride_kb, stride_kt, stride_vb, stride_vt, stride_bt,
+                       stride_ob, stride_oh,
+                       H: tl.constexpr, H_PAD: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
+                       BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, DOT_BF16: tl.constexpr):
+    """Program (split s, sequence b): online softmax over tokens [s * tps, (s + 1) * tps) of b."""
+    s = tl.program_id(0)
+    b = tl.program_id(1)
+    seq_len = tl.load(lens_ptr + b)
+    start = s * tokens_per_split
+    end = tl.minimum(start + tokens_per_split, seq_len)
+    if start < end:
+        dot_ty = tl.bfloat16 if DOT_BF16 else tl.float32
+        h = tl.arange(0, H_PAD)
+        d = tl.arange(0, D)
+        q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + h[:, None] * stride_qh + d[None, :],
+                    mask=h[:, None] < H, other=0.0).to(dot_ty)  # [H_PAD, D]
+        qk_scale = sm_scale_log2 * tl.load(k_scale_ptr)  # log2-domain scores, FP8 K scale folded in
+        bt_row = bt_ptr + b.to(tl.int64) * stride_bt
+        m_i = tl.full([H_PAD], float("-inf"), tl.float32)
+        l_i = tl.zeros([H_PAD], tl.float32)
+        acc = tl.zeros([H_PAD, D], tl.float32)
+        for n in range(start, end, BLOCK_N):
+            tok = n + tl.arange(0, BLOCK_N)
+            valid = tok < end
+            k = load_paged_rows(kc_ptr, bt_row, tok, valid, stride_kb, stride_kt, PAGE, D).to(dot_ty)
+            v = load_paged_rows(vc_ptr, bt_row, tok, valid, stride_vb, stride_vt, PAGE, D).to(dot_ty)
+            scores = tl.dot(q, tl.trans(k)) * qk_scale  # [H_PAD, BLOCK_N]
+            scores = tl.where(valid[None, :], scores, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(scores - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(dot_ty), v)
+            m_i = m_new
+        o = acc * (tl.load(v_scale_ptr) / l_i)[:, None]
+        if DIRECT:
+            out = out_ptr + b.to(tl.int64) * stride_ob + h[:, None] * stride_oh + d[None, :]
+            tl.store(out, o.to(out_ptr.dtype.element_ty), mask=h[:, None] < H)
+        else:
+            row = (b.to(tl.int64) * num_splits + s) * H + h  # partials: [B, S, H, D] and [B, S, H]
+            tl.store(part_o_ptr + row[:, None] * D + d[None, :], o, mask=h[:, None] < H)
+            tl.store(part_lse_ptr + row, m_i + tl.log2(l_i), mask=h < H)
+
+
+@triton.jit
+def _mfa_merge_kernel(part_o_ptr, part_lse_ptr, lens_ptr, out_ptr, tokens_per_split, num_splits,
+                      stride_ob, stride_oh, H: tl.constexpr, D: tl.constexpr, SPLIT_BLOCK: tl.constexpr):
+    """Program (head h, sequence b): merge the non-empty splits of (b, h), SPLIT_BLOCK at a time."""
+    h = tl.program_id(0)
+    b = tl.program_id(1)
+    used = tl.cdiv(tl.load(lens_ptr + b), tokens_per_split)  # splits that saw >= 1 token
+    d = tl.arange(0, D)
+    m = tl.full([1], float("-inf"), tl.float32)
+    den = tl.zeros([1], tl.float32)
+    acc = tl.zeros([D], tl.float32)
+    for s0 in range(0, used, SPLIT_BLOCK):
+        sp = s0 + tl.arange(0, SPLIT_BLOCK)
+        row = (b.to(tl.int64) * num_splits + sp) * H + h
+        lse = tl.load(part_lse_ptr + row, mask=sp < used, other=float("-inf"))  # [SPLIT_BLOCK]
+        o = tl.load(part_o_ptr + row[:, None] * D + d[None, :], mask=(sp < used)[:, None], other=0.0)
+        m_new = tl.maximum(m, tl.max(lse, 0))
+        w = tl.exp2(lse - m_new)  # [SPLIT_BLOCK]
+        alpha = tl.exp2(m - m_new)
+        den = den * alpha + tl.sum(w, 0)
+        acc = acc * alpha + tl.sum(w[:, None] * o, 0)
+        m = m_new
+    out = out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + d
+    tl.store(out, (acc / den).to(out_ptr.dtype.element_ty))
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """Launch choices, picked in one place (`plan_decode`); every field can be overridden for tuning."""
+
+    num_splits: int
+    tokens_per_split: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def plan_decode(batch: int, max_seq_len: int, head_dim: int, device: torch.device,
+                num_splits: int | None = None, block_n: int | None = None, num_warps: int | None = None,
+                num_stages: int | None = None, waves: float = 2.0, min_split_tokens: int = 256) -> DecodePlan:
+    """Split the sequence so batch x splits ~ `waves` x SM count, each split >= min_split_tokens."""
+    on_gpu = device.type == "cuda"
+    block_n = block_n or (64 if on_gpu and head_dim >= 128 else 32)
+    if num_splits is None:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if on_gpu else 4
+        by_fill = math.ceil(waves * sms / batch)
+        by_size = max(1, max_seq_len // max(min_split_tokens, block_n))
+        num_splits = max(1, min(by_fill, by_size))
+    tokens = triton.cdiv(triton.cdiv(max_seq_len, num_splits), block_n) * block_n
+    return DecodePlan(num_splits=triton.cdiv(max_seq_len, tokens), tokens_per_split=tokens, block_n=block_n,
+                      num_warps=num_warps or (8 if head_dim >= 128 else 4), num_stages=num_stages or 2)
+
+
+def _check_decode(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor,
+                  seq_lens: torch.Tensor) -> None:
+    check(q.dim() == 3 and q.shape[2] == cache.head_dim and q.stride(-1) == 1,
+          f"mfa_decode: q must be [batch, heads, {cache.head_dim}] with contiguous head_dim, "
+          f"got {tuple(q.shape)}")
+    B, H, D = q.shape
+    check(q.dtype in (torch.bfloat16, torch.float16, torch.float32),
+          f"mfa_decode: q dtype {q.dtype} unsupported (use bfloat16, float16 or float32)")
+    check(D >= 16 and D & (D - 1) == 0, f"mfa_decode: head_dim must be a power of two >= 16, got {D}")
+    check(block_table.dim() == 2 and block_table.shape[0] == B and block_table.dtype == torch.int32,
+          f"mfa_decode: block_table must be int32 [{B}, max_blocks], got {block_table.dtype} "
+          f"{tuple(block_table.shape)}")
+    check(seq_lens.shape == (B,) and seq_lens.dtype == torch.int32,
+          f"mfa_decode: seq_lens must be int32 [{B}], got {seq_lens.dtype} {tuple(seq_lens.shape)}")
+    devices = {t.device for t in (q, cache.k, block_table, seq_lens)}
+    check(len(devices) == 1, f"mfa_decode: tensors must share on one device, got {sorted(map(str, devices))}")
+
+
+def mfa_decode(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor, seq_lens: torch.Tensor,
+               max_seq_len: int | None = None, plan: DecodePlan | None = None) -> torch.Tensor:
+    """q [B, H, D] (after RoPE) -> out [B, H, D] in q's dtype. Every seq_lens[b] must be in 1..max_seq_len.
+
+    Pass max_seq_len (an upper bound) to avoid a device->host sync, e.g. inside CUDA-graph capture.
+    """
+    _check_decode(q, cache, block_table, seq_lens)
+    B, H, D = q.shape
+    max_seq_len = int(seq_lens.max()) if max_seq_len is None else max_seq_len
+    check(max_seq_len <= block_table.shape[1] * cache.block_size,
+          f"mfa_decode: max_seq_len {max_seq_len} exceeds block_table capacity "
+          f"{block_table.shape[1]} x {cache.block_size}")
+    plan = plan or plan_decode(B, max_seq_len, D, q.device)
+    out = torch.empty_like(q)
+    direct = plan.num_splits == 1
+    part_o = out if direct else torch.empty((B, plan.num_splits, H, D), dtype=torch.float32, device=q.device)
+    part_lse = out if direct else torch.empty((B, plan.num_splits, H), dtype=torch.float32, device=q.device)
+    _mfa_decode_kernel[(plan.num_splits, B)](
+        q, cache.k, cache.v, block_table, seq_lens, cache.k_scale, cache.v_scale, out, part_o, part_lse,
+        D ** -0.5 * LOG2E, plan.tokens_per_split, plan.num_splits,
+        q.stride(0), q.stride(1), cache.k.stride(0), cache.k.stride(1), cache.v.stride(0), cache.v.stride(1),
+        block_table.stride(0), out.stride(0), out.stride(1),
+        H=H, H_PAD=max(16, triton.next_power_of_2(H)), D=D, PAGE=cache.block_size, BLOCK_N=plan.block_n,
+        DIRECT=direct, DOT_BF16=q.is_cuda, num_warps=plan.num_warps, num_stages=plan.num_stages)
+    if not direct:
+        _mfa_merge_kernel[(H, B)](part_o, part_lse, seq_lens, out, plan.tokens_per_split, plan.num_splits,
+                                  out.stride(0), out.stride(1), H=H, D=D, SPLIT_BLOCK=16, num_warps=4)
+    return out
+
+
+def mfa_decode_ref(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor,
+                   seq_lens: torch.Tensor) -> torch.Tensor:
+    """float64 reference: each sequence's cache gathered and dequantized, plain softmax attention."""
+    outs = []
+    for b in range(q.shape[0]):
+        k, v = gather_kv_ref(cache, block_table[b], int(seq_lens[b]))  # [L, D] each
+        scores = (q[b].double() @ k.T) * q.shape[-1] ** -0.5  # [H, L]
+        outs.append(scores.softmax(dim=-1) @ v)
+    return torch.stack(outs)  # [B, H, D] float64

@@ -1,0 +1,82 @@
+"""Paged split-K MFA decode kernel vs the float64 reference (and the eager model's attention)."""
+
+import pytest
+import torch
+from paged_inputs import DEVICE, boundary_lengths, random_paged_cache, rel_err
+
+from converters.errors import Step3Error
+from runtime.kernels.kv_cache import FP8_DTYPE, PagedKVCache, write_kv_ref
+from runtime.kernels.mfa_decode import mfa_decode, mfa_decode_ref, plan_decode
+from runtime.model import reference
+
+# bf16 q/out: the output's own rounding (the CPU interpreter truncates) dominates; fp32 q on the CPU
+# runs the kernel in fp32 throughout, while on the GPU the dots take bf16 operands.
+TOL_BF16, TOL_FP32 = 1e-2, (1e-2 if DEVICE.type == "cuda" else 1e-5)
+
+
+def _run(heads, head_dim, page, dtype, q_dtype, num_splits, seed, count=7):
+    gen = torch.Generator().manual_seed(seed)
+    lengths = boundary_lengths(page, count, gen, longest=5 * page)
+    cache, block_table, seq_lens = random_paged_cache(lengths, head_dim, page, dtype, gen)
+    q = torch.randn(len(lengths), heads, head_dim, generator=gen).to(q_dtype).to(DEVICE)
+    plan = plan_decode(len(lengths), max(lengths), head_dim, DEVICE, num_splits=num_splits,
+                       block_n=None if num_splits is None else 16, min_split_tokens=16)
+    out = mfa_decode(q, cache, block_table, seq_lens, max_seq_len=max(lengths), plan=plan)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    return rel_err(out, mfa_decode_ref(q, cache, block_table, seq_lens))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, FP8_DTYPE], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("page", [16, 32, 64])
+@pytest.mark.parametrize("num_splits", [1, 3, None], ids=["direct", "split3", "auto"])
+def test_decode_matches_reference(dtype, page, num_splits):
+    err = _run(4, 64, page, dtype, torch.bfloat16, num_splits, seed=page + (num_splits or 0))
+    assert err < TOL_BF16
+
+
+@pytest.mark.parametrize("heads, head_dim", [(5, 32), (20, 64)])  # odd / non-power-of-two head counts
+def test_decode_fp32_queries_and_odd_heads(heads, head_dim):
+    assert _run(heads, head_dim, 16, torch.bfloat16, torch.float32, None, seed=heads) < TOL_FP32
+    assert _run(heads, head_dim, 32, FP8_DTYPE, torch.float32, 2, seed=heads + 1) < TOL_FP32
+
+
+def test_decode_reference_agrees_with_model_attention():
+    """The paged float64 reference equals reference.mfa_attention on the same (contiguous) K/V."""
+    gen = torch.Generator().manual_seed(11)
+    L, H, D, page = 45, 4, 64, 16
+    cache = PagedKVCache.allocate(4, page, D, torch.bfloat16, DEVICE)
+    k = torch.randn(L, D, generator=gen).to(DEVICE)
+    v = torch.randn(L, D, generator=gen).to(DEVICE)
+    write_kv_ref(cache, k, v, torch.arange(L, device=DEVICE))
+    table = torch.arange(4, dtype=torch.int32, device=DEVICE)[None]
+    lens = torch.tensor([L], dtype=torch.int32, device=DEVICE)
+    q = torch.randn(1, H, D, generator=gen).to(DEVICE)
+    expected = reference.mfa_attention(q[:, None].double(), cache.k[:3].reshape(1, -1, D)[:, :L].double(),
+                                       cache.v[:3].reshape(1, -1, D)[:, :L].double())[:, 0]
+    assert rel_err(mfa_decode_ref(q, cache, table, lens), expected) < 1e-6  # the model computes in fp32
+    assert rel_err(mfa_decode(q, cache, table, lens), expected) < TOL_FP32
+
+
+def test_plan_covers_the_sequence_and_fills_the_gpu():
+    cpu = torch.device("cpu")
+    plan = plan_decode(1, 32768, 256, cpu, waves=2.0, min_split_tokens=256)  # 4 "SMs" on the CPU
+    assert plan.num_splits == 8 and plan.num_splits * plan.tokens_per_split >= 32768
+    assert plan.tokens_per_split % plan.block_n == 0
+    assert plan_decode(512, 4096, 256, cpu).num_splits == 1  # batch alone fills the machine
+    small = plan_decode(3, 5, 64, cpu, num_splits=8)
+    assert small.num_splits == 1 and small.tokens_per_split >= 5  # never more splits than tiles
+
+
+def test_decode_rejects_bad_inputs():
+    cache = PagedKVCache.allocate(4, 16, 64, torch.bfloat16, DEVICE)
+    q = torch.randn(2, 4, 64, device=DEVICE)
+    table = torch.zeros(2, 2, dtype=torch.int32, device=DEVICE)
+    lens = torch.ones(2, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(Step3Error, match="q must be"):
+        mfa_decode(q[..., :32], cache, table, lens)
+    with pytest.raises(Step3Error, match="block_table"):
+        mfa_decode(q, cache, table.long(), lens)
+    with pytest.raises(Step3Error, match="seq_lens"):
+        mfa_decode(q, cache, table, lens[:1])
+    with pytest.raises(Step3Error, match="capacity"):
+        mfa_decode(q, cache, table, lens, max_seq_len=33)
