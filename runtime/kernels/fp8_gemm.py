@@ -1,0 +1,151 @@
+"""Block-FP8 GEMM in Triton, dense or grouped by expert: the one matmul kernel of the FFN.
+
+    C[m, n] = sum_kb (A_q[m, kb] @ B_q[e, n, kb]^T) * a_scale[m, kb] * b_scale[e, n // 128, kb]
+with A quantized per 1x128 group (act_quant.py) and B per 128x128 block (quant/fp8.py). BLOCK_K is
+128, so every K step is one scale group: the step's FP8 tensor-core product is scaled and added to
+an fp32 accumulator. BLOCK_N divides 128, so a tile sees one weight scale per K step. With scale
+pointers absent (HAS_SCALES False) the same kernel multiplies BF16/FP32 operands.
+
+Grouped mode (the MoE) follows vLLM's fused_moe: `rows` lists the (token, slot) pairs sorted by
+expert, each expert's run padded to BLOCK_M with the sentinel `num_pairs`; `block_expert[i]` names
+the expert of M-block i (-1: past the end, the program exits). Options, fused into one launch:
+  GATHER_A   A row of pair p is token p // TOPK (the MoE input); else A row = sorted position.
+  SWIGLU     a second weight (up) in the same program: out = silu(A B^T) * (A B2^T).
+  QUANT_OUT  quantize the output per 1x128 group in the epilogue (BLOCK_N == 128) -> FP8 + scale.
+  WEIGHTED   multiply row p by topk_weights[p] and store it at row p of C ([T*TOPK, N]).
+Traffic per launch: each weight tile is read once per M-block that needs it; programs are ordered
+M-fastest so the M-blocks sharing a weight tile run together and reuse it from L2.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from runtime.kernels.act_quant import quantize_rows
+
+
+@triton.jit
+def _fp8_gemm_kernel(
+    a_ptr, as_ptr, b_ptr, bs_ptr, b2_ptr, b2s_ptr, c_ptr, cs_ptr, rows_ptr, block_expert_ptr, topk_w_ptr,
+    M, N, K, num_pairs,
+    stride_am, stride_ak, stride_asm, stride_ask,
+    stride_be, stride_bn, stride_bk, stride_bse, stride_bsn, stride_bsk,
+    stride_cm, stride_cn, stride_csm, stride_csn,
+    TOPK: tl.constexpr, GROUPED: tl.constexpr, GATHER_A: tl.constexpr, HAS_SCALES: tl.constexpr,
+    SWIGLU: tl.constexpr, QUANT_OUT: tl.constexpr, WEIGHTED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    pid_m = pid % num_m
+    pid_n = pid // num_m
+    pos = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # sorted positions (grouped) or rows (dense)
+    if GROUPED:
+        expert = tl.load(block_expert_ptr + pid_m)
+        if expert < 0:
+            return
+        pair = tl.load(rows_ptr + pos)
+        row_ok = pair < num_pairs
+        a_row = pair // TOPK if GATHER_A else pos
+        b_base = expert.to(tl.int64) * stride_be
+        bs_base = expert.to(tl.int64) * stride_bse
+    else:
+        pair = pos
+        row_ok = pos < M
+        a_row = pos
+        b_base = 0
+        bs_base = 0
+    a_row = tl.where(row_ok, a_row, 0).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + a_row[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_off = b_base + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk
+    as_ptrs = as_ptr + a_row * stride_asm
+    bs_off = bs_base + (pid_n * BLOCK_N // 128) * stride_bsn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+        k_ok = offs_k < K - kb * BLOCK_K
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptr + b_off, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if HAS_SCALES:
+            a_s = tl.load(as_ptrs + kb * stride_ask, mask=row_ok, other=0.0)
+            b_s = tl.load(bs_ptr + bs_off + kb * stride_bsk)
+            acc += tl.dot(a, b, out_dtype=tl.float32) * (a_s[:, None] * b_s)
+        else:
+            acc += tl.dot(a, b, out_dtype=tl.float32)
+        if SWIGLU:
+            b2 = tl.load(b2_ptr + b_off, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if HAS_SCALES:
+                b2_s = tl.load(b2s_ptr + bs_off + kb * stride_bsk)
+                acc2 += tl.dot(a, b2, out_dtype=tl.float32) * (a_s[:, None] * b2_s)
+            else:
+                acc2 += tl.dot(a, b2, out_dtype=tl.float32)
+        a_ptrs += BLOCK_K * stride_ak
+        b_off += BLOCK_K * stride_bk
+
+    if SWIGLU:
+        acc = acc * tl.sigmoid(acc) * acc2  # silu(gate) * up
+    if WEIGHTED:
+        acc = acc * tl.load(topk_w_ptr + pair, mask=row_ok, other=0.0)[:, None]
+    c_row = (pair if WEIGHTED else pos).to(tl.int64)
+    out_ok = row_ok[:, None] & n_ok[None, :]
+    if QUANT_OUT:
+        acc, s = quantize_rows(acc, n_ok[None, :])
+        tl.store(cs_ptr + c_row * stride_csm + pid_n * stride_csn, s, mask=row_ok)
+    c_ptrs = c_ptr + c_row[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=out_ok)
+
+
+def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor | None, b: torch.Tensor, b_scale: torch.Tensor | None,
+             out: torch.Tensor, *, b2: torch.Tensor | None = None, b2_scale: torch.Tensor | None = None,
+             out_scale: torch.Tensor | None = None, rows: torch.Tensor | None = None,
+             block_expert: torch.Tensor | None = None, topk_weights: torch.Tensor | None = None,
+             num_pairs: int = 0, top_k: int = 1, gather_a: bool = False,
+             block_m: int = 64, block_n: int = 128, num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
+    """Launch `_fp8_gemm_kernel` into `out`. Shapes are checked by the callers (fp8_linear, moe, mlp).
+
+    a [M or T, K]; b, b2 [N, K] or [E, N, K]; scales as their docstring above; grouped when `rows`
+    is given (then M = len(rows), a multiple of block_m). Returns `out`.
+    """
+    grouped = rows is not None
+    b3 = b if b.dim() == 3 else b.unsqueeze(0)
+    K, N = a.shape[1], b3.shape[1]
+    M = rows.numel() if grouped else a.shape[0]
+    assert 128 % block_n == 0 and (out_scale is None or block_n == 128)
+    assert b.shape[-1] == K and out.shape[1] == N
+    if M == 0:
+        return out
+    nil = torch.empty(1, 1, 1, dtype=torch.float32, device=a.device)  # stands in for absent operands
+    has_scales = a_scale is not None
+    a_s = a_scale if has_scales else nil[0]
+    b_s = nil if b_scale is None else (b_scale if b_scale.dim() == 3 else b_scale.unsqueeze(0))
+    b2s = nil if b2_scale is None else (b2_scale if b2_scale.dim() == 3 else b2_scale.unsqueeze(0))
+    b2_ = b3 if b2 is None else (b2 if b2.dim() == 3 else b2.unsqueeze(0))
+    c_s = nil[0] if out_scale is None else out_scale
+    grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
+    _fp8_gemm_kernel[grid](
+        a, a_s, b3, b_s, b2_, b2s, out, c_s,
+        rows if grouped else nil, block_expert if grouped else nil,
+        nil if topk_weights is None else topk_weights,
+        M, N, K, num_pairs,
+        a.stride(0), a.stride(1), a_s.stride(0), a_s.stride(1),
+        b3.stride(0), b3.stride(1), b3.stride(2), b_s.stride(0), b_s.stride(1), b_s.stride(2),
+        out.stride(0), out.stride(1), c_s.stride(0), c_s.stride(1),
+        TOPK=top_k, GROUPED=grouped, GATHER_A=gather_a, HAS_SCALES=has_scales,
+        SWIGLU=b2 is not None, QUANT_OUT=out_scale is not None, WEIGHTED=topk_weights is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128, num_warps=num_warps, num_stages=num_stages,
+    )
+    return out
+
+
+def fp8_gemm_ref(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor,
+                 b_scale: torch.Tensor) -> torch.Tensor:
+    """fp32 torch reference of the dense case: dequantize both operands and multiply."""
+    from quant.fp8 import dequantize_fp8
+    from runtime.kernels.act_quant import Fp8Act, act_dequant
+
+    return act_dequant(Fp8Act(a_q, a_scale)) @ dequantize_fp8(b_q, b_scale).t()

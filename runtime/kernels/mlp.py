@@ -1,0 +1,97 @@
+"""SwiGLU MLP in block FP8: the dense layers' MLP and the MoE's shared expert, whole or as a 1/F slice.
+
+    y = down(q(silu(gate x) * up x)),  q = 1x128 activation quantization (act_quant.py)
+Two launches: (1) one Triton program computes a gate tile AND the matching up tile from the same
+FP8 activation tile, applies silu-and-mul and quantizes the result per 1x128 group in its epilogue
+(fp8_gemm.py, SWIGLU + QUANT_OUT), so the [T, I] intermediate crosses memory once, as FP8;
+(2) the down projection through fp8_matmul (cuBLAS blockwise on Hopper).
+Tensor parallelism: rank r of F holds rows [r I/F, (r+1) I/F) of gate/up and those columns of down.
+With I/F a multiple of 128 every quantization group stays whole, so the F partial outputs sum to the
+unsliced output (up to fp32 summation order).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from converters.errors import Step3Error
+from quant.fp8 import FP8_DTYPE, dequantize_fp8
+from runtime.kernels.act_quant import Fp8Act, act_dequant, act_quant, act_quant_ref
+from runtime.kernels.fp8_gemm import fp8_gemm
+from runtime.kernels.fp8_linear import fp8_matmul
+
+
+@dataclass(frozen=True)
+class MlpWeights:
+    """gate/up [I, H] and down [H, I] in FP8 with their [ceil(out/128), ceil(in/128)] scales."""
+
+    gate: torch.Tensor
+    gate_scale: torch.Tensor
+    up: torch.Tensor
+    up_scale: torch.Tensor
+    down: torch.Tensor
+    down_scale: torch.Tensor
+    name: str = "mlp"
+
+    def __post_init__(self) -> None:
+        inter, hidden = self.gate.shape
+        expected = (("gate_proj", self.gate, (inter, hidden)), ("up_proj", self.up, (inter, hidden)),
+                    ("down_proj", self.down, (hidden, inter)))
+        for label, w, shape in expected:
+            if w.dtype != FP8_DTYPE or tuple(w.shape) != shape:
+                raise Step3Error(f"{self.name}.{label}: expected float8_e4m3fn {shape}, got {w.dtype} "
+                                 f"{tuple(w.shape)}")
+
+    @property
+    def intermediate(self) -> int:
+        return self.gate.shape[0]
+
+
+def mlp_tp_slice(w: MlpWeights, rank: int, world: int) -> MlpWeights:
+    """Rank `rank` of `world`'s slice of the intermediate dimension (rows of gate/up, columns of down)."""
+    inter = w.intermediate
+    part = inter // world
+    if not 0 <= rank < world or inter % world or (world > 1 and part % 128):
+        raise Step3Error(f"{w.name}: cannot split intermediate size {inter} into {world} slices on "
+                         f"128-column FP8 block boundaries (rank {rank}); use a world size that divides "
+                         f"{inter // 128} blocks")
+    rows = slice(rank * part, (rank + 1) * part)
+    blocks = slice(rank * part // 128, -(-(rank + 1) * part // 128))
+    return MlpWeights(w.gate[rows], w.gate_scale[blocks], w.up[rows], w.up_scale[blocks],
+                      w.down[:, rows], w.down_scale[:, blocks], name=f"{w.name}[tp {rank}/{world}]")
+
+
+def swiglu_quant(x: Fp8Act, w: MlpWeights, block_m: int = 64, num_warps: int = 4,
+                 num_stages: int = 3) -> Fp8Act:
+    """The fused first half: q(silu(x gate^T) * (x up^T)) -> Fp8Act [T, I]."""
+    T, inter = x.q.shape[0], w.intermediate
+    q = torch.empty((T, inter), dtype=FP8_DTYPE, device=x.q.device)
+    s = torch.empty((-(-inter // 128), T), dtype=torch.float32, device=x.q.device).t()  # outer-dim-major
+    fp8_gemm(x.q, x.scale_inv, w.gate, w.gate_scale, q, b2=w.up, b2_scale=w.up_scale, out_scale=s,
+             block_m=block_m, block_n=128, num_warps=num_warps, num_stages=num_stages)
+    return Fp8Act(q, s)
+
+
+def swiglu_mlp(x: torch.Tensor | Fp8Act, w: MlpWeights, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x [T, H] (BF16/FP32, or already quantized) -> [T, H] in out_dtype (default: x's dtype / BF16)."""
+    if not isinstance(x, Fp8Act):
+        out_dtype = out_dtype or x.dtype
+        x = act_quant(x)
+    if x.q.shape[1] != w.gate.shape[1]:
+        raise Step3Error(f"{w.name}: input width {x.q.shape[1]} != hidden size {w.gate.shape[1]}")
+    block_m = 16 if x.q.shape[0] <= 16 else 64
+    h = swiglu_quant(x, w, block_m=block_m)
+    return fp8_matmul(h, w.down, w.down_scale, out_dtype=out_dtype or torch.bfloat16,
+                      name=f"{w.name}.down_proj")
+
+
+def swiglu_mlp_ref(x: torch.Tensor, w: MlpWeights) -> torch.Tensor:
+    """fp32 reference: dequantized weights, the same two activation quantizations, fp32 arithmetic."""
+    xd = act_dequant(act_quant_ref(x.float()))
+    g = xd @ dequantize_fp8(w.gate, w.gate_scale).t()
+    u = xd @ dequantize_fp8(w.up, w.up_scale).t()
+    h = act_dequant(act_quant_ref(F.silu(g) * u))
+    return h @ dequantize_fp8(w.down, w.down_scale).t()

@@ -1,0 +1,201 @@
+"""The fused MoE: routing, grouping by expert, grouped FP8 expert GEMMs and the weighted combine.
+
+    y[t] = sum_j w[t, j] * down_e(q(silu(gate_e x_t) * up_e x_t)),  e = ids[t, j] in [a, b)
+A rank that holds experts [a, b) (AFD expert parallelism) computes only the pairs routed into its
+range; pairs routed elsewhere contribute zero here, so the sum over ranks is the full MoE.
+Launches (no host synchronization, so the whole layer can be captured in a CUDA graph):
+  1. act_quant of x (skipped when x arrives as FP8, as AFD sends it);
+  2. `align_by_expert`: a few torch ops sort the T*k (token, slot) pairs by expert and pad each
+     expert's run to BLOCK_M (vLLM's moe_align_block_size); the grid is sized for the worst case
+     (T*k + E*(BLOCK_M-1) rows) and the unused M-blocks exit at once;
+  3. gate_up: fp8_gemm over (M-block, N-tile) gathering token rows, gate and up tiles in one
+     program, silu-and-mul and 1x128 re-quantization in the epilogue -> FP8 [P, I];
+  4. down: fp8_gemm over the same blocks, times the routing weight, stored at row t*k + j;
+  5. combine: sum over the k slots ([T, k, H] -> [T, H]).
+Traffic: each weight tile once from HBM per launch (M-blocks sharing it run together), x_q read k
+times (gathered), the FP8 intermediate written and read once, [T*k, H] partials written and read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from converters.errors import Step3Error
+from quant.fp8 import FP8_DTYPE, dequantize_fp8
+from runtime.kernels.act_quant import Fp8Act, act_quant
+from runtime.kernels.fp8_gemm import fp8_gemm
+from runtime.kernels.mlp import MlpWeights, swiglu_mlp, swiglu_mlp_ref
+
+
+def route_topk(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router logits [T, E] -> softmax over E in fp32 -> top-k: (weights [T, k] fp32, ids [T, k] int32).
+
+    Tied experts are picked in torch.topk's order, as runtime/model/reference.route does; the weights
+    are renormalized to sum to 1 iff norm_expert_weight.
+    """
+    probs = logits.float().softmax(dim=-1)
+    weights, ids = probs.topk(top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids.to(torch.int32)
+
+
+@dataclass(frozen=True)
+class ExpertWeights:
+    """Experts [first, first + E_local) of one MoE layer: the HF fused 3-D layout, FP8 or BF16.
+
+    gate/up [E_local, I, H], down [E_local, H, I]; scales [E_local, ceil(out/128), ceil(in/128)] for
+    FP8, None for unquantized experts. `num_experts` is the layer's total E (all ranks together).
+    """
+
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+    gate_scale: torch.Tensor | None = None
+    up_scale: torch.Tensor | None = None
+    down_scale: torch.Tensor | None = None
+    first: int = 0
+    num_experts: int | None = None
+    name: str = "moe"
+
+    def __post_init__(self) -> None:
+        e, inter, hidden = self.gate.shape
+        if self.up.shape != self.gate.shape or tuple(self.down.shape) != (e, hidden, inter):
+            raise Step3Error(f"{self.name}: expert shapes disagree: gate_proj {tuple(self.gate.shape)}, "
+                             f"up_proj {tuple(self.up.shape)}, down_proj {tuple(self.down.shape)} "
+                             f"(want [E, I, H] twice and [E, H, I])")
+        fp8 = self.gate.dtype == FP8_DTYPE
+        scales = (self.gate_scale, self.up_scale, self.down_scale)
+        if any((s is not None) != fp8 for s in scales):
+            raise Step3Error(f"{self.name}: FP8 experts need gate/up/down weight_scale_inv; "
+                             f"BF16 ones take none")
+        total = self.num_experts if self.num_experts is not None else self.first + e
+        if not 0 <= self.first <= total - e:
+            raise Step3Error(f"{self.name}: expert range [{self.first}, {self.first + e}) is outside "
+                             f"0..{total} (num_experts)")
+        object.__setattr__(self, "num_experts", total)
+
+    @property
+    def num_local(self) -> int:
+        return self.gate.shape[0]
+
+    @property
+    def fp8(self) -> bool:
+        return self.gate_scale is not None
+
+
+def align_by_expert(ids: torch.Tensor, first: int, num_local: int,
+                    block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids [T, k] -> (rows int32 [P], block_expert int32 [P / block_m]); no host synchronization.
+
+    rows lists the pair indices t*k + j routed to local experts, grouped by expert (stable: in pair
+    order), each expert's run padded to a multiple of block_m with the sentinel T*k. P is the
+    worst case T*k + E_local*(block_m - 1), rounded up; M-blocks past the last expert get -1.
+    """
+    flat = ids.reshape(-1).long() - first
+    pairs = flat.numel()
+    local = torch.where((flat >= 0) & (flat < num_local), flat, num_local)  # num_local: not on this rank
+    counts = torch.bincount(local, minlength=num_local + 1)[:num_local]
+    padded = (counts + block_m - 1) // block_m * block_m
+    pad_start = torch.cumsum(padded, 0) - padded
+    cnt_start = torch.cumsum(counts, 0) - counts
+    order = torch.argsort(local, stable=True)
+    e_sorted = local[order]
+    mine = e_sorted < num_local
+    e_safe = e_sorted.clamp(max=num_local - 1)
+    rank_in_expert = torch.arange(pairs, device=ids.device) - cnt_start[e_safe]
+    capacity = -(-(pairs + num_local * (block_m - 1)) // block_m) * block_m
+    dest = torch.where(mine, pad_start[e_safe] + rank_in_expert, capacity)  # capacity: a dump slot
+    rows = torch.full((capacity + 1,), pairs, dtype=torch.int32, device=ids.device)
+    rows.scatter_(0, dest, order.to(torch.int32))
+    starts = torch.arange(0, capacity, block_m, device=ids.device)
+    block_expert = torch.searchsorted(torch.cumsum(padded, 0), starts, right=True)
+    block_expert = torch.where(block_expert < num_local, block_expert, -1).to(torch.int32)
+    return rows[:capacity], block_expert
+
+
+def moe_block_m(tokens: int, top_k: int, num_experts: int) -> int:
+    """BLOCK_M from the mean pairs per expert: small blocks waste less padding when experts get few."""
+    mean = tokens * top_k / max(num_experts, 1)
+    return 16 if mean <= 16 else 32 if mean <= 32 else 64 if mean <= 96 else 128
+
+
+@dataclass(frozen=True)
+class MoeConfig:
+    """Tile sizes of the two grouped launches (the benchmark sweeps them; None: `moe_block_m`)."""
+
+    block_m: int | None = None
+    warps_gate_up: int = 4
+    stages_gate_up: int = 3
+    warps_down: int = 4
+    stages_down: int = 3
+
+
+def fused_moe(x: torch.Tensor | Fp8Act, weights: torch.Tensor, ids: torch.Tensor, experts: ExpertWeights,
+              out_dtype: torch.dtype | None = None, config: MoeConfig = MoeConfig()) -> torch.Tensor:
+    """Routed experts of this rank: x [T, H], weights/ids [T, k] -> [T, H] partial sum (out_dtype)."""
+    T, k = ids.shape
+    if experts.fp8 and not isinstance(x, Fp8Act):
+        out_dtype, x = out_dtype or x.dtype, act_quant(x)
+    a, a_scale = (x.q, x.scale_inv) if isinstance(x, Fp8Act) else (x, None)
+    out_dtype = out_dtype or (a.dtype if not experts.fp8 else torch.bfloat16)
+    if a.shape != (T, experts.gate.shape[2]) or weights.shape != ids.shape:
+        raise Step3Error(f"{experts.name}: x {tuple(a.shape)}, weights {tuple(weights.shape)} and ids "
+                         f"{tuple(ids.shape)} do not fit hidden size {experts.gate.shape[2]}")
+    bm = config.block_m or moe_block_m(T, k, experts.num_local)
+    rows, block_expert = align_by_expert(ids, experts.first, experts.num_local, bm)
+    inter = experts.gate.shape[1]
+    h = torch.empty((rows.numel(), inter), dtype=FP8_DTYPE if experts.fp8 else a.dtype, device=a.device)
+    h_scale = (torch.empty((-(-inter // 128), rows.numel()), dtype=torch.float32, device=a.device).t()
+               if experts.fp8 else None)
+    grouped = dict(rows=rows, block_expert=block_expert, num_pairs=T * k, top_k=k, block_m=bm, block_n=128)
+    fp8_gemm(a, a_scale, experts.gate, experts.gate_scale, h, b2=experts.up, b2_scale=experts.up_scale,
+             out_scale=h_scale, gather_a=True, num_warps=config.warps_gate_up,
+             num_stages=config.stages_gate_up, **grouped)
+    whole = experts.first == 0 and experts.num_local == experts.num_experts  # every pair lands here
+    partial = (torch.empty if whole else torch.zeros)((T * k, experts.down.shape[1]), dtype=out_dtype,
+                                                      device=a.device)
+    fp8_gemm(h, h_scale, experts.down, experts.down_scale, partial, topk_weights=weights.reshape(-1).float(),
+             num_warps=config.warps_down, num_stages=config.stages_down, **grouped)
+    return partial.view(T, k, -1).sum(dim=1)
+
+
+def moe_ffn(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: ExpertWeights,
+            shared: MlpWeights | None, config: MoeConfig = MoeConfig()) -> torch.Tensor:
+    """A MoE layer's FFN on one rank: routed experts + (this rank's slice of) the shared expert."""
+    xq = act_quant(x) if experts.fp8 else x
+    y = fused_moe(xq, weights, ids, experts, out_dtype=x.dtype, config=config)
+    if shared is not None:
+        y = y + swiglu_mlp(xq if experts.fp8 else x, shared, out_dtype=x.dtype)
+    return y
+
+
+def fused_moe_ref(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                  experts: ExpertWeights) -> torch.Tensor:
+    """fp32 reference, expert by expert: dequantized weights, the same activation quantizations."""
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for e in range(experts.num_local):
+        token, slot = (ids.long() == experts.first + e).nonzero(as_tuple=True)
+        if token.numel() == 0:
+            continue
+        if experts.fp8:
+            w = MlpWeights(experts.gate[e], experts.gate_scale[e], experts.up[e], experts.up_scale[e],
+                           experts.down[e], experts.down_scale[e])
+            y = swiglu_mlp_ref(x[token], w)
+        else:
+            g, u, d = experts.gate[e].float(), experts.up[e].float(), experts.down[e].float()
+            xe = x[token].float()
+            y = (F.silu(xe @ g.t()) * (xe @ u.t())) @ d.t()
+        out.index_add_(0, token, y * weights[token, slot, None].float())
+    return out
+
+
+def dequantized_experts(experts: ExpertWeights) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 gate, up, down of the local experts (for runtime/model/reference.py's routed_experts)."""
+    if not experts.fp8:
+        return experts.gate.float(), experts.up.float(), experts.down.float()
+    return (dequantize_fp8(experts.gate, experts.gate_scale), dequantize_fp8(experts.up, experts.up_scale),
+            dequantize_fp8(experts.down, experts.down_scale))
