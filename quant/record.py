@@ -1,0 +1,55 @@
+"""The quantization record: what `step3 quantize` writes into config.json / manifest.json, and reads back.
+
+HF checkpoints carry it as the top-level `quantization_config` (the step3-fp8 / DeepSeek-V3 form that
+vLLM and SGLang load: quant_method fp8, fmt e4m3, dynamic activations, weight_block_size [128, 128]),
+with `ignored_layers` for linear layers left in BF16 by --skip. The step3 specifics sit under a
+`step3` key the serving engines ignore: scheme, format, block size, backend, and the KV-cache dtype
+the runtime should use. An AFD manifest's `quantization` field holds the same object.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from quant.fp8 import BLOCK
+
+KV_CACHE_DTYPES = ("fp8", "bf16")
+BASE = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+        "weight_block_size": [BLOCK, BLOCK]}
+
+
+def quantization_record(*, backend: str | None, kv_cache: str, skip: str | None = None,
+                        ignored: list[str] | None = None,
+                        base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`base` (an existing record, for pass-through) or the step3-fp8 fields, plus the step3 details."""
+    record = {k: v for k, v in (base or BASE).items() if k != "step3"}
+    if ignored:
+        record["ignored_layers"] = sorted(ignored)
+    old = (base or {}).get("step3") or {}
+    record["step3"] = {"scheme": "block-fp8", "format": "e4m3", "block_size": [BLOCK, BLOCK],
+                       "backend": backend if backend is not None else old.get("backend"),
+                       "kv_cache_dtype": kv_cache, "skip": skip if skip is not None else old.get("skip")}
+    return record
+
+
+def config_quantization(config: dict[str, Any]) -> dict[str, Any] | None:
+    """The record in an HF config dict (top level, or under text_config), or None."""
+    q = config.get("quantization_config") or (config.get("text_config") or {}).get("quantization_config")
+    return dict(q) if isinstance(q, dict) else None
+
+
+def with_quantization(config: dict[str, Any], record: dict[str, Any] | None) -> dict[str, Any]:
+    """A copy of an HF config dict carrying `record` at the top level (or none at all when None)."""
+    out = {k: v for k, v in config.items() if k != "quantization_config"}
+    if isinstance(out.get("text_config"), dict):
+        out["text_config"] = {k: v for k, v in out["text_config"].items() if k != "quantization_config"}
+    if record is not None:
+        out["quantization_config"] = record
+    return out
+
+
+def kv_cache_dtype(record: dict[str, Any] | None) -> str:
+    """The KV-cache dtype a quantization record asks the runtime for ('bf16' when there is none)."""
+    step3 = (record or {}).get("step3") or {}
+    dtype = step3.get("kv_cache_dtype", "bf16")
+    return dtype if dtype in KV_CACHE_DTYPES else "bf16"
