@@ -303,7 +303,7 @@ class Step3Reference(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32,
                         device: str | torch.device = "cpu") -> Step3Reference:
-        """Load a checkpoint tensor by tensor (FP8 weights dequantized on load) into `dtype` on `device`."""
+        """Load an HF checkpoint or AFD layout tensor by tensor (FP8 dequantized on load) into `dtype`."""
         source = open_weights(path)
         try:
             return cls(source.config, source, dtype=dtype, device=device)
