@@ -235,7 +235,7 @@ class _disk_errors:
 
 
 def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e7 else f"{n / 1e6:.2f} MB"
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.2f} MB"
 
 
 def _write_safetensors(dst: Path, spec: SafetensorsFile, tick: Callable[[int], None]) -> FileRecord:
