@@ -18,7 +18,7 @@ loading is one loop over the tensor table.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -30,6 +30,8 @@ from converters.config import Step3Config
 from converters.errors import CheckpointError, Step3Error
 from converters.names import is_scale_name, scale_name, text_tensor_specs
 from quant.fp8 import FP8_DTYPE, dequantize_fp8
+
+ProgressFn = Callable[[int, int, str], None]  # (done_bytes, total_bytes, label), as step3cli/render renders
 
 
 # ---- the pieces, as functions ------------------------------------------------------------------
@@ -269,6 +271,8 @@ class TensorDict:
     def get_weight(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         w = self.tensors[name]
         if w.dtype == FP8_DTYPE:
+            if scale_name(name) not in self.tensors:
+                raise CheckpointError(f"{name} is FP8 but {scale_name(name)} is missing; cannot dequantize")
             return dequantize_fp8(w, self.tensors[scale_name(name)], dtype=dtype)
         return w.to(dtype)
 
@@ -286,8 +290,12 @@ class Step3Reference(nn.Module):
     """The whole text model: embed -> layers -> norm -> lm_head (untied). Eval only, no autograd use."""
 
     def __init__(self, cfg: Step3Config, weights: Mapping[str, torch.Tensor] | WeightSource | None = None, *,
-                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", seed: int = 0):
-        """Build with `weights` (a WeightSource or {HF name: tensor}); without them, seeded random ones."""
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", seed: int = 0,
+                 progress: ProgressFn | None = None):
+        """Build with `weights` (a WeightSource or {HF name: tensor}); without them, seeded random ones.
+
+        `progress(done_bytes, total_bytes, tensor_name)` follows the load.
+        """
         super().__init__()
         self.cfg, self.dtype = cfg, dtype
         with torch.device("meta"):  # no memory until the real weights arrive
@@ -298,21 +306,22 @@ class Step3Reference(nn.Module):
         if weights is None:
             self._init_random(seed)
         else:
-            self._load(TensorDict(weights, cfg) if isinstance(weights, Mapping) else weights)
+            self._load(TensorDict(weights, cfg) if isinstance(weights, Mapping) else weights, progress)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32,
-                        device: str | torch.device = "cpu") -> Step3Reference:
+                        device: str | torch.device = "cpu",
+                        progress: ProgressFn | None = None) -> Step3Reference:
         """Load an HF checkpoint or AFD layout tensor by tensor (FP8 dequantized on load) into `dtype`."""
         source = open_weights(path)
         try:
-            return cls(source.config, source, dtype=dtype, device=device)
+            return cls(source.config, source, dtype=dtype, device=device, progress=progress)
         finally:
             close = getattr(source, "close", None)  # release shard handles once every tensor is copied
             if close is not None:
                 close()
 
-    def _load(self, source: WeightSource) -> None:
+    def _load(self, source: WeightSource, progress: ProgressFn | None = None) -> None:
         """Copy every text tensor of the table from `source`; name what is missing or misshapen."""
         params = dict(self.named_parameters())
         specs = text_tensor_specs(self.cfg)
@@ -323,12 +332,16 @@ class Step3Reference(nn.Module):
         if missing:
             raise CheckpointError(f"{where}: {len(missing)} tensor(s) of the text model are missing "
                                   f"(is it a complete Step-3 checkpoint?)", missing[:10])
+        done, total = 0, sum(p.numel() * p.element_size() for p in params.values())
         for spec in specs:
             w = source.get_weight(spec.name, self.dtype)
             if tuple(w.shape) != spec.shape:
                 raise CheckpointError(f"{where}: tensor {spec.name} has shape {tuple(w.shape)}, "
                                       f"config.json implies {spec.shape}")
             params[spec.name].copy_(w)
+            done += params[spec.name].numel() * params[spec.name].element_size()
+            if progress is not None:
+                progress(done, total, spec.name)
 
     def _init_random(self, seed: int) -> None:
         """Seeded weights with O(1) activations: N(0, 1/fan_in) matrices, norms near 1, N(0, 1) embeddings."""

@@ -182,6 +182,9 @@ def test_bad_input_ids_and_missing_tensors_are_named(model: Step3Reference) -> N
     del weights["model.layers.2.moe.up_proj.weight"]
     with pytest.raises(CheckpointError, match=r"model\.layers\.2\.moe\.up_proj\.weight"):
         Step3Reference(TINY, weights)
+    fp8 = {**dict(model.named_parameters()), "lm_head.weight": torch.zeros(4, 4, dtype=torch.float8_e4m3fn)}
+    with pytest.raises(CheckpointError, match="lm_head.weight_scale_inv is missing"):
+        Step3Reference(TINY, fp8)
     weights = dict(model.named_parameters())
     weights["model.norm.weight"] = weights["model.norm.weight"][:-1]
     with pytest.raises(CheckpointError, match="model.norm.weight has shape"):
@@ -195,8 +198,13 @@ def test_from_pretrained_loads_every_tensor_as_stored(tiny_ckpt) -> None:
     stored = {}
     for shard in sorted(tiny_ckpt.glob("*.safetensors")):
         stored.update(load_file(shard))
-    loaded = Step3Reference.from_pretrained(tiny_ckpt)
+    seen: list[tuple[int, int, str]] = []
+    loaded = Step3Reference.from_pretrained(tiny_ckpt, progress=lambda *a: seen.append(a))
     assert loaded.cfg == Step3Config.from_pretrained(tiny_ckpt)
+    total = sum(p.numel() * 4 for p in loaded.parameters())  # fp32
+    assert [s[2] for s in seen] == [s.name for s in text_tensor_specs(loaded.cfg)]
+    done = [s[0] for s in seen]
+    assert done == sorted(set(done)) and seen[-1][:2] == (total, total)  # rising to the total
     for name, p in loaded.named_parameters():
         assert torch.equal(p, stored[name].float()), name
     ids = torch.randint(0, TINY.vocab_size, (1, 12), generator=torch.Generator().manual_seed(1))
