@@ -26,12 +26,13 @@ from step3cli import (  # noqa: E402
     convert,
     demo,
     inspect,
+    quantize,
     render,  # noqa: F401  (keeps this import list non-empty)
     synth,
     verify,
 )
 
-COMMANDS: tuple = (inspect, synth, convert, verify, bench, demo)
+COMMANDS: tuple = (inspect, synth, convert, quantize, verify, bench, demo)
 for module in COMMANDS:
     module.register(app)
 
