@@ -101,6 +101,7 @@ class HFInfo:
     name: str
     dtype: str
     shape: tuple[int, ...]
+    file: str  # where its (first) piece is stored
 
 
 class HFView:
@@ -150,7 +151,7 @@ class HFView:
         shape = list(pieces[0].shape)
         if dim is not None:
             shape[dim] = pieces[-1].slice[0][2]
-        return HFInfo(name, pieces[0].dtype, tuple(shape))
+        return HFInfo(name, pieces[0].dtype, tuple(shape), pieces[0].file)
 
     def get(self, name: str) -> torch.Tensor:
         """The full HF tensor, bit for bit: its pieces copied into place along their cut dim."""
