@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tempfile
+
 import torch
 from typer.testing import CliRunner
 
@@ -57,3 +59,11 @@ def test_demo_checks_its_inputs(tmp_path) -> None:
     assert result.exit_code == 2 and "--max-new-tokens" in result.output
     result = CliRunner().invoke(app, ["demo", "--workdir", str(tmp_path), "--prompt", "  "])
     assert isinstance(result.exception, Step3Error) and "--prompt" in str(result.exception)
+
+
+def test_demo_tmp_leaves_nothing_behind(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where TemporaryDirectory creates its dirs
+    result = CliRunner().invoke(app, ["demo", "--tmp", "--max-new-tokens", "2"])
+    assert result.exit_code == 0, result.output
+    assert "Generated text: " in result.stdout
+    assert list(tmp_path.iterdir()) == []  # the scratch workdir is gone
