@@ -82,8 +82,8 @@ def init_tensor(spec: TensorSpec, cfg: Step3Config, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(tensor_seed(seed, spec.name))
     w = torch.randn(spec.shape, generator=g, dtype=torch.float32)
     if _is_norm(spec):
-        return (1.0 + 0.1 * w).to(torch.bfloat16)
-    return (w * _std(spec, cfg)).to(torch.bfloat16)
+        return w.mul_(0.1).add_(1.0).to(torch.bfloat16)
+    return w.mul_(_std(spec, cfg)).to(torch.bfloat16)  # in place: one fp32 copy of the largest tensor
 
 
 def stored_tensors(spec: TensorSpec, cfg: Step3Config, seed: int,

@@ -171,7 +171,7 @@ def test_refuses_non_empty_output_and_overwrites_when_asked(tmp_path):
 
 def test_progress_reports_file_bytes_up_to_total(tmp_path):
     calls = []
-    synthesize(tmp_path / "c", TINY, fp8=True, shards=2,
+    synthesize(tmp_path / "c", TINY, shards=2,
                progress=lambda done, total, label="": calls.append((done, total, label)))
     total = sum(p.stat().st_size for p in (tmp_path / "c").glob("*.safetensors"))
     assert calls[-1][:2] == (total, total)
