@@ -57,10 +57,11 @@ def plot_costs(path: str | Path, models: list[Architecture], hardware: list[Acce
         for m in models:
             ax.plot(xs, curves[m.name][panel], marker="o", markersize=3, label=m.name)
         ax.set_xscale("log", base=2)
+        ax.set_yscale("log")  # costs span ~100x from 1K to 128K
         ax.set_xticks(xs, [f"{x // 1024}K" for x in xs])
         ax.set_title(panel if panel == "cheapest AFD" else f"{panel} (attention + FFN)")
         ax.set_xlabel("context (cached tokens)")
-        ax.grid(True, alpha=0.3)
+        ax.grid(True, which="both", alpha=0.3)
     for ax in axes[:, 0]:
         ax.set_ylabel("USD per 1M decoded tokens")
     for ax in list(axes.flat)[len(panels):]:
