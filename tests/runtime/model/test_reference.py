@@ -122,6 +122,58 @@ def test_parameters_are_the_tensor_table(model: Step3Reference) -> None:
     assert ours == {s.name: s.shape for s in text_tensor_specs(TINY)}
 
 
+def _step3_md_forward(w: dict[str, torch.Tensor], cfg, ids: torch.Tensor) -> torch.Tensor:
+    """STEP3.md section 3 transcribed literally for one sequence, loops instead of batched ops, RoPE as
+    complex rotation of the pairs (i, i + D/2): an independent check of how the pieces are wired."""
+    T, D, heads = ids.shape[0], cfg.head_dim, cfg.num_attention_heads
+
+    def norm(x, g):
+        return g * x / torch.sqrt((x * x).mean(-1, keepdim=True) + cfg.rms_norm_eps)
+
+    angle = torch.arange(T, dtype=torch.float64)[:, None] * cfg.rope_theta ** (
+        -torch.arange(0, D, 2, dtype=torch.float64) / D)  # [T, D/2]
+
+    def rope(x):  # [T, ..., D]
+        z = torch.complex(x[..., : D // 2].double(), x[..., D // 2 :].double())
+        a = angle.view(T, *[1] * (x.dim() - 2), D // 2)
+        z = z * torch.polar(torch.ones_like(a), a)
+        return torch.cat([z.real, z.imag], dim=-1).float()
+
+    def swiglu(h, p):
+        gate, up, down = (w[p + n + "_proj.weight"] for n in ("gate", "up", "down"))
+        return (F.silu(h @ gate.T) * (h @ up.T)) @ down.T
+
+    x = w["model.embed_tokens.weight"][ids]
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        a = p + "self_attn."
+        h = norm(x, w[p + "input_layernorm.weight"])
+        q_lat = norm(h @ w[a + "q_proj.weight"].T, w[a + "inter_norm.weight"])
+        q = rope((q_lat @ w[a + "wq.weight"].T).view(T, heads, D))
+        k, v = rope(h @ w[a + "k_proj.weight"].T), h @ w[a + "v_proj.weight"].T
+        o = torch.stack([torch.stack([torch.softmax(k[: t + 1] @ q[t, j] / D**0.5, 0) @ v[: t + 1]
+                                      for j in range(heads)]) for t in range(T)])  # [T, heads, D]
+        x = x + o.reshape(T, heads * D) @ w[a + "o_proj.weight"].T
+        h = norm(x, w[p + "post_attention_layernorm.weight"])
+        if cfg.is_moe_layer(i):
+            m = p + "moe."
+            experts = (w[m + n + "_proj.weight"] for n in ("gate", "up", "down"))
+            routed = _moe_per_token(h, w[m + "gate.weight"], *experts, cfg.moe_top_k, cfg.norm_expert_weight)
+            x = x + routed + swiglu(h, p + "share_expert.")
+        else:
+            x = x + swiglu(h, p + "mlp.")
+    return norm(x, w["model.norm.weight"]) @ w["lm_head.weight"].T
+
+
+@pytest.mark.parametrize("norm_expert_weight", [False, True])
+def test_model_equals_step3_md_transcription(model: Step3Reference, prompt: torch.Tensor,
+                                             norm_expert_weight: bool) -> None:
+    cfg = TINY.replace(norm_expert_weight=norm_expert_weight)
+    weights = dict(model.named_parameters())
+    ours = Step3Reference(cfg, weights)(prompt[:1])[0]  # [T, V]
+    torch.testing.assert_close(ours, _step3_md_forward(weights, cfg, prompt[0]), rtol=1e-4, atol=1e-4)
+
+
 def test_full_forward_equals_step_by_step_with_cache(model: Step3Reference, prompt: torch.Tensor) -> None:
     full = model(prompt)  # [B, T, V]
     cache = model.new_cache(prompt.shape[0], prompt.shape[1])
