@@ -3,7 +3,7 @@
     C[m, n] = sum_kb (A_q[m, kb] @ B_q[e, n, kb]^T) * a_scale[m, kb] * b_scale[e, n // 128, kb]
 with A quantized per 1x128 group (act_quant.py) and B per 128x128 block (quant/fp8.py). BLOCK_K is
 128, so every K step is one scale group: the step's FP8 tensor-core product is scaled and added to
-an fp32 accumulator. BLOCK_N divides 128, so a tile sees one weight scale per K step. With scale
+an fp32 accumulator; the weight scales of a tile's columns come as a [BLOCK_N] vector. With scale
 pointers absent (HAS_SCALES False) the same kernel multiplies BF16/FP32 operands.
 
 Grouped mode (the MoE) follows vLLM's fused_moe: `rows` lists the (token, slot) pairs sorted by
@@ -13,8 +13,9 @@ the expert of M-block i (-1: past the end, the program exits). Options, fused in
   SWIGLU     a second weight (up) in the same program: out = silu(A B^T) * (A B2^T).
   QUANT_OUT  quantize the output per 1x128 group in the epilogue (BLOCK_N == 128) -> FP8 + scale.
   WEIGHTED   multiply row p by topk_weights[p] and store it at row p of C ([T*TOPK, N]).
-Traffic per launch: each weight tile is read once per M-block that needs it; programs are ordered
-M-fastest so the M-blocks sharing a weight tile run together and reuse it from L2.
+Traffic per launch: programs run in groups of GROUP_M M-blocks sweeping the N tiles together
+(Triton's grouped ordering), so a weight tile comes from HBM about once per group of M-blocks that
+need it (once per expert when an expert has <= GROUP_M blocks), and A rows are reused from L2.
 """
 
 from __future__ import annotations
@@ -35,12 +36,17 @@ def _fp8_gemm_kernel(
     stride_cm, stride_cn, stride_csm, stride_csn,
     TOPK: tl.constexpr, GROUPED: tl.constexpr, GATHER_A: tl.constexpr, HAS_SCALES: tl.constexpr,
     SWIGLU: tl.constexpr, QUANT_OUT: tl.constexpr, WEIGHTED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
+    # GROUP_M M-blocks sweep the N tiles together: their weight tiles (one expert's) and their A rows
+    # both stay in L2 while in use.
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
-    pid_m = pid % num_m
-    pid_n = pid // num_m
+    in_group = GROUP_M * tl.cdiv(N, BLOCK_N)
+    first_m = (pid // in_group) * GROUP_M
+    group_size = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % group_size
+    pid_n = (pid % in_group) // group_size
     pos = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # sorted positions (grouped) or rows (dense)
     if GROUPED:
         expert = tl.load(block_expert_ptr + pid_m)
@@ -64,7 +70,7 @@ def _fp8_gemm_kernel(
     a_ptrs = a_ptr + a_row[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_off = b_base + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk
     as_ptrs = as_ptr + a_row * stride_asm
-    bs_off = bs_base + (pid_n * BLOCK_N // 128) * stride_bsn
+    bs_off = bs_base + (offs_n // 128) * stride_bsn  # [BLOCK_N]: one or more 128-row weight blocks
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(0, tl.cdiv(K, BLOCK_K)):
@@ -73,15 +79,15 @@ def _fp8_gemm_kernel(
         b = tl.load(b_ptr + b_off, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         if HAS_SCALES:
             a_s = tl.load(as_ptrs + kb * stride_ask, mask=row_ok, other=0.0)
-            b_s = tl.load(bs_ptr + bs_off + kb * stride_bsk)
-            acc += tl.dot(a, b, out_dtype=tl.float32) * (a_s[:, None] * b_s)
+            b_s = tl.load(bs_ptr + bs_off + kb * stride_bsk, mask=n_ok, other=0.0)
+            acc += tl.dot(a, b, out_dtype=tl.float32) * (a_s[:, None] * b_s[None, :])
         else:
             acc += tl.dot(a, b, out_dtype=tl.float32)
         if SWIGLU:
             b2 = tl.load(b2_ptr + b_off, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             if HAS_SCALES:
-                b2_s = tl.load(b2s_ptr + bs_off + kb * stride_bsk)
-                acc2 += tl.dot(a, b2, out_dtype=tl.float32) * (a_s[:, None] * b2_s)
+                b2_s = tl.load(b2s_ptr + bs_off + kb * stride_bsk, mask=n_ok, other=0.0)
+                acc2 += tl.dot(a, b2, out_dtype=tl.float32) * (a_s[:, None] * b2_s[None, :])
             else:
                 acc2 += tl.dot(a, b2, out_dtype=tl.float32)
         a_ptrs += BLOCK_K * stride_ak
@@ -105,7 +111,8 @@ def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor | None, b: torch.Tensor, b_s
              out_scale: torch.Tensor | None = None, rows: torch.Tensor | None = None,
              block_expert: torch.Tensor | None = None, topk_weights: torch.Tensor | None = None,
              num_pairs: int = 0, top_k: int = 1, gather_a: bool = False,
-             block_m: int = 64, block_n: int = 128, num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
+             block_m: int = 64, block_n: int = 128, group_m: int = 8, num_warps: int = 4,
+             num_stages: int = 3) -> torch.Tensor:
     """Launch `_fp8_gemm_kernel` into `out`. Shapes are checked by the callers (fp8_linear, moe, mlp).
 
     a [M or T, K]; b, b2 [N, K] or [E, N, K]; scales as their docstring above; grouped when `rows`
@@ -115,7 +122,7 @@ def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor | None, b: torch.Tensor, b_s
     b3 = b if b.dim() == 3 else b.unsqueeze(0)
     K, N = a.shape[1], b3.shape[1]
     M = rows.numel() if grouped else a.shape[0]
-    assert 128 % block_n == 0 and (out_scale is None or block_n == 128)
+    assert (128 % block_n == 0 or block_n % 128 == 0) and (out_scale is None or block_n == 128)
     assert b.shape[-1] == K and out.shape[1] == N
     if M == 0:
         return out
@@ -137,7 +144,8 @@ def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor | None, b: torch.Tensor, b_s
         out.stride(0), out.stride(1), c_s.stride(0), c_s.stride(1),
         TOPK=top_k, GROUPED=grouped, GATHER_A=gather_a, HAS_SCALES=has_scales,
         SWIGLU=b2 is not None, QUANT_OUT=out_scale is not None, WEIGHTED=topk_weights is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128, num_warps=num_warps, num_stages=num_stages,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128, GROUP_M=group_m, num_warps=num_warps,
+        num_stages=num_stages,
     )
     return out
 

@@ -1,10 +1,13 @@
 """SwiGLU MLP in block FP8: the dense layers' MLP and the MoE's shared expert, whole or as a 1/F slice.
 
     y = down(q(silu(gate x) * up x)),  q = 1x128 activation quantization (act_quant.py)
-Two launches: (1) one Triton program computes a gate tile AND the matching up tile from the same
-FP8 activation tile, applies silu-and-mul and quantizes the result per 1x128 group in its epilogue
-(fp8_gemm.py, SWIGLU + QUANT_OUT), so the [T, I] intermediate crosses memory once, as FP8;
-(2) the down projection through fp8_matmul (cuBLAS blockwise on Hopper).
+First half, two ways: (a) "fused": one Triton program computes a gate tile AND the matching up tile
+from the same FP8 activation tile, applies silu-and-mul and quantizes the result per 1x128 group in
+its epilogue (fp8_gemm.py, SWIGLU + QUANT_OUT), so the [T, I] intermediate crosses memory once, as
+FP8; (b) "scaled_mm": cuBLAS blockwise GEMMs for gate and up (BF16 out), then one pass of
+`silu_mul_quant` (reads 4 bytes, writes ~1 byte per intermediate element): faster for many tokens,
+where the GEMMs are compute-bound and cuBLAS beats the Triton kernel (benchmarks/NOTES_ffn.md).
+Second half: the down projection through fp8_matmul (cuBLAS blockwise on Hopper).
 Tensor parallelism: rank r of F holds rows [r I/F, (r+1) I/F) of gate/up and those columns of down.
 With I/F a multiple of 128 every quantization group stays whole, so the F partial outputs sum to the
 unsliced output (up to fp32 summation order).
@@ -16,12 +19,16 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 from converters.errors import Step3Error
 from quant.fp8 import FP8_DTYPE, dequantize_fp8
-from runtime.kernels.act_quant import Fp8Act, act_dequant, act_quant, act_quant_ref
+from runtime.kernels.act_quant import Fp8Act, act_dequant, act_quant, act_quant_ref, quantize_rows
 from runtime.kernels.fp8_gemm import fp8_gemm
-from runtime.kernels.fp8_linear import fp8_matmul
+from runtime.kernels.fp8_linear import fp8_matmul, scaled_mm_usable
+
+SCALED_MM_MIN_TOKENS = 1024  # "auto" switches the first half to cuBLAS from here (NOTES_ffn.md)
 
 
 @dataclass(frozen=True)
@@ -64,6 +71,31 @@ def mlp_tp_slice(w: MlpWeights, rank: int, world: int) -> MlpWeights:
                       w.down[:, rows], w.down_scale[:, blocks], name=f"{w.name}[tp {rank}/{world}]")
 
 
+@triton.jit
+def _silu_mul_quant_kernel(g_ptr, u_ptr, q_ptr, s_ptr, T, N, stride_g, stride_u, stride_q,
+                           stride_st, stride_sg, BLOCK_T: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.program_id(1) * 128 + tl.arange(0, 128)
+    mask = (rows[:, None] < T) & (cols[None, :] < N)
+    g = tl.load(g_ptr + rows[:, None] * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + rows[:, None] * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    q, s = quantize_rows(g * tl.sigmoid(g) * u, cols[None, :] < N)
+    tl.store(q_ptr + rows[:, None] * stride_q + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(s_ptr + rows * stride_st + tl.program_id(1) * stride_sg, s, mask=rows < T)
+
+
+def silu_mul_quant(gate: torch.Tensor, up: torch.Tensor) -> Fp8Act:
+    """q(silu(gate) * up) per 1x128 group: [T, I] BF16/FP32 pair -> Fp8Act (scales outer-dim-major)."""
+    T, inter = gate.shape
+    q = torch.empty((T, inter), dtype=FP8_DTYPE, device=gate.device)
+    s = torch.empty((-(-inter // 128), T), dtype=torch.float32, device=gate.device).t()
+    if T:
+        _silu_mul_quant_kernel[(triton.cdiv(T, 32), triton.cdiv(inter, 128))](
+            gate, up, q, s, T, inter, gate.stride(0), up.stride(0), q.stride(0), s.stride(0), s.stride(1),
+            BLOCK_T=32, num_warps=4)
+    return Fp8Act(q, s)
+
+
 def swiglu_quant(x: Fp8Act, w: MlpWeights, block_m: int = 64, num_warps: int = 4,
                  num_stages: int = 3) -> Fp8Act:
     """The fused first half: q(silu(x gate^T) * (x up^T)) -> Fp8Act [T, I]."""
@@ -75,15 +107,26 @@ def swiglu_quant(x: Fp8Act, w: MlpWeights, block_m: int = 64, num_warps: int = 4
     return Fp8Act(q, s)
 
 
-def swiglu_mlp(x: torch.Tensor | Fp8Act, w: MlpWeights, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """x [T, H] (BF16/FP32, or already quantized) -> [T, H] in out_dtype (default: x's dtype / BF16)."""
+def swiglu_mlp(x: torch.Tensor | Fp8Act, w: MlpWeights, out_dtype: torch.dtype | None = None,
+               first_half: str = "auto") -> torch.Tensor:
+    """x [T, H] (BF16/FP32, or already quantized) -> [T, H] in out_dtype (default: x's dtype / BF16).
+
+    first_half: "fused" (Triton), "scaled_mm" (cuBLAS + silu_mul_quant, Hopper only) or "auto".
+    """
     if not isinstance(x, Fp8Act):
         out_dtype = out_dtype or x.dtype
         x = act_quant(x)
-    if x.q.shape[1] != w.gate.shape[1]:
-        raise Step3Error(f"{w.name}: input width {x.q.shape[1]} != hidden size {w.gate.shape[1]}")
-    block_m = 16 if x.q.shape[0] <= 16 else 64
-    h = swiglu_quant(x, w, block_m=block_m)
+    T, hidden = x.q.shape
+    if hidden != w.gate.shape[1]:
+        raise Step3Error(f"{w.name}: input width {hidden} != hidden size {w.gate.shape[1]}")
+    cublas = scaled_mm_usable(x.q.device, w.intermediate, hidden)
+    if first_half == "auto":
+        first_half = "scaled_mm" if cublas and T >= SCALED_MM_MIN_TOKENS else "fused"
+    if first_half == "scaled_mm":
+        g = fp8_matmul(x, w.gate, w.gate_scale, name=f"{w.name}.gate_proj")
+        h = silu_mul_quant(g, fp8_matmul(x, w.up, w.up_scale, name=f"{w.name}.up_proj"))
+    else:
+        h = swiglu_quant(x, w, block_m=16 if T <= 16 else 64)
     return fp8_matmul(h, w.down, w.down_scale, out_dtype=out_dtype or torch.bfloat16,
                       name=f"{w.name}.down_proj")
 

@@ -128,10 +128,13 @@ class MoeConfig:
     """Tile sizes of the two grouped launches (the benchmark sweeps them; None: `moe_block_m`)."""
 
     block_m: int | None = None
+    group_m: int = 8
     warps_gate_up: int = 4
     stages_gate_up: int = 3
+    block_n_down: int = 128
     warps_down: int = 4
     stages_down: int = 3
+    shared_first_half: str = "auto"  # see mlp.swiglu_mlp
 
 
 def fused_moe(x: torch.Tensor | Fp8Act, weights: torch.Tensor, ids: torch.Tensor, experts: ExpertWeights,
@@ -151,15 +154,17 @@ def fused_moe(x: torch.Tensor | Fp8Act, weights: torch.Tensor, ids: torch.Tensor
     h = torch.empty((rows.numel(), inter), dtype=FP8_DTYPE if experts.fp8 else a.dtype, device=a.device)
     h_scale = (torch.empty((-(-inter // 128), rows.numel()), dtype=torch.float32, device=a.device).t()
                if experts.fp8 else None)
-    grouped = dict(rows=rows, block_expert=block_expert, num_pairs=T * k, top_k=k, block_m=bm, block_n=128)
+    grouped = dict(rows=rows, block_expert=block_expert, num_pairs=T * k, top_k=k, block_m=bm,
+                   group_m=config.group_m)
     fp8_gemm(a, a_scale, experts.gate, experts.gate_scale, h, b2=experts.up, b2_scale=experts.up_scale,
-             out_scale=h_scale, gather_a=True, num_warps=config.warps_gate_up,
+             out_scale=h_scale, gather_a=True, block_n=128, num_warps=config.warps_gate_up,
              num_stages=config.stages_gate_up, **grouped)
     whole = experts.first == 0 and experts.num_local == experts.num_experts  # every pair lands here
     partial = (torch.empty if whole else torch.zeros)((T * k, experts.down.shape[1]), dtype=out_dtype,
                                                       device=a.device)
     fp8_gemm(h, h_scale, experts.down, experts.down_scale, partial, topk_weights=weights.reshape(-1).float(),
-             num_warps=config.warps_down, num_stages=config.stages_down, **grouped)
+             block_n=config.block_n_down, num_warps=config.warps_down, num_stages=config.stages_down,
+             **grouped)
     return partial.view(T, k, -1).sum(dim=1)
 
 
@@ -169,7 +174,8 @@ def moe_ffn(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: 
     xq = act_quant(x) if experts.fp8 else x
     y = fused_moe(xq, weights, ids, experts, out_dtype=x.dtype, config=config)
     if shared is not None:
-        y = y + swiglu_mlp(xq if experts.fp8 else x, shared, out_dtype=x.dtype)
+        y = y + swiglu_mlp(xq if experts.fp8 else x, shared, out_dtype=x.dtype,
+                           first_half=config.shared_first_half)
     return y
 
 

@@ -18,7 +18,7 @@ def test_triton_block_fp8_gemm_matches_dequantized_product(T, K, N):
     gen = torch.Generator().manual_seed(T + K)
     xq = act_quant(randn((T, K), gen))
     w, ws = fp8_weight((N, K), gen)
-    for block_m, block_n in ((16, 64), (64, 128)):
+    for block_m, block_n in ((16, 64), (64, 128), (32, 256)):
         out = torch.full((T, N), float("nan"), device=DEVICE)  # poisoned: every element must be written
         fp8_gemm(xq.q, xq.scale_inv, w, ws, out, block_m=block_m, block_n=block_n)
         assert rel_err(out, fp8_gemm_ref(xq.q, xq.scale_inv, w, ws)) < EXACT_TOL

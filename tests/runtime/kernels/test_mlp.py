@@ -6,7 +6,8 @@ from ffn_inputs import DEVICE, EXACT_TOL, fp8_weight, randn, rel_err
 
 from converters.errors import Step3Error
 from quant.fp8 import dequantize_fp8
-from runtime.kernels.mlp import MlpWeights, mlp_tp_slice, swiglu_mlp, swiglu_mlp_ref
+from runtime.kernels.act_quant import act_dequant, act_quant_ref
+from runtime.kernels.mlp import MlpWeights, mlp_tp_slice, silu_mul_quant, swiglu_mlp, swiglu_mlp_ref
 from runtime.model import reference
 
 
@@ -30,6 +31,28 @@ def test_swiglu_mlp_matches_reference(T, hidden, inter):
     pairs = ((w.gate, w.gate_scale), (w.up, w.up_scale), (w.down, w.down_scale))
     deq = [dequantize_fp8(t, s) for t, s in pairs]
     assert rel_err(y, reference.mlp(x.float(), *deq)) < 8e-2
+
+
+def test_silu_mul_quant_matches_reference():
+    gen = torch.Generator().manual_seed(2)
+    g, u = randn((33, 300), gen, 3.0), randn((33, 300), gen, 3.0)
+    got, want = silu_mul_quant(g, u), act_quant_ref(torch.nn.functional.silu(g) * u)
+    # silu rounds differently in the kernel, which can move a value across an FP8 rounding midpoint
+    same = (got.q.view(torch.uint8) == want.q.view(torch.uint8)).float().mean().item()
+    assert same > 0.995
+    assert torch.allclose(got.scale_inv, want.scale_inv, rtol=1e-5)
+    assert rel_err(act_dequant(got), act_dequant(want)) < 2e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("T", [5, 300])
+def test_cublas_first_half_matches_fused_on_gpu(T):
+    w = _weights(1024, 512, seed=T)
+    x = randn((T, 1024), torch.Generator().manual_seed(T)).bfloat16()
+    ref = swiglu_mlp_ref(x, w)
+    for first_half in ("fused", "scaled_mm"):
+        assert rel_err(swiglu_mlp(x, w, first_half=first_half), ref) < 1.5e-2  # bf16 rounding inside
 
 
 @pytest.mark.parametrize("world", [2, 4])

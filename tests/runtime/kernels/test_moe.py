@@ -96,8 +96,8 @@ def test_fused_moe_unquantized_experts_and_block_sizes():
     x = randn((21, H), torch.Generator().manual_seed(3))
     w, ids = _routing(21, seed=3, starve=None)
     ref = reference.routed_experts(x, w, ids.long(), ex.gate, ex.up, ex.down)
-    for bm in (16, 64):
-        assert rel_err(fused_moe(x, w, ids, ex, config=MoeConfig(block_m=bm)), ref) < FP32_TOL
+    for config in (MoeConfig(block_m=16, group_m=1), MoeConfig(block_m=64, block_n_down=256)):
+        assert rel_err(fused_moe(x, w, ids, ex, config=config), ref) < FP32_TOL
 
 
 @pytest.mark.parametrize("ranges", [[(0, 2), (2, 6)], [(0, 3), (3, 4), (4, 6)]])
