@@ -33,6 +33,13 @@ class VisionConfig:
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
 
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                     "patch_size", "image_size", "num_channels", "output_hidden_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"field 'vision_config.{name}' must be a positive integer, got {value!r}")
+
     def num_params(self, text_hidden: int, projector_bias: bool = False) -> int:
         from converters.names import vision_tensor_specs
 
@@ -124,7 +131,7 @@ class Step3Config:
             vnames = {f.name for f in dataclasses.fields(VisionConfig)}
             try:
                 kwargs["vision"] = VisionConfig(**{k: v for k, v in vision.items() if k in vnames})
-            except TypeError as e:
+            except (TypeError, ConfigError) as e:
                 raise ConfigError(f"{source}: bad vision_config: {e}") from None
         try:
             return cls(**kwargs)
