@@ -184,3 +184,13 @@ def test_unknown_vision_fields_are_ignored():
     d = real_config_json()
     d["vision_config"]["some_future_field"] = 1
     assert Step3Config.from_hf_dict(d).vision == VisionConfig()
+
+
+@pytest.mark.parametrize(("field", "value"), [("hidden_size", None), ("patch_size", 0),
+                                              ("num_hidden_layers", "63"), ("image_size", 728.0)])
+def test_bad_vision_value_names_the_field(field, value):
+    d = real_config_json()
+    d["vision_config"][field] = value
+    want = rf"ckpt/config.json: bad vision_config: field 'vision_config\.{field}'"
+    with pytest.raises(ConfigError, match=want):
+        Step3Config.from_hf_dict(d, source="ckpt/config.json")
