@@ -24,7 +24,7 @@ def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-def test_writes_a_valid_checkpoint_and_reports_it(tmp_path, monkeypatch, capsys):
+def test_writes_a_valid_checkpoint_and_reports_it(tmp_path, monkeypatch, capsys, tiny_fp8_ckpt):
     out = tmp_path / "ckpt"
     code, stdout, _ = run_cli(monkeypatch, capsys, "synth", str(out), "--fp8", "--shards", "2", "--json")
     assert code == 0
@@ -34,6 +34,8 @@ def test_writes_a_valid_checkpoint_and_reports_it(tmp_path, monkeypatch, capsys)
     assert facts["shards"] == 2 and facts["dtype"] == "fp8" and facts["preset"] == "step3-tiny"
     assert facts["params"] == Step3Config.from_pretrained(out).num_params()["total_with_vision"]
     HFCheckpoint(out).validate()
+    for shard in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):  # same flags
+        assert (out / shard).read_bytes() == (tiny_fp8_ckpt / shard).read_bytes()
     code, stdout, _ = run_cli(monkeypatch, capsys, "synth", str(tmp_path / "plain"), "--seed", "3")
     assert code == 0
     assert stdout.startswith(f"wrote {tmp_path / 'plain'}: step3-tiny BF16, 1 shard(s), 77 tensors")
