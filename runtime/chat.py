@@ -58,9 +58,13 @@ def _read_json(file: Path) -> dict[str, Any]:
     return data
 
 
-def _token_text(value: Any) -> str | None:
-    """bos_token/eos_token are a string or an AddedToken dict ({"content": ...})."""
-    return value.get("content") if isinstance(value, dict) else value
+def _token_text(config: dict[str, Any], field: str, file: Path) -> str | None:
+    """bos_token/eos_token are a string or an AddedToken dict ({"content": ...}), or absent."""
+    value = config.get(field)
+    text = value.get("content") if isinstance(value, dict) else value
+    if text is not None and not isinstance(text, str):
+        raise TokenizerError(f"{file}: field '{field}' must be a token string, got {value!r}")
+    return text
 
 
 def _pick_template(value: Any, file: Path) -> str | None:
@@ -105,8 +109,8 @@ class ChatTokenizer:
         template = _pick_template(config.get("chat_template"), config_file)
         if (path / "chat_template.jinja").is_file():
             template = (path / "chat_template.jinja").read_text(encoding="utf-8")
-        return cls(tokenizer, template, bos_token=_token_text(config.get("bos_token")),
-                   eos_token=_token_text(config.get("eos_token")),
+        return cls(tokenizer, template, bos_token=_token_text(config, "bos_token", config_file),
+                   eos_token=_token_text(config, "eos_token", config_file),
                    extra_stop_ids=_generation_stop_ids(path / "generation_config.json"), source=str(path))
 
     def _id_of(self, token: str | None, field: str) -> int | None:

@@ -112,6 +112,12 @@ def test_missing_and_broken_files_are_named(tiny_ckpt: Path, tmp_path: Path) -> 
     (d / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": "<nope>"}))
     with pytest.raises(TokenizerError, match="'eos_token' is '<nope>'"):
         ChatTokenizer.from_pretrained(d)
+    (d / "tokenizer_config.json").write_text(json.dumps({**config, "bos_token": 0}))
+    with pytest.raises(TokenizerError, match="'bos_token' must be a token string"):
+        ChatTokenizer.from_pretrained(d)
+    (d / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": {"content": EOT}}))
+    as_dict = ChatTokenizer.from_pretrained(d)  # the AddedToken form of a special token
+    assert as_dict.eos_token == EOT and as_dict.eos_token_id == as_dict.tokenizer.token_to_id(EOT)
     del config["chat_template"]
     (d / "tokenizer_config.json").write_text(json.dumps(config))
     with pytest.raises(TokenizerError, match="no chat template"):
