@@ -3,6 +3,8 @@
 Written to be read top to bottom (STEP3.md section 3, checked against vLLM's `step3_text.py`):
 RMSNorm -> RoPE -> MFA attention -> MLP / MoE -> decoder layer -> model -> greedy generation.
 Clarity and exactness beat speed: no fused kernels, no paging, one shared K and V head per layer.
+Numerics: weights and matmuls in the model's dtype (fp32 by default); RMSNorm, RoPE (angles in float64),
+attention softmax, router softmax/top-k and the weighted expert sum always in fp32.
 
 The pieces are plain functions on tensors so kernel tests can use them as their torch reference:
     rmsnorm(x [..., N], weight [N], eps)                                  -> [..., N]
