@@ -37,38 +37,39 @@ def _mfa_decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, k_scale_ptr, v_s
     seq_len = tl.load(lens_ptr + b)
     start = s * tokens_per_split
     end = tl.minimum(start + tokens_per_split, seq_len)
-    if start < end:
-        dot_ty = tl.bfloat16 if DOT_BF16 else tl.float32
-        h = tl.arange(0, H_PAD)
-        d = tl.arange(0, D)
-        q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + h[:, None] * stride_qh + d[None, :],
-                    mask=h[:, None] < H, other=0.0).to(dot_ty)  # [H_PAD, D]
-        qk_scale = sm_scale_log2 * tl.load(k_scale_ptr)  # log2-domain scores, FP8 K scale folded in
-        bt_row = bt_ptr + b.to(tl.int64) * stride_bt
-        m_i = tl.full([H_PAD], float("-inf"), tl.float32)
-        l_i = tl.zeros([H_PAD], tl.float32)
-        acc = tl.zeros([H_PAD, D], tl.float32)
-        for n in range(start, end, BLOCK_N):
-            tok = n + tl.arange(0, BLOCK_N)
-            valid = tok < end
-            k = load_paged_rows(kc_ptr, bt_row, tok, valid, stride_kb, stride_kt, PAGE, D).to(dot_ty)
-            v = load_paged_rows(vc_ptr, bt_row, tok, valid, stride_vb, stride_vt, PAGE, D).to(dot_ty)
-            scores = tl.dot(q, tl.trans(k)) * qk_scale  # [H_PAD, BLOCK_N]
-            scores = tl.where(valid[None, :], scores, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(scores - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(dot_ty), v)
-            m_i = m_new
-        o = acc * (tl.load(v_scale_ptr) / l_i)[:, None]
-        if DIRECT:
-            out = out_ptr + b.to(tl.int64) * stride_ob + h[:, None] * stride_oh + d[None, :]
-            tl.store(out, o.to(out_ptr.dtype.element_ty), mask=h[:, None] < H)
-        else:
-            row = (b.to(tl.int64) * num_splits + s) * H + h  # partials: [B, S, H, D] and [B, S, H]
-            tl.store(part_o_ptr + row[:, None] * D + d[None, :], o, mask=h[:, None] < H)
-            tl.store(part_lse_ptr + row, m_i + tl.log2(l_i), mask=h < H)
+    # no `if start < end`: an empty split runs zero iterations (the merge skips it anyway)
+    dot_ty = tl.bfloat16 if DOT_BF16 else tl.float32
+    h = tl.arange(0, H_PAD)
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + h[:, None] * stride_qh + d[None, :],
+                mask=h[:, None] < H, other=0.0).to(dot_ty)  # [H_PAD, D]
+    qk_scale = sm_scale_log2 * tl.load(k_scale_ptr)  # log2-domain scores, FP8 K scale folded in
+    bt_row = bt_ptr + b.to(tl.int64) * stride_bt
+    m_i = tl.full([H_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([H_PAD], tl.float32)
+    acc = tl.zeros([H_PAD, D], tl.float32)
+    for n in range(start, end, BLOCK_N):
+        tok = n + tl.arange(0, BLOCK_N)
+        valid = tok < end
+        k = load_paged_rows(kc_ptr, bt_row, tok, valid, stride_kb, stride_kt, PAGE, D).to(dot_ty)
+        v = load_paged_rows(vc_ptr, bt_row, tok, valid, stride_vb, stride_vt, PAGE, D).to(dot_ty)
+        scores = tl.dot(q, tl.trans(k)) * qk_scale  # [H_PAD, BLOCK_N]
+        scores = tl.where(valid[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(dot_ty), v)
+        m_i = m_new
+    l_i = tl.where(l_i > 0, l_i, 1.0)  # an empty split: o = 0 and lse = -inf, i.e. weight 0 in the merge
+    o = acc * (tl.load(v_scale_ptr) / l_i)[:, None]
+    if DIRECT:
+        out = out_ptr + b.to(tl.int64) * stride_ob + h[:, None] * stride_oh + d[None, :]
+        tl.store(out, o.to(out_ptr.dtype.element_ty), mask=h[:, None] < H)
+    else:
+        row = (b.to(tl.int64) * num_splits + s) * H + h  # partials: [B, S, H, D] and [B, S, H]
+        tl.store(part_o_ptr + row[:, None] * D + d[None, :], o, mask=h[:, None] < H)
+        tl.store(part_lse_ptr + row, m_i + tl.log2(l_i), mask=h < H)
 
 
 @triton.jit

@@ -52,34 +52,34 @@ def _mfa_prefill_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, cu_q_ptr, k_sca
     q_start = tl.load(cu_q_ptr + b)
     q_len = tl.load(cu_q_ptr + b + 1) - q_start
     m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # heaviest (latest) rows first
-    if m0 < q_len * H:
-        dot_ty = tl.bfloat16 if DOT_BF16 else tl.float32
-        prefix = tl.load(lens_ptr + b) - q_len
-        rows = m0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < q_len * H
-        tok = rows // H
-        d = tl.arange(0, D)
-        q_off = (q_start + tok).to(tl.int64) * stride_qt + (rows % H) * stride_qh
-        q = tl.load(q_ptr + q_off[:, None] + d[None, :], mask=row_ok[:, None], other=0.0).to(dot_ty)
-        row_pos = prefix + tok  # [BLOCK_M] absolute position of each query row
-        qk_scale = sm_scale_log2 * tl.load(k_scale_ptr)
-        bt_row = bt_ptr + b.to(tl.int64) * stride_bt
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, D], tl.float32)
-        full_end = (prefix + m0 // H + 1) // BLOCK_N * BLOCK_N  # keys every row of the block sees
-        kv_end = prefix + tl.minimum(m0 + BLOCK_M - 1, q_len * H - 1) // H + 1
-        for n in range(0, full_end, BLOCK_N):
-            acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, kc_ptr, vc_ptr, bt_row, n, kv_end, row_pos,
-                                         qk_scale, stride_kb, stride_kt, stride_vb, stride_vt, PAGE, D,
-                                         BLOCK_N, False, dot_ty)
-        for n in range(full_end, kv_end, BLOCK_N):
-            acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, kc_ptr, vc_ptr, bt_row, n, kv_end, row_pos,
-                                         qk_scale, stride_kb, stride_kt, stride_vb, stride_vt, PAGE, D,
-                                         BLOCK_N, True, dot_ty)
-        o = acc * (tl.load(v_scale_ptr) / l_i)[:, None]
-        o_off = (q_start + tok).to(tl.int64) * stride_ot + (rows % H) * stride_oh
-        tl.store(out_ptr + o_off[:, None] + d[None, :], o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    dot_ty = tl.bfloat16 if DOT_BF16 else tl.float32
+    prefix = tl.load(lens_ptr + b) - q_len
+    rows = m0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < q_len * H
+    tok = rows // H
+    d = tl.arange(0, D)
+    q_off = (q_start + tok).to(tl.int64) * stride_qt + (rows % H) * stride_qh
+    q = tl.load(q_ptr + q_off[:, None] + d[None, :], mask=row_ok[:, None], other=0.0).to(dot_ty)
+    row_pos = prefix + tok  # [BLOCK_M] absolute position of each query row
+    qk_scale = sm_scale_log2 * tl.load(k_scale_ptr)
+    bt_row = bt_ptr + b.to(tl.int64) * stride_bt
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    active = m0 < q_len * H  # a row block past a short chunk's end runs zero iterations, stores nothing
+    full_end = tl.where(active, (prefix + m0 // H + 1) // BLOCK_N * BLOCK_N, 0)  # keys all rows see
+    kv_end = tl.where(active, prefix + tl.minimum(m0 + BLOCK_M - 1, q_len * H - 1) // H + 1, 0)
+    for n in range(0, full_end, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, kc_ptr, vc_ptr, bt_row, n, kv_end, row_pos,
+                                     qk_scale, stride_kb, stride_kt, stride_vb, stride_vt, PAGE, D,
+                                     BLOCK_N, False, dot_ty)
+    for n in range(full_end, kv_end, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, kc_ptr, vc_ptr, bt_row, n, kv_end, row_pos,
+                                     qk_scale, stride_kb, stride_kt, stride_vb, stride_vt, PAGE, D,
+                                     BLOCK_N, True, dot_ty)
+    o = acc * (tl.load(v_scale_ptr) / l_i)[:, None]
+    o_off = (q_start + tok).to(tl.int64) * stride_ot + (rows % H) * stride_oh
+    tl.store(out_ptr + o_off[:, None] + d[None, :], o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
 def _check_prefill(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor, seq_lens: torch.Tensor,

@@ -1,0 +1,347 @@
+"""MFA attention on one GPU, in one go: GPU kernel tests, copy bandwidth, SDPA baselines, the decode sweep
+(BF16 and FP8 paged KV) and prefill against SDPA's flash path, with correctness on every timed shape.
+
+    python benchmarks/mfa_attention.py --out DIR            # full run -> DIR/mfa_attention_h200.{json,png}
+    python benchmarks/mfa_attention.py --quick --out DIR    # a short tuning pass over launch variants
+
+Shapes are Step-3's (64 query heads, one shared K/V head, head_dim 256, page 64 tokens unless --page).
+Every kernel is timed as CUDA-graph replays (median of --reps); inputs smaller than ~256 MB rotate over
+several disjoint copies so the 60 MB L2 does not serve them. KV bytes counted: every cached K and V value
+once, plus q and out; SDPA reads contiguous BF16 K/V of the same shape with enable_gqa=True.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from runtime.kernels.kv_cache import FP8_DTYPE, PagedKVCache  # noqa: E402
+from runtime.kernels.mfa_decode import mfa_decode, mfa_decode_ref, plan_decode  # noqa: E402
+from runtime.kernels.mfa_prefill import mfa_prefill, mfa_prefill_ref  # noqa: E402
+
+H, D = 64, 256
+L2_ROTATE_BYTES = 256 << 20
+BATCHES, CONTEXTS = (1, 8, 32, 128, 256), (1024, 4096, 8192, 32768, 65536)
+PREFILL = (1024, 2048, 4096, 8192, 16384)
+
+
+# ---- timing --------------------------------------------------------------------------------------
+def time_graph(fn: Callable[[], object], reps: int, calls: int = 1) -> float:
+    """Median microseconds of one of `calls` calls that fn makes, over `reps` CUDA-graph replays."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()  # compile + warm up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    event = lambda: torch.cuda.Event(enable_timing=True)
+    events = [(event(), event()) for _ in range(reps)]
+    for start, end in events:
+        start.record()
+        graph.replay()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in events) * 1e3 / calls
+
+
+def copy_bandwidth(reps: int) -> float:
+    """TB/s of a 2 GiB device-to-device copy, counting bytes read plus bytes written."""
+    src = torch.randn(1 << 30, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    us = time_graph(lambda: dst.copy_(src), reps)
+    return 2 * src.numel() * 2 / us / 1e6
+
+
+def rotations(nbytes: int) -> int:
+    return max(1, min(64, math.ceil(L2_ROTATE_BYTES / nbytes)))
+
+
+# ---- decode ------------------------------------------------------------------------------------
+class Pools:
+    """One BF16 and one FP8 token pool [tokens, D] for K and V; caches and SDPA inputs are views of them."""
+
+    def __init__(self, tokens: int, gen: torch.Generator):
+        self.bf16 = [torch.randn(tokens, D, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in "kv"]
+        self.fp8 = [(torch.randn(tokens, D, device="cuda", generator=gen) * 20).to(FP8_DTYPE) for _ in "kv"]
+        self.tokens = tokens
+
+    def cache(self, fp8: bool, page: int) -> PagedKVCache:
+        k, v = self.fp8 if fp8 else self.bf16
+        scale = torch.tensor([0.05 if fp8 else 1.0], device="cuda")
+        return PagedKVCache(k.view(-1, page, D), v.view(-1, page, D), scale, scale.clone())
+
+
+def block_tables(pools: Pools, batch: int, ctx: int, page: int, count: int, gen: torch.Generator):
+    """`count` shuffled, disjoint block tables [batch, ctx / page] drawn from the whole pool."""
+    per = batch * ctx // page
+    perm = torch.randperm(pools.tokens // page, device="cuda", generator=gen)[: per * count].to(torch.int32)
+    return [t.view(batch, ctx // page) for t in perm.split(per)]
+
+
+def decode_point(pools: Pools, batch: int, ctx: int, fp8: bool, page: int, reps: int, gen: torch.Generator,
+                 plan_kw: dict | None = None) -> dict:
+    """Time and check mfa_decode at one shape; returns the JSON row."""
+    cache = pools.cache(fp8, page)
+    kv_bytes = 2 * batch * ctx * D * cache.k.element_size()
+    n = rotations(kv_bytes)
+    tables = block_tables(pools, batch, ctx, page, n, gen)
+    qs = [torch.randn(batch, H, D, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(n)]
+    lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+    plan = plan_decode(batch, ctx, D, torch.device("cuda"), **(plan_kw or {}))
+    pairs = list(zip(qs, tables, strict=True))
+    run = lambda: [mfa_decode(q, cache, t, lens, max_seq_len=ctx, plan=plan) for q, t in pairs]
+    us = time_graph(run, reps, calls=n)
+    out = mfa_decode(qs[0], cache, tables[0], lens, max_seq_len=ctx, plan=plan)
+    pick = sorted({0, batch - 1, *torch.randint(0, batch, (2,), generator=gen, device="cuda").tolist()})
+    ref = mfa_decode_ref(qs[0][pick], cache, tables[0][pick], lens[pick])
+    err = float((out[pick].double() - ref).norm() / ref.norm())
+    moved = kv_bytes + 2 * batch * H * D * 2
+    return dict(batch=batch, context=ctx, tokens=batch * ctx, kv="fp8" if fp8 else "bf16", page=page,
+                time_us=us, tb_s=moved / us / 1e6, rel_err=err, checked_sequences=pick,
+                plan=dict(plan.__dict__), rotations=n)
+
+
+def sdpa_decode_point(pools: Pools, batch: int, ctx: int, reps: int, gen: torch.Generator) -> dict:
+    """torch SDPA (enable_gqa=True) on contiguous BF16 K/V views of the pool, same shape."""
+    kv_bytes = 2 * batch * ctx * D * 2
+    n = min(rotations(kv_bytes), pools.tokens // (batch * ctx))
+    k, v = pools.bf16
+    views = [(k[i * batch * ctx:(i + 1) * batch * ctx].view(batch, 1, ctx, D),
+              v[i * batch * ctx:(i + 1) * batch * ctx].view(batch, 1, ctx, D)) for i in range(n)]
+    qs = [torch.randn(batch, H, 1, D, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(n)]
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    run = lambda: [sdpa(q, kk, vv, enable_gqa=True) for q, (kk, vv) in zip(qs, views, strict=True)]
+    us = time_graph(run, reps, calls=n)
+    return dict(time_us=us, tb_s=(kv_bytes + 2 * batch * H * D * 2) / us / 1e6)
+
+
+def decode_sweep(pools: Pools, shapes, pages, reps, gen, log) -> list[dict]:
+    rows = []
+    for batch, ctx in shapes:
+        base = sdpa_decode_point(pools, batch, ctx, reps, gen)
+        for page in pages:
+            for fp8 in (False, True):
+                row = decode_point(pools, batch, ctx, fp8, page, reps, gen)
+                row.update(sdpa_time_us=base["time_us"], sdpa_tb_s=base["tb_s"],
+                           speedup_vs_sdpa=base["time_us"] / row["time_us"])
+                rows.append(row)
+                log(f"decode B={batch:4d} L={ctx:6d} {row['kv']} page {page}: {row['time_us']:9.1f} us "
+                    f"{row['tb_s']:.2f} TB/s  x{row['speedup_vs_sdpa']:.2f} SDPA  err {row['rel_err']:.1e}")
+    return rows
+
+
+# ---- prefill -----------------------------------------------------------------------------------
+def prefill_point(pools: Pools, n: int, page: int, reps: int, gen: torch.Generator, kw: dict | None = None):
+    """One n-token prompt from an empty prefix (causal): ours over the paged cache vs SDPA flash."""
+    cache = pools.cache(False, page)
+    table = block_tables(pools, 1, n, page, 1, gen)[0]
+    q = torch.randn(n, H, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    lens = torch.tensor([n], dtype=torch.int32, device="cuda")
+    cu = torch.tensor([0, n], dtype=torch.int32, device="cuda")
+    us = time_graph(lambda: mfa_prefill(q, cache, table, lens, cu, max_q_len=n, **(kw or {})), reps)
+    out = mfa_prefill(q, cache, table, lens, cu, max_q_len=n, **(kw or {}))
+    errs = []
+    for lo, hi in ((0, min(n, 256)), (n - 256, n)):  # first and last 256 queries vs float64
+        ref = mfa_prefill_ref(q[lo:hi], cache, table, torch.tensor([hi], dtype=torch.int32, device="cuda"),
+                              torch.tensor([0, hi - lo], dtype=torch.int32, device="cuda"))
+        errs.append(float((out[lo:hi].double() - ref).norm() / ref.norm()))
+    rows = table[0].long().repeat_interleave(page) * page + torch.arange(n, device="cuda") % page
+    k, v = cache.k.view(-1, D)[rows], cache.v.view(-1, D)[rows]  # the same K/V, contiguous [n, D]
+    qt = q.transpose(0, 1)[None]  # [1, H, n, D]
+    sdpa_us, agree, mode = sdpa_prefill(qt, k, v, out, reps)
+    flops = 4 * H * D * n * (n + 1) / 2
+    return dict(tokens=n, page=page, time_us=us, tflop_s=flops / us / 1e6, sdpa_time_us=sdpa_us,
+                sdpa_tflop_s=flops / sdpa_us / 1e6, ratio_vs_sdpa=sdpa_us / us, rel_err=max(errs),
+                rel_diff_vs_sdpa=agree, sdpa_mode=mode)
+
+
+def sdpa_prefill(qt: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, reps: int):
+    """SDPA's flash path, causal: with enable_gqa if flash takes it, else on K/V expanded to H heads."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    n = k.shape[0]
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        try:
+            fn = lambda: sdpa(qt, k[None, None], v[None, None], is_causal=True, enable_gqa=True)
+            mode = "enable_gqa"
+            fn()
+        except RuntimeError:
+            ke, ve = (x[None, None].expand(1, H, n, D).contiguous() for x in (k, v))
+            fn, mode = lambda: sdpa(qt, ke, ve, is_causal=True), "expanded K/V"
+        us = time_graph(fn, reps)
+        agree = float((fn()[0].transpose(0, 1).float() - out.float()).norm() / out.float().norm())
+    return us, agree, mode
+
+
+# ---- the quick tuning pass ---------------------------------------------------------------------
+def quick(pools: Pools, reps: int, gen: torch.Generator, log) -> dict:
+    """Decode launch variants on a few shapes, split policies on the split-bound ones, prefill variants."""
+    rows = []
+    variants = [dict(block_n=bn, num_warps=w, num_stages=st)
+                for bn in (32, 64) for w in (4, 8) for st in (2, 3)]
+    for batch, ctx in ((256, 4096), (32, 4096), (128, 1024), (1, 32768)):
+        for v in variants + [dict(waves=1.0), dict(waves=4.0), dict(min_split_tokens=128)]:
+            try:
+                row = decode_point(pools, batch, ctx, False, 64, reps, gen, plan_kw=v)
+            except Exception as e:  # a variant that does not compile (shared memory) is a result, not a stop
+                row = dict(batch=batch, context=ctx, error=f"{type(e).__name__}: {str(e)[:200]}")
+            row["variant"] = v
+            rows.append(row)
+            log(f"quick decode B={batch} L={ctx} {v}: {row.get('time_us', float('nan')):.1f} us "
+                f"{row.get('tb_s', float('nan')):.2f} TB/s")
+    prefill_rows = []
+    for m, n, w, st in ((128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 2), (128, 64, 8, 1), (128, 128, 8, 1)):
+        kw = dict(block_m=m, block_n=n, num_warps=w, num_stages=st)
+        try:
+            row = prefill_point(pools, 4096, 64, reps, gen, kw)
+        except Exception as e:
+            row = dict(error=f"{type(e).__name__}: {str(e)[:200]}")
+        row["variant"] = kw
+        prefill_rows.append(row)
+        log(f"quick prefill 4K {kw}: {row.get('tflop_s', float('nan')):.0f} TFLOP/s "
+            f"(SDPA {row.get('sdpa_tflop_s', float('nan')):.0f})")
+    return dict(decode=rows, prefill=prefill_rows)
+
+
+# ---- the bars (issue 5) ------------------------------------------------------------------------
+def bar(name: str, measured: float, target: float, higher_is_better: bool = True) -> dict:
+    ok = measured >= target if higher_is_better else measured <= target
+    return dict(name=name, measured=round(measured, 4), target=target, passed=bool(ok))
+
+
+def bars(decode: list[dict], prefill: list[dict], copy_tbs: float) -> list[dict]:
+    """Each bar at each shape it covers, measured against its target."""
+    out = []
+    bf16 = {(r["batch"], r["context"], r["page"]): r for r in decode if r["kv"] == "bf16"}
+    for r in decode:
+        r["frac_copy"] = r["tb_s"] / copy_tbs
+        shape = f"B={r['batch']} L={r['context']} page {r['page']}"
+        if r["kv"] == "bf16" and r["tokens"] >= 512 * 1024:
+            out += [bar(f"bf16 decode >= 80% copy BW, {shape}", r["frac_copy"], 0.80),
+                    bar(f"bf16 decode >= 3x SDPA, {shape}", r["speedup_vs_sdpa"], 3.0)]
+        if r["kv"] == "bf16" and r["tokens"] == 128 * 1024:
+            out += [bar(f"bf16 decode >= 65% copy BW, {shape}", r["frac_copy"], 0.65),
+                    bar(f"bf16 decode >= 2.5x SDPA, {shape}", r["speedup_vs_sdpa"], 2.5)]
+        if r["kv"] == "bf16" and (r["batch"], r["context"]) == (1, 32768):
+            out.append(bar(f"batch 1 x 32K >= 40% copy BW, page {r['page']}", r["frac_copy"], 0.40))
+        if r["kv"] == "fp8":
+            r["time_over_bf16"] = r["time_us"] / bf16[(r["batch"], r["context"], r["page"])]["time_us"]
+            out.append(bar(f"fp8 time <= 0.6x bf16, {shape}", r["time_over_bf16"], 0.6,
+                           higher_is_better=False))
+        if r["kv"] == "bf16":
+            out.append(bar(f"rel err <= 1e-2, {shape}", r["rel_err"], 1e-2, higher_is_better=False))
+    for r in prefill:
+        out += [bar(f"prefill >= 0.9x SDPA flash, {r['tokens']} tokens", r["ratio_vs_sdpa"], 0.9),
+                bar(f"prefill rel err <= 1e-2, {r['tokens']} tokens", r["rel_err"], 1e-2,
+                    higher_is_better=False)]
+    return out
+
+
+def plot(path: Path, decode: list[dict], prefill: list[dict], copy_tbs: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(14, 5.5))
+    page = decode[0]["page"]
+    for i, batch in enumerate(sorted({r["batch"] for r in decode})):
+        color = f"C{i}"
+        for kv, style in (("bf16", "-o"), ("fp8", "--s")):
+            pts = [r for r in decode if r["batch"] == batch and r["kv"] == kv and r["page"] == page]
+            ax.plot([r["context"] for r in pts], [r["tb_s"] for r in pts], style, color=color,
+                    label=f"B={batch} {kv} paged")
+        pts = [r for r in decode if r["batch"] == batch and r["kv"] == "bf16" and r["page"] == page]
+        ax.plot([r["context"] for r in pts], [r["sdpa_tb_s"] for r in pts], ":", color=color,
+                label=f"B={batch} SDPA")
+    ax.axhline(copy_tbs, color="k", lw=0.8, label=f"copy {copy_tbs:.2f} TB/s")
+    ax.set(xscale="log", xlabel="context (tokens)", ylabel="TB/s of KV read (fp8: bytes actually read)",
+           title=f"MFA decode, 64 heads x 256, page {page}")
+    ax.legend(fontsize=7, ncol=3)
+    ax2.plot([r["tokens"] for r in prefill], [r["tflop_s"] for r in prefill], "-o", label="ours (paged)")
+    ax2.plot([r["tokens"] for r in prefill], [r["sdpa_tflop_s"] for r in prefill], ":o", label="SDPA flash")
+    ax2.set(xscale="log", xlabel="prompt tokens (causal)", ylabel="TFLOP/s", title="MFA prefill")
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def run_tests() -> dict:
+    """The kernel tests on the GPU (no interpreter): pass/fail and pytest's summary line."""
+    cmd = [sys.executable, "-m", "pytest", "tests/runtime/kernels", "-q", "-k", "mfa or kv_cache or rope",
+           "-p", "no:cacheprovider"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    lines = [s for s in proc.stdout.splitlines() if s.strip()]
+    return dict(passed=proc.returncode == 0, summary=lines[-1] if lines else proc.stderr[-500:],
+                failures=[s for s in lines if s.startswith("FAILED")][:20])
+
+
+def machine() -> dict:
+    p = torch.cuda.get_device_properties(0)
+    return dict(gpu=p.name, sms=p.multi_processor_count, memory_gib=round(p.total_memory / 2**30, 1),
+                torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
+                python=platform.python_version())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--quick", action="store_true", help="tuning pass over launch variants only")
+    ap.add_argument("--tests", action="store_true", help="run the kernel tests on the GPU first")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--page", type=int, default=64, help="KV page (block) size in tokens")
+    args = ap.parse_args()
+    log = lambda s: print(s, file=sys.stderr, flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    result: dict = dict(machine=machine(), heads=H, head_dim=D, reps=args.reps)
+    if args.tests:
+        result["tests"] = run_tests()
+        log(f"tests: {result['tests']['summary']}")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    result["copy_tb_s"] = copy = copy_bandwidth(args.reps)
+    log(f"copy bandwidth {copy:.2f} TB/s")
+    pools = Pools(max(BATCHES) * max(CONTEXTS) + (1 << 20), gen)
+    if args.quick:
+        result["quick"] = quick(pools, args.reps, gen, log)
+        (args.out / "mfa_attention_quick.json").write_text(json.dumps(result, indent=1))
+        return
+    shapes = [(b, c) for b in BATCHES for c in CONTEXTS]
+    decode = decode_sweep(pools, shapes, [args.page], args.reps, gen, log)
+    decode += decode_sweep(pools, [(1, 32768), (32, 4096), (256, 4096)], [16], args.reps, gen, log)
+    prefill = [prefill_point(pools, n, args.page, args.reps, gen) for n in PREFILL]
+    result.update(decode=decode, prefill=prefill, bars=bars(decode, prefill, copy))
+    (args.out / "mfa_attention_h200.json").write_text(json.dumps(result, indent=1))
+    plot(args.out / "mfa_attention_h200.png", decode, prefill, copy)
+    summary(result, log)
+
+
+def summary(result: dict, log) -> None:
+    """The short table printed last: one line per bar group, misses spelled out."""
+    misses = [b for b in result["bars"] if not b["passed"]]
+    total = len(result["bars"])
+    print(f"copy {result['copy_tb_s']:.2f} TB/s; bars passed {total - len(misses)}/{total}")
+    for r in result["prefill"]:
+        print(f"prefill {r['tokens']:6d}: {r['tflop_s']:6.0f} TFLOP/s vs SDPA {r['sdpa_tflop_s']:6.0f} "
+              f"(x{r['ratio_vs_sdpa']:.2f}) err {r['rel_err']:.1e}")
+    for b in misses:
+        print(f"MISS {b['name']}: {b['measured']} vs {b['target']}")
+
+
+if __name__ == "__main__":
+    main()
