@@ -208,7 +208,11 @@ class HFCheckpoint:
         return infos
 
     def validate(self) -> None:
-        """Check every file and tensor against config.json; raise ONE CheckpointError listing all problems."""
+        """Check every file and tensor against config.json; raise ONE CheckpointError listing all problems.
+
+        Header-only. A checkpoint that cannot be opened at all (no or broken config.json, broken index
+        JSON, pickle-only) already raised from the constructor.
+        """
         problems: list[str] = []
         infos = self._infos(problems)
         specs, layer_problems = expected_specs(self.config, set(self.weight_map), self.has_vision)
