@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -294,3 +295,14 @@ def test_reference_logits_are_neither_flat_nor_exploding(request, which):
     same_token[:, -1] = ids[0, -1]  # the same last token after two different prefixes
     last = model(same_token)[:, -1]
     assert not torch.allclose(last[0], last[1], atol=0.1)  # the layers carry context, not just the token
+
+
+def test_resume_finishes_an_interrupted_run_with_the_same_bytes(tiny_fp8_ckpt, tmp_path):
+    out = shutil.copytree(tiny_fp8_ckpt, tmp_path / "ckpt")
+    (out / "config.json").unlink()  # as if killed while writing the second shard
+    (out / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(Step3Error, match="other inputs or options"):
+        synthesize(out, TINY, fp8=True, shards=2, seed=1, resume=True)
+    synthesize(out, TINY, fp8=True, shards=2, resume=True)
+    for file in ("config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
+        assert (out / file).read_bytes() == (tiny_fp8_ckpt / file).read_bytes(), file
