@@ -19,6 +19,7 @@ from converters.config import PRESETS, Step3Config
 from converters.errors import CheckpointError, ConfigError, Step3Error
 from converters.hf import HFCheckpoint
 from converters.names import is_scale_name, tensor_specs
+from quant.record import read_quantization
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class Summary:
     kv_bytes_per_sequence: dict[str, int]
     context: int
     tensors: list[TensorRow] = field(default_factory=list)  # those matching --tensors (empty without it)
+    quantization: dict[str, Any] | None = None  # the FP8 record (quant/record.py), None when BF16
 
     def to_dict(self) -> dict[str, Any]:
         """The `--json` form."""
@@ -62,6 +64,7 @@ class Summary:
             "kv_bytes_per_token": self.kv_bytes_per_token,
             "kv_bytes_per_sequence": {"context": self.context, **self.kv_bytes_per_sequence},
             "storage": {"files": src.files, "bytes": src.stored_bytes, "fp8": src.fp8, "vision": src.vision},
+            "quantization": self.quantization,
             "num_tensors": len(src.tensors),
             "tensors": [{**asdict(t), "shape": list(t.shape)} for t in self.tensors],
         }
@@ -143,6 +146,7 @@ def summarize(target: str | Path, context: int = 4096, tensors: str | None = Non
         kv_bytes_per_sequence={d: b * context for d, b in per_token.items()},
         context=context,
         tensors=[t for t in source.tensors if keep(t.name)],
+        quantization=read_quantization(target) if source.kind != "preset" else None,
     )
 
 

@@ -9,6 +9,8 @@ the runtime should use. An AFD manifest's `quantization` field holds the same ob
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from quant.fp8 import BLOCK
@@ -53,3 +55,22 @@ def kv_cache_dtype(record: dict[str, Any] | None) -> str:
     step3 = (record or {}).get("step3") or {}
     dtype = step3.get("kv_cache_dtype", "bf16")
     return dtype if dtype in KV_CACHE_DTYPES else "bf16"
+
+
+def read_quantization(path: str | Path) -> dict[str, Any] | None:
+    """The record of a checkpoint directory (AFD manifest.json first, else config.json) or a config.json."""
+    path = Path(path)
+    for file in ((path / "manifest.json", path / "config.json") if path.is_dir() else (path,)):
+        if not file.is_file():
+            continue
+        try:
+            data = json.loads(file.read_text())
+        except (OSError, UnicodeDecodeError, ValueError):
+            return None  # the readers of that file report what is wrong with it
+        if not isinstance(data, dict):
+            return None
+        if file.name == "manifest.json":
+            q = data.get("quantization")
+            return dict(q) if isinstance(q, dict) else None
+        return config_quantization(data)
+    return None

@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from converters.summary import Summary, config_facts, summarize
+from quant.record import kv_cache_dtype
 from step3cli.render import err, human_bytes, human_count, out
 
 _PARAM_LABELS = {
@@ -24,6 +25,19 @@ def _table(title: str, *columns: str, numbers: bool = True, header: bool = True)
     table = Table(title=title, title_justify="left", show_header=header)
     for i, col in enumerate(columns):
         table.add_column(col, justify="right" if i and numbers else "left", overflow="fold")
+    return table
+
+
+def _quantization_table(q: dict) -> Table:
+    """The FP8 record step3 quantize (or the checkpoint's publisher) wrote, incl. the KV-cache dtype."""
+    step3 = q.get("step3") or {}
+    table = _table("quantization", "field", "value", numbers=False, header=False)
+    rows = {"method": f"{q.get('quant_method')} {q.get('fmt', '')}, activations {q.get('activation_scheme')}",
+            "weight blocks": "x".join(str(b) for b in q.get("weight_block_size") or []) or "-",
+            "scheme": step3.get("scheme", "-"), "backend": step3.get("backend") or "-",
+            "KV cache": kv_cache_dtype(q), "left in BF16 (--skip)": str(len(q.get("ignored_layers") or []))}
+    for k, v in rows.items():
+        table.add_row(k, str(v))
     return table
 
 
@@ -47,6 +61,8 @@ def _render(s: Summary) -> None:
         exact = f" ({b:,} B)" if b >= 1000 else ""
         kv.add_row(d, human_bytes(b) + exact, human_bytes(s.kv_bytes_per_sequence[d]))
     out.print(config, params, kv)
+    if s.quantization:
+        out.print(_quantization_table(s.quantization))
     if s.tensors:
         title = f"tensors ({len(s.tensors)} of {len(src.tensors)})"
         tensors = _table(title, "name", "dtype", "shape", "file", numbers=False)

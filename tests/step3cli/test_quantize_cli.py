@@ -28,6 +28,10 @@ def test_quantize_with_check_prints_report_and_check(tiny_ckpt, tmp_path):
     assert saved["check"]["passed"] and saved["check"]["cosine_mean"] >= 0.99
     record = json.loads((tmp_path / "o" / "config.json").read_text())["quantization_config"]
     assert record["step3"]["kv_cache_dtype"] == "bf16"
+    shown = runner.invoke(app, ["inspect", str(tmp_path / "o")], env={"COLUMNS": "200"})
+    assert shown.exit_code == 0 and "quantization" in shown.stdout and "128x128" in shown.stdout
+    assert json.loads(runner.invoke(app, ["inspect", str(tmp_path / "o"), "--json"]).stdout)["quantization"] \
+        == record
 
 
 def test_json_output_on_fp8_input_is_a_passthrough(tiny_fp8_ckpt, tmp_path):
