@@ -4,8 +4,8 @@
 First half, two ways: (a) "fused": one Triton program computes a gate tile AND the matching up tile
 from the same FP8 activation tile, applies silu-and-mul and quantizes the result per 1x128 group in
 its epilogue (fp8_gemm.py, SWIGLU + QUANT_OUT), so the [T, I] intermediate crosses memory once, as
-FP8; (b) "scaled_mm": cuBLAS blockwise GEMMs for gate and up (BF16 out), then one pass of
-`silu_mul_quant` (reads 4 bytes, writes ~1 byte per intermediate element): faster for many tokens,
+FP8; (b) "scaled_mm": cuBLAS blockwise GEMMs for gate and up (fp32 out), then one pass of
+`silu_mul_quant` (reads 8 bytes, writes ~1 byte per intermediate element): faster for many tokens,
 where the GEMMs are compute-bound and cuBLAS beats the Triton kernel (benchmarks/NOTES_ffn.md).
 Second half: the down projection through fp8_matmul (cuBLAS blockwise on Hopper).
 Tensor parallelism: rank r of F holds rows [r I/F, (r+1) I/F) of gate/up and those columns of down.
@@ -123,8 +123,9 @@ def swiglu_mlp(x: torch.Tensor | Fp8Act, w: MlpWeights, out_dtype: torch.dtype |
     if first_half == "auto":
         first_half = "scaled_mm" if cublas and T >= SCALED_MM_MIN_TOKENS else "fused"
     if first_half == "scaled_mm":
-        g = fp8_matmul(x, w.gate, w.gate_scale, name=f"{w.name}.gate_proj")
-        h = silu_mul_quant(g, fp8_matmul(x, w.up, w.up_scale, name=f"{w.name}.up_proj"))
+        # fp32 out: a BF16 rounding here would flip ~5% of the FP8 roundings that follow (~1.3% error)
+        g = fp8_matmul(x, w.gate, w.gate_scale, torch.float32, name=f"{w.name}.gate_proj")
+        h = silu_mul_quant(g, fp8_matmul(x, w.up, w.up_scale, torch.float32, name=f"{w.name}.up_proj"))
     else:
         h = swiglu_quant(x, w, block_m=16 if T <= 16 else 64)
     return fp8_matmul(h, w.down, w.down_scale, out_dtype=out_dtype or torch.bfloat16,

@@ -117,17 +117,11 @@ def align_by_expert(ids: torch.Tensor, first: int, num_local: int,
     return rows[:capacity], block_expert
 
 
-def moe_block_m(tokens: int, top_k: int, num_experts: int) -> int:
-    """BLOCK_M from the mean pairs per expert: small blocks waste less padding when experts get few."""
-    mean = tokens * top_k / max(num_experts, 1)
-    return 16 if mean <= 16 else 32 if mean <= 32 else 64 if mean <= 96 else 128
-
-
 @dataclass(frozen=True)
 class MoeConfig:
-    """Tile sizes of the two grouped launches (the benchmark sweeps them; None: `moe_block_m`)."""
+    """Tile sizes and warps/stages of the two grouped launches (benchmarks/moe_ffn.py sweeps them)."""
 
-    block_m: int | None = None
+    block_m: int = 64
     group_m: int = 8
     warps_gate_up: int = 4
     stages_gate_up: int = 3
@@ -137,8 +131,21 @@ class MoeConfig:
     shared_first_half: str = "auto"  # see mlp.swiglu_mlp
 
 
+def default_moe_config(tokens: int, top_k: int, num_experts: int) -> MoeConfig:
+    """Tiles by the mean pairs per expert: small M-blocks waste less padding when experts get few
+    tokens (weight-bandwidth bound); big ones reuse each weight tile more (compute bound)."""
+    mean = tokens * top_k / max(num_experts, 1)
+    if mean <= 16:
+        return MoeConfig(block_m=16, group_m=1, warps_gate_up=4, stages_gate_up=4)
+    if mean <= 32:
+        return MoeConfig(block_m=32, group_m=1, warps_gate_up=4, stages_gate_up=4)
+    if mean <= 96:
+        return MoeConfig(block_m=64, group_m=8, warps_gate_up=4, stages_gate_up=3)
+    return MoeConfig(block_m=128, group_m=8, warps_gate_up=8, stages_gate_up=3, warps_down=8, stages_down=3)
+
+
 def fused_moe(x: torch.Tensor | Fp8Act, weights: torch.Tensor, ids: torch.Tensor, experts: ExpertWeights,
-              out_dtype: torch.dtype | None = None, config: MoeConfig = MoeConfig()) -> torch.Tensor:
+              out_dtype: torch.dtype | None = None, config: MoeConfig | None = None) -> torch.Tensor:
     """Routed experts of this rank: x [T, H], weights/ids [T, k] -> [T, H] partial sum (out_dtype)."""
     T, k = ids.shape
     if experts.fp8 and not isinstance(x, Fp8Act):
@@ -148,7 +155,8 @@ def fused_moe(x: torch.Tensor | Fp8Act, weights: torch.Tensor, ids: torch.Tensor
     if a.shape != (T, experts.gate.shape[2]) or weights.shape != ids.shape:
         raise Step3Error(f"{experts.name}: x {tuple(a.shape)}, weights {tuple(weights.shape)} and ids "
                          f"{tuple(ids.shape)} do not fit hidden size {experts.gate.shape[2]}")
-    bm = config.block_m or moe_block_m(T, k, experts.num_local)
+    config = config or default_moe_config(T, k, experts.num_local)
+    bm = config.block_m
     rows, block_expert = align_by_expert(ids, experts.first, experts.num_local, bm)
     inter = experts.gate.shape[1]
     h = torch.empty((rows.numel(), inter), dtype=FP8_DTYPE if experts.fp8 else a.dtype, device=a.device)
@@ -169,13 +177,13 @@ def fused_moe(x: torch.Tensor | Fp8Act, weights: torch.Tensor, ids: torch.Tensor
 
 
 def moe_ffn(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: ExpertWeights,
-            shared: MlpWeights | None, config: MoeConfig = MoeConfig()) -> torch.Tensor:
+            shared: MlpWeights | None, config: MoeConfig | None = None) -> torch.Tensor:
     """A MoE layer's FFN on one rank: routed experts + (this rank's slice of) the shared expert."""
     xq = act_quant(x) if experts.fp8 else x
     y = fused_moe(xq, weights, ids, experts, out_dtype=x.dtype, config=config)
     if shared is not None:
-        y = y + swiglu_mlp(xq if experts.fp8 else x, shared, out_dtype=x.dtype,
-                           first_half=config.shared_first_half)
+        first_half = config.shared_first_half if config else "auto"
+        y = y + swiglu_mlp(xq if experts.fp8 else x, shared, out_dtype=x.dtype, first_half=first_half)
     return y
 
 

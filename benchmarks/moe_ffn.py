@@ -1,0 +1,348 @@
+"""Step-3's MoE FFN and the FP8 linear on one GPU, in one go (issue 6).
+
+    python -m benchmarks.moe_ffn --out DIR            # full run -> DIR/moe_ffn_h200.{json,png}, pytest.log
+    python -m benchmarks.moe_ffn --quick --out DIR    # tuning pass: MoeConfig candidates at 3 token counts
+
+Full run: the GPU kernel tests; the two ceilings (device-to-device copy bandwidth, counting bytes read
+plus written; blockwise-FP8 `torch._scaled_mm` at 8192^3 on random data); then at Step-3's real dims
+(hidden 7168, 48 experts of 5120, top-3, shared expert 5120, block-FP8 weights) for each token count:
+our MoE layer (moe_ffn: act_quant, fused routed experts, shared expert, combine) against a per-expert
+Python loop of `torch._scaled_mm` calls on the same inputs, and the floor
+max(FLOPs / FP8 rate, bytes / copy bandwidth), bytes = the weights of the experts that received a
+token + the shared expert + BF16 x in and y out. Then the FP8 linear with its activation quantization
+against bare `_scaled_mm` on pre-quantized input. Errors are measured on every timed shape, on fresh
+random inputs, against (a) the format-exact fp32 reference (dequantized weights, the same 1x128
+activation quantizations) and (b) fp32 with unquantized activations (what FP8 activations cost).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import triton
+
+from quant.fp8 import FP8_DTYPE, dequantize_fp8
+from runtime.kernels.act_quant import act_quant
+from runtime.kernels.fp8_linear import fp8_linear, scaled_mm_weight_scale
+from runtime.kernels.mlp import MlpWeights, silu_mul_quant, swiglu_mlp, swiglu_mlp_ref
+from runtime.kernels.moe import (
+    ExpertWeights,
+    MoeConfig,
+    default_moe_config,
+    fused_moe_ref,
+    moe_ffn,
+    route_topk,
+)
+from runtime.model import reference
+
+HIDDEN, EXPERTS, INTER, TOP_K, SHARED = 7168, 48, 5120, 3, 5120
+TOKENS = (128, 512, 2048, 4096, 8192)
+LINEAR_SHAPES = {"dense gate/up 18432x7168": (18432, 7168), "dense down 7168x18432": (7168, 18432),
+                 "expert gate 5120x7168": (5120, 7168)}
+# MoeConfig(block_m, group_m, warps_gate_up, stages_gate_up, block_n_down, warps_down, stages_down, shared)
+TUNE = {128: [MoeConfig(16, 1, 4, 3), MoeConfig(16, 1, 4, 5, 128, 4, 5), MoeConfig(32, 1, 4, 4, 128, 4, 4)],
+        2048: [MoeConfig(64, 8, 4, 3), MoeConfig(64, 8, 4, 4, 256, 8, 3), MoeConfig(128, 8, 8, 3, 128, 8, 3),
+               MoeConfig(128, 8, 8, 4, 128, 8, 4)],
+        8192: [MoeConfig(128, 8, 8, 3, 128, 8, 3), MoeConfig(64, 8, 4, 4, 128, 4, 4),
+               MoeConfig(128, 16, 8, 3, 256, 8, 3), MoeConfig(128, 8, 8, 3, 128, 8, 3, "fused")]}
+
+
+# ---- measuring --------------------------------------------------------------------------------
+def time_ms(fn: Callable[[], object], reps: int) -> float:
+    """Median milliseconds of one call over `reps` event-timed calls, after 2 warm-up calls."""
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    event = lambda: torch.cuda.Event(enable_timing=True)
+    pairs = [(event(), event()) for _ in range(reps)]
+    for start, end in pairs:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in pairs)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a 4 GiB device-to-device copy, read + write counted."""
+    src = torch.randint(0, 255, (4 << 30,), dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), 10)
+    return 2 * src.numel() / (ms * 1e-3)
+
+
+def fp8_weight(shape: tuple[int, ...], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random block-FP8 weights made directly in the format: E4M3 codes, block scales ~ 1/sqrt(in)."""
+    q = torch.randn(shape, generator=gen, device="cuda", dtype=torch.bfloat16) * 64
+    q = q.clamp(-448, 448).to(FP8_DTYPE)
+    blocks = (*shape[:-2], triton.cdiv(shape[-2], 128), triton.cdiv(shape[-1], 128))
+    scale = (torch.rand(blocks, generator=gen, device="cuda") + 0.5) / (64 * shape[-1] ** 0.5)
+    return q, scale
+
+
+def fp8_matmul_rate(gen: torch.Generator) -> float:
+    """FLOP/s of blockwise (1x128 x 128x128) torch._scaled_mm at 8192^3 on random data."""
+    n = 8192
+    x = act_quant(torch.randn(n, n, generator=gen, device="cuda", dtype=torch.bfloat16))
+    w, ws = fp8_weight((n, n), gen)
+    mm_scale = scaled_mm_weight_scale(ws)
+    ms = time_ms(lambda: torch._scaled_mm(x.q, w.t(), scale_a=x.scale_inv, scale_b=mm_scale,
+                                          out_dtype=torch.bfloat16), 20)
+    return 2 * n**3 / (ms * 1e-3)
+
+
+# ---- the layer and its baseline -----------------------------------------------------------------
+def make_layer(gen: torch.Generator) -> tuple[ExpertWeights, MlpWeights]:
+    routed = ((EXPERTS, INTER, HIDDEN), (EXPERTS, INTER, HIDDEN), (EXPERTS, HIDDEN, INTER))
+    (g, gs), (u, us), (d, ds) = (fp8_weight(s, gen) for s in routed)
+    experts = ExpertWeights(g, u, d, gs, us, ds, name="layers.4.moe")
+    shared = ((SHARED, HIDDEN), (SHARED, HIDDEN), (HIDDEN, SHARED))
+    (g, gs), (u, us), (d, ds) = (fp8_weight(s, gen) for s in shared)
+    return experts, MlpWeights(g, gs, u, us, d, ds, name="layers.4.share_expert")
+
+
+class LoopBaseline:
+    """The MoE as a Python loop over experts, each a chain of torch._scaled_mm calls (cuBLAS)."""
+
+    def __init__(self, experts: ExpertWeights, shared: MlpWeights):
+        self.e, self.shared = experts, shared
+        self.mm = [[scaled_mm_weight_scale(s[i]) for i in range(experts.num_local)]
+                   for s in (experts.gate_scale, experts.up_scale, experts.down_scale)]
+
+    def _mm(self, a_q, a_s, w, mm_scale, out_dtype=torch.float32):
+        return torch._scaled_mm(a_q, w.t(), scale_a=a_s, scale_b=mm_scale, out_dtype=out_dtype)
+
+    def __call__(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        xq = act_quant(x)
+        out = swiglu_mlp(xq, self.shared, first_half="scaled_mm").float()
+        order = torch.argsort(ids.reshape(-1))
+        counts = torch.bincount(ids.reshape(-1).long(), minlength=self.e.num_local).tolist()  # host sync
+        flat_w = weights.reshape(-1)
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            pairs = order[start:start + n]
+            start += n
+            tok = pairs // ids.shape[1]
+            a_q = xq.q.view(torch.uint8)[tok].view(FP8_DTYPE)
+            a_s = xq.scale_inv[tok].t().contiguous().t()
+            g = self._mm(a_q, a_s, self.e.gate[e], self.mm[0][e])
+            h = silu_mul_quant(g, self._mm(a_q, a_s, self.e.up[e], self.mm[1][e]))
+            y = self._mm(h.q, h.scale_inv, self.e.down[e], self.mm[2][e], torch.bfloat16)
+            out.index_add_(0, tok, y.float() * flat_w[pairs, None])
+        return out.to(x.dtype)
+
+
+def floor_ms(T: int, ids: torch.Tensor, rate: float, bw: float) -> tuple[float, str, float, float]:
+    """(floor ms, which bound, FLOPs, bytes) for one MoE layer call."""
+    flops = 2 * T * TOP_K * 3 * HIDDEN * INTER + 2 * T * 3 * HIDDEN * SHARED
+    touched = ids.unique().numel()
+    weight_bytes = 3 * HIDDEN * INTER * (1 + 4 / 128**2)  # FP8 bytes + fp32 block scales
+    nbytes = touched * weight_bytes + 3 * HIDDEN * SHARED * (1 + 4 / 128**2) + 2 * T * HIDDEN * 2
+    t_flop, t_byte = flops / rate * 1e3, nbytes / bw * 1e3
+    return max(t_flop, t_byte), "compute" if t_flop >= t_byte else "memory", flops, nbytes
+
+
+def inputs(T: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    x = torch.randn(T, HIDDEN, generator=gen, device="cuda").mul(
+        torch.rand(T, 1, generator=gen, device="cuda") + 0.1).bfloat16()
+    weights, ids = route_topk(torch.randn(T, EXPERTS, generator=gen, device="cuda"), TOP_K, renormalize=False)
+    return x, weights, ids
+
+
+def references(x, weights, ids, experts, shared, deq) -> tuple[torch.Tensor, torch.Tensor]:
+    """(format-exact fp32 reference, fp32 reference with unquantized activations)."""
+    exact = fused_moe_ref(x, weights, ids, experts) + swiglu_mlp_ref(x, shared)  # same 1x128 act. quant
+    xf = x.float()
+    plain = reference.routed_experts(xf, weights, ids.long(), *deq[:3]) + reference.mlp(xf, *deq[3:])
+    return exact, plain
+
+
+def moe_row(T, gen, experts, shared, deq, baseline, rate, bw, config, reps) -> dict:
+    """Time and check one token count; baseline None (tuning): no loop, no unquantized reference."""
+    x, weights, ids = inputs(T, gen)
+    ours = lambda: moe_ffn(x, weights, ids, experts, shared, config)
+    y = ours()
+    t_ours = time_ms(ours, reps)
+    floor, bound, flops, nbytes = floor_ms(T, ids, rate, bw)
+    row = dict(tokens=T, ours_ms=t_ours, floor_ms=floor, floor_bound=bound, flops=flops, bytes=nbytes,
+               experts_touched=ids.unique().numel(), fraction_of_floor=floor / t_ours,
+               tflops=flops / t_ours * 1e-9, config=vars(config))
+    if baseline is None:
+        exact = fused_moe_ref(x, weights, ids, experts) + swiglu_mlp_ref(x, shared)
+        return row | dict(rel_err=rel_err(y, exact))
+    exact, plain = references(x, weights, ids, experts, shared, deq)
+    t_loop = time_ms(lambda: baseline(x, weights, ids), max(3, reps // 2))
+    return row | dict(loop_ms=t_loop, speedup_vs_loop=t_loop / t_ours, rel_err=rel_err(y, exact),
+                      rel_err_loop=rel_err(baseline(x, weights, ids), exact),
+                      rel_err_vs_unquantized_activations=rel_err(y, plain))
+
+
+def linear_row(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, reps: int) -> dict:
+    """fp8_linear (act_quant + _scaled_mm) vs bare _scaled_mm on the pre-quantized x."""
+    (T, K), N = x.shape, w.shape[0]
+    mm_scale, xq = scaled_mm_weight_scale(ws), act_quant(x)
+    bare = lambda: torch._scaled_mm(xq.q, w.t(), scale_a=xq.scale_inv, scale_b=mm_scale,
+                                    out_dtype=torch.bfloat16)
+    ours = lambda: fp8_linear(x, w, ws, mm_scale)
+    t_bare, t_ours = time_ms(bare, reps), time_ms(ours, reps)
+    err = rel_err(ours(), x.float() @ dequantize_fp8(w, ws).t())
+    return dict(tokens=T, N=N, K=K, bare_scaled_mm_ms=t_bare, fp8_linear_ms=t_ours, ratio=t_ours / t_bare,
+                tflops=2 * T * N * K / t_ours * 1e-9, rel_err=err)
+
+
+def linear_rows(gen: torch.Generator, tokens: tuple[int, ...], reps: int) -> list[dict]:
+    rows = []
+    for label, (N, K) in LINEAR_SHAPES.items():
+        w, ws = fp8_weight((N, K), gen)
+        for T in tokens:
+            x = torch.randn(T, K, generator=gen, device="cuda", dtype=torch.bfloat16)
+            rows.append(dict(shape=label, **linear_row(x, w, ws, reps)))
+    return rows
+
+
+# ---- the run ------------------------------------------------------------------------------------
+def run_pytest(out: Path, timeout: float) -> dict:
+    cmd = [sys.executable, "-m", "pytest", "tests/runtime/kernels", "-q", "-p", "no:cacheprovider",
+           "-k", "moe or fp8_linear or act_quant or mlp"]
+    t0 = time.time()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        (out / "pytest.log").write_text(str(e.stdout or ""))
+        return dict(returncode=None, summary=f"timed out after {timeout} s", seconds=timeout)
+    (out / "pytest.log").write_text(proc.stdout + proc.stderr)
+    lines = (proc.stdout.strip().splitlines() or ["(no output)"])
+    return dict(returncode=proc.returncode, summary=lines[-1], seconds=round(time.time() - t0, 1))
+
+
+def bar(name: str, measured: float, target: float, at_least: bool) -> dict:
+    return dict(bar=name, measured=measured, target=target,
+                passed=bool(measured >= target if at_least else measured <= target))
+
+
+def bars(moe: list[dict], linear: list[dict]) -> list[dict]:
+    out = []
+    for r in moe:
+        T, frac = r["tokens"], r["fraction_of_floor"]
+        if T >= 2048:
+            out.append(bar(f"MoE {T} tokens >= 60% of floor", frac, 0.6, True))
+            out.append(bar(f"MoE {T} tokens >= 1.5x loop", r["speedup_vs_loop"], 1.5, True))
+        if T == 128:
+            out.append(bar("MoE 128 tokens >= 50% of floor", frac, 0.5, True))
+        out.append(bar(f"MoE {T} tokens rel err <= 3e-2", r["rel_err"], 3e-2, False))
+    for r in linear:
+        name = f"FP8 linear {r['shape']} {r['tokens']} tokens"
+        if r["tokens"] >= 512:
+            out.append(bar(f"{name} <= 1.15x bare _scaled_mm", r["ratio"], 1.15, False))
+        out.append(bar(f"{name} rel err <= 3e-2", r["rel_err"], 3e-2, False))
+    return out
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    moe = result["moe"]
+    tok = [r["tokens"] for r in moe]
+    for key, label in (("ours_ms", "fused MoE (ours)"), ("loop_ms", "per-expert _scaled_mm loop"),
+                       ("floor_ms", "floor")):
+        a.plot(tok, [r[key] for r in moe], marker="o", label=label)
+    a.set(xscale="log", yscale="log", xlabel="tokens", ylabel="ms per MoE layer",
+          title="Step-3 MoE layer (48x5120 top-3 + shared, FP8), H200")
+    a.legend()
+    for shape in LINEAR_SHAPES:
+        rows = [r for r in result["linear"] if r["shape"] == shape]
+        b.plot([r["tokens"] for r in rows], [r["ratio"] for r in rows], marker="o", label=shape)
+    b.axhline(1.15, color="red", ls="--", label="bar 1.15x")
+    b.set(xscale="log", xlabel="tokens", ylabel="fp8_linear / bare _scaled_mm", title="FP8 linear overhead")
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def environment() -> dict:
+    p = torch.cuda.get_device_properties(0)
+    return dict(gpu=p.name, sms=p.multi_processor_count, torch=torch.__version__, triton=triton.__version__,
+                cuda=torch.version.cuda, python=platform.python_version(), host=platform.node())
+
+
+def tune(gen, experts, shared, rate, bw) -> list[dict]:
+    rows = []
+    for T, configs in TUNE.items():
+        for config in configs:
+            rows.append(moe_row(T, gen, experts, shared, None, None, rate, bw, config, reps=10))
+            r = rows[-1]
+            print(f"tune T={T:5d} {r['ours_ms']:8.3f} ms  of floor {r['fraction_of_floor']:.2f}  "
+                  f"err {r['rel_err']:.1e}  {r['config']}", flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--quick", action="store_true", help="tuning pass; no loop baseline, no plot")
+    ap.add_argument("--tests", type=float, default=None, help="pytest time limit in s (default: 200, none "
+                    "with --quick)")
+    ap.add_argument("--reps", type=int, default=20)
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    result: dict = dict(environment=environment(), dims=dict(hidden=HIDDEN, experts=EXPERTS, inter=INTER,
+                                                             top_k=TOP_K, shared=SHARED))
+    pytest_limit = args.tests if args.tests is not None else (0 if args.quick else 200)
+    if pytest_limit:
+        result["pytest"] = run_pytest(args.out, pytest_limit)
+        print("pytest:", result["pytest"], flush=True)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    bw, rate = copy_bandwidth(), fp8_matmul_rate(gen)
+    result.update(copy_bandwidth_Bps=bw, fp8_matmul_flops=rate)
+    print(f"copy {bw / 1e12:.2f} TB/s, blockwise FP8 _scaled_mm {rate / 1e12:.0f} TFLOP/s", flush=True)
+    experts, shared = make_layer(gen)
+    if args.quick:
+        result["tune"] = tune(gen, experts, shared, rate, bw)
+        result["linear"] = linear_rows(gen, (512, 2048), 10)
+        for r in result["linear"]:
+            print(f"linear {r['shape']:28s} T={r['tokens']:5d} ratio {r['ratio']:.3f} err {r['rel_err']:.1e}")
+        (args.out / "moe_ffn_tune.json").write_text(json.dumps(result, indent=1))
+        return
+    deq = [dequantize_fp8(w, s) for layer in (experts, shared) for w, s in
+           ((layer.gate, layer.gate_scale), (layer.up, layer.up_scale), (layer.down, layer.down_scale))]
+    baseline = LoopBaseline(experts, shared)
+    result["moe"] = [moe_row(T, gen, experts, shared, deq, baseline, rate, bw,
+                             default_moe_config(T, TOP_K, EXPERTS), args.reps) for T in TOKENS]
+    del deq
+    result["linear"] = linear_rows(gen, TOKENS, args.reps)
+    result["bars"] = bars(result["moe"], result["linear"])
+    (args.out / "moe_ffn_h200.json").write_text(json.dumps(result, indent=1))
+    plot(result, args.out / "moe_ffn_h200.png")
+    print(f"\n{'tokens':>6} {'ours ms':>9} {'loop ms':>9} {'floor ms':>9} {'of floor':>8} {'vs loop':>7} "
+          f"{'TFLOP/s':>7} {'err':>8} {'err(unq)':>8}")
+    for r in result["moe"]:
+        print(f"{r['tokens']:6d} {r['ours_ms']:9.3f} {r['loop_ms']:9.3f} {r['floor_ms']:9.3f} "
+              f"{r['fraction_of_floor']:8.2f} {r['speedup_vs_loop']:7.2f} {r['tflops']:7.0f} "
+              f"{r['rel_err']:8.1e} {r['rel_err_vs_unquantized_activations']:8.1e}")
+    for r in result["linear"]:
+        print(f"linear {r['shape']:28s} T={r['tokens']:5d} ratio {r['ratio']:.3f} "
+              f"({r['fp8_linear_ms']:.3f} vs {r['bare_scaled_mm_ms']:.3f} ms) err {r['rel_err']:.1e}")
+    failed = [b["bar"] for b in result["bars"] if not b["passed"]]
+    print(f"bars: {len(result['bars']) - len(failed)}/{len(result['bars'])} passed; failed: {failed}")
+
+
+if __name__ == "__main__":
+    main()
