@@ -20,6 +20,7 @@ from converters.errors import Step3Error
 from converters.hf import HFCheckpoint
 from converters.summary import summarize
 from converters.synth import synthesize
+from quant.check import check_quantized
 from runtime.chat import ChatTokenizer
 from runtime.model.reference import Step3Reference
 
@@ -37,6 +38,7 @@ class DemoState:
     max_new_tokens: int
     progress: ProgressFn | None = None
     checkpoint: Path | None = None
+    quantized: Path | None = None  # the FP8 copy the later steps load
     model: Step3Reference | None = None
     tokenizer: ChatTokenizer | None = None
     reply: str = ""
@@ -106,12 +108,32 @@ def step_inspect(state: DemoState) -> dict[str, str]:
     }
 
 
+def step_quantize(state: DemoState) -> dict[str, str]:
+    assert state.checkpoint is not None, "the synthesize step runs first"
+    from quant.quantize import QuantizeOptions, quantize_checkpoint
+
+    state.quantized = state.workdir / "fp8"
+    r = quantize_checkpoint(state.checkpoint, state.quantized, QuantizeOptions(backend="torch"), force=True,
+                            progress=state.progress)
+    total = r.report.total
+    c = check_quantized(state.checkpoint, state.quantized, prompts=2, length=16)
+    return {"checkpoint": str(state.quantized),
+            "weights": f"{total.quantized} of {total.tensors} tensors to block FP8 (E4M3, 128x128 scales); "
+                       f"routers, embeddings, lm_head and norms stay BF16",
+            "bytes": f"{total.bytes_before:,} -> {total.bytes_after:,}",
+            "error": f"mean relative error {total.mean_rel_error:.2%}, SNR {total.snr_db:.1f} dB",
+            "check": f"logits cosine {c.cosine_mean:.5f} (min {c.cosine_min:.5f}), top-1 agreement "
+                     f"{c.top1_agreement:.0%} vs BF16"}
+
+
 def step_load(state: DemoState) -> dict[str, str]:
     assert state.checkpoint is not None, "the synthesize step runs first"
-    state.tokenizer = ChatTokenizer.from_pretrained(state.checkpoint)
-    state.model = Step3Reference.from_pretrained(state.checkpoint, dtype=torch.float32)
+    weights = state.quantized or state.checkpoint
+    state.tokenizer = ChatTokenizer.from_pretrained(weights)
+    state.model = Step3Reference.from_pretrained(weights, dtype=torch.float32)
     tok = state.tokenizer
     return {"model": "runtime/model/reference.py (eager PyTorch, fp32, CPU)",
+            "weights": f"{weights} ({'FP8, dequantized on load' if state.quantized else 'BF16'})",
             "tokenizer": f"{tok.vocab_size:,} tokens; stop ids {list(tok.stop_token_ids)}"}
 
 
@@ -136,6 +158,7 @@ def step_chat(state: DemoState) -> dict[str, str]:
 STEPS: list[tuple[str, str, Callable[[DemoState], dict[str, str]]]] = [
     ("synthesize", f"Synthesize a {PRESET} checkpoint (HF layout)", step_synthesize),
     ("inspect", "Inspect it", step_inspect),
+    ("quantize", "Quantize it to block FP8 (step3 quantize) and check the logits", step_quantize),
     ("load", "Load the reference model and the tokenizer", step_load),
     ("chat", "Chat: template -> tokens -> greedy generation -> text", step_chat),
 ]
