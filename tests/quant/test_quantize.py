@@ -205,3 +205,12 @@ def test_resume_finishes_and_still_reports_every_tensor(tiny_ckpt, q_hf, tmp_pat
     assert r.write.written == [] and r.write.skipped
     again = json.loads((out / REPORT_FILE).read_text())
     assert again["tensors"] == first["tensors"] and again["groups"] == first["groups"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_device_cuda_writes_the_same_checkpoint(tiny_ckpt, q_hf, tmp_path, backend):
+    r = quantize_checkpoint(tiny_ckpt, tmp_path / "o", QuantizeOptions(device="cuda", backend=backend))
+    want, got = tensors(q_hf), tensors(tmp_path / "o")
+    assert set(want) == set(got) and all(same_bytes(got[n], want[n]) for n in want), r.backend
