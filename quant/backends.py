@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 
 from converters.errors import Step3Error
-from quant.fp8 import BLOCK, quantize_fp8
+from quant.fp8 import BLOCK, FP8_DTYPE, quantize_fp8, scale_grid_shape
 
 BackendName = Literal["auto", "torch", "te"]
 BACKENDS = ("auto", "torch", "te")
@@ -54,6 +54,12 @@ def quantize_weight(w: torch.Tensor, backend: Literal["torch", "te"] = "torch", 
     `backend` must already be resolved (see resolve_backend). The te backend always computes on a GPU
     (`device` if it is one, else cuda).
     """
+    if w.dim() > 2:  # experts one at a time: temporaries stay the size of one matrix
+        q = torch.empty(w.shape, dtype=FP8_DTYPE)
+        s = torch.empty(scale_grid_shape(w.shape, block), dtype=torch.float32)
+        for i in range(w.shape[0]):
+            q[i], s[i] = quantize_weight(w[i], backend, name=f"{name}[{i}]", device=device, block=block)
+        return q, s
     if backend == "te":
         from quant.te_backend import te_quantize_fp8
 

@@ -55,10 +55,14 @@ class GroupStats:
 
 
 def error_stats(w: torch.Tensor, q: torch.Tensor, scale_inv: torch.Tensor) -> tuple[float, float]:
-    """(||W||^2, ||W_q - W||^2) in float64, W_q the dequantized (q, scale_inv)."""
-    w32 = w.float()
-    diff = dequantize_fp8(q, scale_inv) - w32
-    return float(w32.double().square().sum()), float(diff.double().square().sum())
+    """(||W||^2, ||W_q - W||^2), W_q the dequantized (q, scale_inv); one matrix (expert) at a time, so the
+    extra memory is a few fp32 copies of one matrix, not of a whole 3-D expert tensor."""
+    if w.dim() > 2:
+        parts = [error_stats(w[i], q[i], scale_inv[i]) for i in range(w.shape[0])]
+        return sum(p[0] for p in parts), sum(p[1] for p in parts)
+    w32 = w.float().reshape(-1)
+    diff = dequantize_fp8(q, scale_inv).reshape(-1).sub_(w32)
+    return float(torch.dot(w32, w32)), float(torch.dot(diff, diff))
 
 
 @dataclass

@@ -54,8 +54,9 @@ def test_cuda_device_without_gpu_is_a_named_error():
         resolve_device("cuda")
 
 
-def test_torch_backend_matches_pure_function():
-    w = torch.randn(300, 200, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+@pytest.mark.parametrize("shape", [(300, 200), (3, 300, 200)])  # 3-D: quantized one expert at a time
+def test_torch_backend_matches_pure_function(shape):
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     q, s = quantize_weight(w, "torch", name="x")
     assert q.device.type == "cpu" and _same((q, s), quantize_fp8(w))
 
