@@ -2,12 +2,14 @@
 
 Two back ends for the matmul, one formula:
     y[t, n] = sum_kb (x_q[t, kb] . W_q[n, kb]) * x_scale[t, kb] * w_scale[n // 128, kb]
-- Hopper (sm_90+, CUDA): `torch._scaled_mm` with blockwise scales (cuBLAS). It infers the
+- Hopper (sm_90+, CUDA), T >= 64: `torch._scaled_mm` with blockwise scales (cuBLAS). It infers the
   (BlockWise1x128, BlockWise128x128) recipe from the scale shapes; the activation scales must be
   outer-dim-major ([T, K/128], stride (1, T): what act_quant returns) and the weight scales are
   passed as [K/128, N/128] with stride (1, L4), L4 = K/128 rounded up to 4 (the padded buffer that
-  `scaled_mm_weight_scale` builds once per weight).
-- Elsewhere (CPU interpreter, odd shapes): the Triton block-FP8 GEMM of fp8_gemm.py.
+  `scaled_mm_weight_scale` builds once per weight). Seen on an H200 with torch 2.11: cuBLAS refuses
+  (NOT_SUPPORTED / "invalid scaling configuration") T = 1, 37, 70 and K = 384, so T is padded to a
+  multiple of 16 (16-byte-aligned scale strides) and K must hold a multiple of 4 blocks.
+- Elsewhere (CPU interpreter, few tokens, odd shapes): the Triton block-FP8 GEMM of fp8_gemm.py.
 Traffic: x read twice (quantize, then the GEMM reads T*K bytes of FP8), W read once, y written once.
 """
 
@@ -21,11 +23,27 @@ from quant.fp8 import FP8_DTYPE, dequantize_fp8
 from runtime.kernels.act_quant import Fp8Act, act_dequant, act_quant, act_quant_ref
 from runtime.kernels.fp8_gemm import fp8_gemm
 
+SCALED_MM_MIN_TOKENS = 64  # below this the (weight-bandwidth-bound) Triton GEMM serves
+_PAD_M = 16
+
 
 def scaled_mm_usable(device: torch.device, n: int, k: int) -> bool:
-    """cuBLAS blockwise FP8 needs sm_90+ and whole 128-blocks along N and K."""
+    """cuBLAS blockwise FP8 needs sm_90+, whole 128-blocks along N and 4 whole blocks along K."""
     return (device.type == "cuda" and hasattr(torch, "_scaled_mm")
-            and torch.cuda.get_device_capability(device) >= (9, 0) and n % 128 == 0 and k % 128 == 0)
+            and torch.cuda.get_device_capability(device) >= (9, 0) and n % 128 == 0 and k % 512 == 0)
+
+
+def _pad_rows(x: Fp8Act) -> Fp8Act:
+    """Pad T to a multiple of 16 rows (zeros, scale 1) for cuBLAS; the extra output rows are dropped."""
+    T, K = x.q.shape
+    pad = -T % _PAD_M
+    if not pad:
+        return x
+    q = torch.zeros((T + pad, K), dtype=torch.uint8, device=x.q.device)
+    q[:T] = x.q.view(torch.uint8)
+    s = torch.ones((x.scale_inv.shape[1], T + pad), dtype=torch.float32, device=x.q.device).t()
+    s[:T] = x.scale_inv
+    return Fp8Act(q.view(FP8_DTYPE), s)
 
 
 def scaled_mm_weight_scale(scale_inv: torch.Tensor) -> torch.Tensor:
@@ -56,9 +74,11 @@ def fp8_matmul(x: Fp8Act, w: torch.Tensor, w_scale: torch.Tensor, out_dtype: tor
     """
     _check(x, w, w_scale, name)
     T, (N, K) = x.q.shape[0], w.shape
-    if scaled_mm_usable(x.q.device, N, K) and T > 0:
+    if scaled_mm_usable(x.q.device, N, K) and T >= SCALED_MM_MIN_TOKENS:
         b_scale = mm_scale if mm_scale is not None else scaled_mm_weight_scale(w_scale)
-        return torch._scaled_mm(x.q, w.t(), scale_a=x.scale_inv, scale_b=b_scale, out_dtype=out_dtype)
+        xp = _pad_rows(x)
+        y = torch._scaled_mm(xp.q, w.t(), scale_a=xp.scale_inv, scale_b=b_scale, out_dtype=out_dtype)
+        return y[:T] if xp is not x else y
     out = torch.empty((T, N), dtype=out_dtype, device=x.q.device)
     block_m = 16 if T <= 16 else 64
     return fp8_gemm(x.q, x.scale_inv, w, w_scale, out, block_m=block_m, block_n=128)

@@ -28,7 +28,7 @@ from runtime.kernels.act_quant import Fp8Act, act_dequant, act_quant, act_quant_
 from runtime.kernels.fp8_gemm import fp8_gemm
 from runtime.kernels.fp8_linear import fp8_matmul, scaled_mm_usable
 
-SCALED_MM_MIN_TOKENS = 1024  # "auto" switches the first half to cuBLAS from here (NOTES_ffn.md)
+CUBLAS_FIRST_HALF_MIN_TOKENS = 1024  # "auto" switches the first half to cuBLAS from here (NOTES_ffn.md)
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,7 @@ def swiglu_mlp(x: torch.Tensor | Fp8Act, w: MlpWeights, out_dtype: torch.dtype |
         raise Step3Error(f"{w.name}: input width {hidden} != hidden size {w.gate.shape[1]}")
     cublas = scaled_mm_usable(x.q.device, w.intermediate, hidden)
     if first_half == "auto":
-        first_half = "scaled_mm" if cublas and T >= SCALED_MM_MIN_TOKENS else "fused"
+        first_half = "scaled_mm" if cublas and T >= CUBLAS_FIRST_HALF_MIN_TOKENS else "fused"
     if first_half == "scaled_mm":
         # fp32 out: a BF16 rounding here would flip ~5% of the FP8 roundings that follow (~1.3% error)
         g = fp8_matmul(x, w.gate, w.gate_scale, torch.float32, name=f"{w.name}.gate_proj")

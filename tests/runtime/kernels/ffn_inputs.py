@@ -10,6 +10,9 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # fp32 arithmetic everywhere on the CPU interpreter; on a GPU the FP8 tensor-core products are exact
 # and accumulate in fp32 per 128-wide K step, while fp32 operands go through TF32.
 EXACT_TOL = 1e-5 if DEVICE.type == "cpu" else 2e-3
+# A re-quantized intermediate (MLP, MoE) turns the GPU's tiny differences (FP8 MMA accumulation,
+# fast sigmoid) into occasional one-step flips of FP8 rounding: ~4e-3 seen on an H200.
+REQUANT_TOL = 1e-5 if DEVICE.type == "cpu" else 1e-2
 FP32_TOL = 1e-5 if DEVICE.type == "cpu" else 5e-3
 # One 1x128 E4M3 activation quantization costs ~2.6% rms relative error (3 mantissa bits); a GEMM on
 # few tokens scatters around that, hence 4e-2 for one quantized GEMM against unquantized activations.

@@ -49,14 +49,14 @@ def test_fp8_linear_module_keeps_leading_dims_and_checks_shapes():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("T", [1, 37, 512])
+@pytest.mark.parametrize("T", [1, 37, 100, 512])
 def test_scaled_mm_blockwise_path_matches_reference(T):
     gen = torch.Generator().manual_seed(T)
     K, N = 7168, 512
     assert scaled_mm_usable(torch.device("cuda"), N, K)
     x = randn((T, K), gen).bfloat16()
     w, ws = fp8_weight((N, K), gen)
-    y = fp8_linear(x, w, ws)  # torch._scaled_mm, 1x128 x 128x128 scales
+    y = fp8_linear(x, w, ws)  # torch._scaled_mm, 1x128 x 128x128 scales (T >= 64; 100: padded rows)
     assert y.dtype == torch.bfloat16
     assert rel_err(y, fp8_linear_ref(x, w, ws)) < 1e-2  # bf16 output rounding
     xq = act_quant(x)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from ffn_inputs import DEVICE, EXACT_TOL, fp8_weight, randn, rel_err
+from ffn_inputs import DEVICE, REQUANT_TOL, fp8_weight, randn, rel_err
 
 from converters.errors import Step3Error
 from quant.fp8 import dequantize_fp8
@@ -25,7 +25,7 @@ def test_swiglu_mlp_matches_reference(T, hidden, inter):
     x = randn((T, hidden), torch.Generator().manual_seed(T + 1))
     y = swiglu_mlp(x, w)
     assert y.shape == (T, hidden) and y.dtype == x.dtype
-    assert rel_err(y, swiglu_mlp_ref(x, w)) < EXACT_TOL
+    assert rel_err(y, swiglu_mlp_ref(x, w)) < REQUANT_TOL
     # against the model's eager reference on dequantized weights: only the two FP8 activation
     # quantizations (~2.6% rms each, amplified by silu * up) separate them
     pairs = ((w.gate, w.gate_scale), (w.up, w.up_scale), (w.down, w.down_scale))

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from ffn_inputs import DEVICE, EXACT_TOL, FP32_TOL, fp8_weight, randn, rel_err
+from ffn_inputs import DEVICE, EXACT_TOL, FP32_TOL, REQUANT_TOL, fp8_weight, randn, rel_err
 
 from converters.errors import Step3Error
 from runtime.kernels.mlp import MlpWeights, swiglu_mlp_ref
@@ -85,7 +85,7 @@ def test_fused_moe_fp8_matches_reference(T):
     w, ids = _routing(T, seed=T)
     out = fused_moe(x, w, ids, ex, out_dtype=torch.float32)
     ref = fused_moe_ref(x, w, ids, ex)
-    assert rel_err(out, ref) < EXACT_TOL
+    assert rel_err(out, ref) < REQUANT_TOL
     # the model's eager reference on dequantized weights differs only by the two FP8 activation
     # quantizations (~4% for random data; see benchmarks/NOTES_ffn.md)
     assert rel_err(out, reference.routed_experts(x.float(), w, ids.long(), *dequantized_experts(ex))) < 8e-2
@@ -119,7 +119,7 @@ def test_moe_ffn_adds_the_shared_expert():
     x = randn((13, H), gen)
     w, ids = _routing(13, seed=11)
     out = moe_ffn(x, w, ids, ex, shared)
-    assert rel_err(out, fused_moe_ref(x, w, ids, ex) + swiglu_mlp_ref(x, shared)) < EXACT_TOL
+    assert rel_err(out, fused_moe_ref(x, w, ids, ex) + swiglu_mlp_ref(x, shared)) < REQUANT_TOL
 
 
 def test_fused_moe_names_bad_inputs():
