@@ -27,7 +27,7 @@ from converters.layout import (
     shard_pieces,
 )
 from converters.names import scale_name, spec_table
-from converters.slices import read_tensor
+from converters.slices import read_piece
 from converters.writer import (
     PARTIAL,
     TORCH_DTYPES,
@@ -122,7 +122,7 @@ def hf_to_afd(src: str | Path, out: str | Path, *, ffn_ranks: int, attn_ranks: i
         config = json.loads(config_bytes)
         quantization = quantization_of(config, ckpt.is_fp8)
         copies = [CopyFile(n, src / n) for n in extra_files(src, (CONFIG, INDEX_FILE))]
-        files = _data_files(pieces, lambda p: partial(read_tensor, shard_of[p.source], p.source, p.slice))
+        files = _data_files(pieces, lambda p: partial(read_piece, shard_of[p.source], p.source, p.slice))
 
         def final(records):
             recs = {k: v.to_json() for k, v in records.items()} | {CONFIG: record_of(config_bytes).to_json()}

@@ -1,16 +1,19 @@
 """Read one tensor, or one slice of it, from a safetensors file with plain reads (no mmap).
 
-Why not `safe_open`: it memory-maps the shard, and every page a read touches stays resident in
-the mapping (and counted in RSS) until the handle closes, so RSS would grow with the shard size.
-Here a dim-0 slice (an expert range, a row block) is read straight into its own buffer with one
-`readinto` at its byte offset; any other slice reads the tensor, narrows and copies. Memory is the
-result (plus the whole tensor for a non-dim-0 slice), and page-cache pages are never mapped.
+Why not `safe_open`: it maps the whole shard, and every page a read touches stays in the mapping
+(counted in RSS) until the handle closes, so RSS would grow with the shard size. Here a whole
+tensor or a dim-0 slice (an expert range, a row block) is a private mapping of exactly its bytes,
+returned as a tensor without a copy (hashing and writing it read the page cache directly, which
+is what keeps `step3 convert` close to `cp`); the mapping goes when the tensor is freed, and it is
+copy-on-write, so writing into the tensor never reaches the file. Any other slice maps the tensor,
+narrows and copies. Memory: one tensor (plus its copy for a non-dim-0 slice).
 
 A slice is a list of `[dim, start, stop]` (the AFD manifest's form); empty means the whole tensor.
 """
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Sequence
 from functools import lru_cache
 from math import prod
@@ -20,7 +23,7 @@ import torch
 
 from converters.errors import CheckpointError
 from converters.safetensors_io import ShardHeader, read_header
-from converters.writer import TORCH_DTYPES
+from converters.writer import TORCH_DTYPES, FileRange
 
 Slice = Sequence[Sequence[int]]  # [[dim, start, stop], ...]
 
@@ -46,20 +49,38 @@ def sliced_shape(shape: Sequence[int], slc: Slice) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _read_into(path: Path, offset: int, buf: torch.Tensor, name: str) -> torch.Tensor:
-    view = memoryview(buf.reshape(-1).view(torch.uint8).numpy()) if buf.numel() else memoryview(b"")
+def _mapped(path: Path, offset: int, nbytes: int, name: str) -> torch.Tensor:
+    """Bytes [offset, offset + nbytes) of `path` as a uint8 tensor over a private (copy-on-write) mapping."""
+    if nbytes == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
     try:
         with open(path, "rb") as f:
-            f.seek(offset)
-            got = 0
-            while got < len(view):
-                n = f.readinto(view[got:])
-                if not n:
-                    raise CheckpointError(f"{path}: truncated while reading tensor {name}; re-create it")
-                got += n
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read tensor {name} ({e.strerror or e})") from None
-    return buf
+            mm = mmap.mmap(f.fileno(), offset + nbytes - start, flags=mmap.MAP_PRIVATE,
+                           prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read tensor {name} ({e}); truncated? re-create it") from None
+    return torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=offset - start)
+
+
+def byte_range(path: Path, name: str, slc: Slice = ()) -> FileRange | None:
+    """Where `name` (or its slice) lies in `path` when its bytes are contiguous (whole, or a dim-0 slice)."""
+    if len(slc) > 1 or (slc and slc[0][0] != 0):
+        return None
+    header = header_of(path)
+    entry = header.entries.get(name)
+    if entry is None:
+        raise CheckpointError(f"{path}: has no tensor named {name}")
+    if not slc:
+        return FileRange(path, header.data_start + entry.start, entry.nbytes)
+    _, start, stop = slc[0]
+    row_bytes = entry.nbytes // entry.shape[0] if entry.shape[0] else 0
+    return FileRange(path, header.data_start + entry.start + start * row_bytes, (stop - start) * row_bytes)
+
+
+def read_piece(path: Path, name: str, slc: Slice = ()) -> torch.Tensor | FileRange:
+    """What the converter hands the writer: a byte range to stream when contiguous, else the slice."""
+    return byte_range(path, name, slc) or read_tensor(path, name, slc)
 
 
 def read_tensor(path: Path, name: str, slc: Slice = ()) -> torch.Tensor:
@@ -77,9 +98,9 @@ def read_tensor(path: Path, name: str, slc: Slice = ()) -> torch.Tensor:
     if not slc or (len(slc) == 1 and slc[0][0] == 0):
         start, stop = (slc[0][1], slc[0][2]) if slc else (0, shape[0] if shape else 1)
         row_bytes = prod(shape[1:]) * dtype.itemsize
-        buf = torch.empty((stop - start, *shape[1:]) if shape else (), dtype=dtype)
-        return _read_into(path, base + start * row_bytes, buf, name)
-    full = _read_into(path, base, torch.empty(shape, dtype=dtype), name)
+        raw = _mapped(path, base + start * row_bytes, (stop - start) * row_bytes, name)
+        return raw.view(dtype).reshape((stop - start, *shape[1:]) if shape else ())
+    full = _mapped(path, base, entry.nbytes, name).view(dtype).reshape(shape)
     for dim, start, stop in slc:
         full = full.narrow(dim, start, stop - start)
     return full.contiguous()

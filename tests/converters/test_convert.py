@@ -135,7 +135,7 @@ def test_invalid_source_is_refused_with_every_problem_before_writing(tiny_ckpt, 
 
 def test_crash_mid_file_then_resume_is_byte_identical(tiny_fp8_ckpt, tmp_path, monkeypatch):
     hf_to_afd(tiny_fp8_ckpt, tmp_path / "ref", ffn_ranks=2, shard_size=200_000)
-    real, calls = convert_mod.read_tensor, {"n": 0}
+    real, calls = convert_mod.read_piece, {"n": 0}
 
     def dies_on_the_40th_read(*args, **kw):
         calls["n"] += 1
@@ -143,7 +143,7 @@ def test_crash_mid_file_then_resume_is_byte_identical(tiny_fp8_ckpt, tmp_path, m
             raise KeyboardInterrupt
         return real(*args, **kw)
 
-    monkeypatch.setattr(convert_mod, "read_tensor", dies_on_the_40th_read)
+    monkeypatch.setattr(convert_mod, "read_piece", dies_on_the_40th_read)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         hf_to_afd(tiny_fp8_ckpt, out, ffn_ranks=2, shard_size=200_000)
@@ -151,7 +151,7 @@ def test_crash_mid_file_then_resume_is_byte_identical(tiny_fp8_ckpt, tmp_path, m
     assert len(partial) == 1 and not (out / MANIFEST).exists() and not (out / "config.json").exists()
     with pytest.raises(Step3Error, match="not empty"):
         hf_to_afd(tiny_fp8_ckpt, out, ffn_ranks=2, shard_size=200_000)
-    monkeypatch.setattr(convert_mod, "read_tensor", real)
+    monkeypatch.setattr(convert_mod, "read_piece", real)
     res = hf_to_afd(tiny_fp8_ckpt, out, ffn_ranks=2, shard_size=200_000, resume=True)
     assert res.write.skipped and res.write.written
     assert tree(out) == tree(tmp_path / "ref")

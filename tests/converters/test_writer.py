@@ -153,3 +153,22 @@ def test_free_space_is_checked_before_writing(tmp_path, monkeypatch):
     with pytest.raises(Step3Error, match=r"need .* MB, 0\.00 MB free"):
         write_output(out, plan)
     assert not list((out).rglob("*.safetensors"))
+
+
+@pytest.mark.parametrize("kernel_copy", [True, False])
+def test_file_range_producers_copy_exact_bytes(tmp_path, monkeypatch, kernel_copy):
+    """A producer may hand back a byte range of another file (copy_file_range, or the read/write fallback)."""
+    monkeypatch.setattr(writer, "_KERNEL_COPY", kernel_copy)
+    monkeypatch.setattr(writer, "_CHUNK", 1000)  # several chunks per tensor
+    src = tmp_path / "blob.bin"
+    w = torch.randn(50, 30, generator=torch.Generator().manual_seed(2))
+    src.write_bytes(b"junk" + w.numpy().tobytes() + b"tail")
+    rows = writer.FileRange(src, 4 + 10 * 30 * 4, 20 * 30 * 4)  # rows 10..29
+    out_t = TensorOut("w", torch.float32, (20, 30), lambda: rows)
+    bad = TensorOut("v", torch.float32, (21, 30), lambda: rows)
+    plan = OutputPlan((SafetensorsFile("a.safetensors", (out_t,)),), lambda r: [], "fr", ())
+    write_output(tmp_path / "out", plan)
+    assert torch.equal(load_file(tmp_path / "out/a.safetensors")["w"], w[10:30])
+    with pytest.raises(Step3Error, match=r"v: expected F32 \[21, 30\].*got 2400 bytes"):
+        write_output(tmp_path / "out2", OutputPlan((SafetensorsFile("b.safetensors", (bad,)),),
+                                                   lambda r: [], "fr", ()))
