@@ -8,14 +8,16 @@ last (`manifest.json`, or `config.json` + `model.safetensors.index.json`). `writ
 - refuses a non-empty OUT unless `resume` or `force` (force deletes only paths this plan or an
   earlier run recorded, never unrelated files);
 - deletes the final files first, so an interrupted run never looks complete;
-- writes each file to `<path>.partial`, hashing while writing, and renames it when complete; a
-  journal (`.step3-write.json`: the plan's fingerprint and each finished file's bytes/sha256) lets
-  `resume` skip files whose checksum still matches; a different fingerprint is refused;
+- writes each file to `<path>.partial`; helper threads hash it (read back from the page cache while
+  the next file is written) and only then is it renamed into place and journaled; the journal
+  (`.step3-write.json`: the plan's fingerprint and each finished file's bytes/sha256) lets `resume`
+  skip files whose checksum still matches; a different fingerprint is refused;
 - checks free disk space before writing (needed vs free) and turns ENOSPC into a Step3Error that
   says to free space and re-run with resume;
 - streams: safetensors headers are built from the declared dtypes/shapes, then each tensor is
   produced, written and dropped, so memory holds one tensor (plus its producer's source) at a
-  time, and the bytes are the same on every run.
+  time, and the bytes are the same on every run. A producer may return a `FileRange` instead of a
+  tensor (bytes already laid out in a source file): those are copied in the kernel, like `cp`.
 
 Guarantees are against process death (kill -9): files are not fsynced, so after a power loss run
 `step3 verify`, which re-checks every checksum.
