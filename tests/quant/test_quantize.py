@@ -214,3 +214,44 @@ def test_device_cuda_writes_the_same_checkpoint(tiny_ckpt, q_hf, tmp_path, backe
     r = quantize_checkpoint(tiny_ckpt, tmp_path / "o", QuantizeOptions(device="cuda", backend=backend))
     want, got = tensors(q_hf), tensors(tmp_path / "o")
     assert set(want) == set(got) and all(same_bytes(got[n], want[n]) for n in want), r.backend
+
+
+_PEAK = """
+import sys, threading
+from quant.quantize import QuantizeOptions, quantize_checkpoint
+
+def anon():  # anonymous resident memory: file pages a writer maps while hashing do not count
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssAnon:")) * 1024
+
+base, peak, done = anon(), [0], threading.Event()
+def sample():
+    while not done.wait(0.002):
+        peak[0] = max(peak[0], anon())
+t = threading.Thread(target=sample)
+t.start()
+quantize_checkpoint(sys.argv[1], sys.argv[2], QuantizeOptions(backend="torch"))
+done.set()
+t.join()
+print(max(peak[0], anon()) - base)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads RssAnon from Linux /proc")
+def test_peak_memory_does_not_grow_with_model_size(make_ckpt, tmp_path):
+    """Five times the layers (same tensor sizes) must not raise the quantize pass's peak RSS."""
+    import subprocess
+    import sys
+
+    from converters.config import PRESETS
+
+    peaks = {}
+    for layers in (6, 30):
+        cfg = PRESETS["step3-tiny"].replace(num_hidden_layers=layers)
+        src = make_ckpt(cfg=cfg, name=f"l{layers}")
+        proc = subprocess.run([sys.executable, "-c", _PEAK, str(src), str(tmp_path / f"o{layers}")],
+                              capture_output=True, text=True, timeout=600, check=True)
+        peaks[layers] = int(proc.stdout.split()[-1])
+    grew = sum(p.stat().st_size for p in (tmp_path / "l30").glob("*.safetensors")) / 5 * 4
+    assert peaks[30] - peaks[6] < 0.25 * grew, (peaks, grew)
