@@ -74,28 +74,25 @@ def _mfa_decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, k_scale_ptr, v_s
 
 @triton.jit
 def _mfa_merge_kernel(part_o_ptr, part_lse_ptr, lens_ptr, out_ptr, tokens_per_split, num_splits,
-                      stride_ob, stride_oh, H: tl.constexpr, D: tl.constexpr, SPLIT_BLOCK: tl.constexpr):
-    """Program (head h, sequence b): merge the non-empty splits of (b, h), SPLIT_BLOCK at a time."""
+                      stride_ob, stride_oh, H: tl.constexpr, D: tl.constexpr, S_PAD: tl.constexpr,
+                      D_BLOCK: tl.constexpr):
+    """Program (head h, sequence b, dims block): all used splits of (b, h) in ONE load of [S_PAD, D_BLOCK].
+
+    One round trip per program instead of a loop over split blocks: at batch 1 the merge is latency,
+    not bytes (64 heads x 128 splits x 1 KiB), so it is spread over D / D_BLOCK programs per head.
+    """
     h = tl.program_id(0)
     b = tl.program_id(1)
+    d = tl.program_id(2) * D_BLOCK + tl.arange(0, D_BLOCK)
     used = tl.cdiv(tl.load(lens_ptr + b), tokens_per_split)  # splits that saw >= 1 token
-    d = tl.arange(0, D)
-    m = tl.full([1], float("-inf"), tl.float32)
-    den = tl.zeros([1], tl.float32)
-    acc = tl.zeros([D], tl.float32)
-    for s0 in range(0, used, SPLIT_BLOCK):
-        sp = s0 + tl.arange(0, SPLIT_BLOCK)
-        row = (b.to(tl.int64) * num_splits + sp) * H + h
-        lse = tl.load(part_lse_ptr + row, mask=sp < used, other=float("-inf"))  # [SPLIT_BLOCK]
-        o = tl.load(part_o_ptr + row[:, None] * D + d[None, :], mask=(sp < used)[:, None], other=0.0)
-        m_new = tl.maximum(m, tl.max(lse, 0))
-        w = tl.exp2(lse - m_new)  # [SPLIT_BLOCK]
-        alpha = tl.exp2(m - m_new)
-        den = den * alpha + tl.sum(w, 0)
-        acc = acc * alpha + tl.sum(w[:, None] * o, 0)
-        m = m_new
+    sp = tl.arange(0, S_PAD)
+    row = (b.to(tl.int64) * num_splits + sp) * H + h
+    lse = tl.load(part_lse_ptr + row, mask=sp < used, other=float("-inf"))  # [S_PAD]
+    o = tl.load(part_o_ptr + row[:, None] * D + d[None, :], mask=(sp < used)[:, None], other=0.0)
+    w = tl.exp2(lse - tl.max(lse, 0))  # [S_PAD], 0 for unused splits
+    merged = tl.sum(w[:, None] * o, 0) / tl.sum(w, 0)
     out = out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + d
-    tl.store(out, (acc / den).to(out_ptr.dtype.element_ty))
+    tl.store(out, merged.to(out_ptr.dtype.element_ty))
 
 
 @dataclass(frozen=True)
@@ -109,20 +106,29 @@ class DecodePlan:
     num_stages: int
 
 
+# (block_n, num_warps, num_stages) for head_dim >= 128 on the GPU, by KV bytes per value: from the
+# tuning pass of benchmarks/mfa_attention.py --quick on an H200 (see benchmarks/NOTES_mfa.md).
+_GPU_LAUNCH = {2: (32, 4, 3), 1: (64, 4, 3)}
+MAX_SPLITS = 512
+
+
 def plan_decode(batch: int, max_seq_len: int, head_dim: int, device: torch.device,
-                num_splits: int | None = None, block_n: int | None = None, num_warps: int | None = None,
-                num_stages: int | None = None, waves: float = 2.0, min_split_tokens: int = 256) -> DecodePlan:
+                kv_dtype: torch.dtype = torch.bfloat16, num_splits: int | None = None,
+                block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
+                waves: float = 2.0, min_split_tokens: int = 256) -> DecodePlan:
     """Split the sequence so batch x splits ~ `waves` x SM count, each split >= min_split_tokens."""
     on_gpu = device.type == "cuda"
-    block_n = block_n or (64 if on_gpu and head_dim >= 128 else 32)
+    kv_bytes = torch.empty(0, dtype=kv_dtype).element_size()
+    tuned = _GPU_LAUNCH[kv_bytes] if on_gpu and head_dim >= 128 else (32, 4, 2)
+    block_n, num_warps, num_stages = block_n or tuned[0], num_warps or tuned[1], num_stages or tuned[2]
     if num_splits is None:
         sms = torch.cuda.get_device_properties(device).multi_processor_count if on_gpu else 4
         by_fill = math.ceil(waves * sms / batch)
         by_size = max(1, max_seq_len // max(min_split_tokens, block_n))
-        num_splits = max(1, min(by_fill, by_size))
+        num_splits = max(1, min(by_fill, by_size, MAX_SPLITS))
     tokens = triton.cdiv(triton.cdiv(max_seq_len, num_splits), block_n) * block_n
     return DecodePlan(num_splits=triton.cdiv(max_seq_len, tokens), tokens_per_split=tokens, block_n=block_n,
-                      num_warps=num_warps or (8 if head_dim >= 128 else 4), num_stages=num_stages or 2)
+                      num_warps=num_warps, num_stages=num_stages)
 
 
 def _check_decode(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor,
@@ -155,7 +161,7 @@ def mfa_decode(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor, 
     check(max_seq_len <= block_table.shape[1] * cache.block_size,
           f"mfa_decode: max_seq_len {max_seq_len} exceeds block_table capacity "
           f"{block_table.shape[1]} x {cache.block_size}")
-    plan = plan or plan_decode(B, max_seq_len, D, q.device)
+    plan = plan or plan_decode(B, max_seq_len, D, q.device, cache.k.dtype)
     out = torch.empty_like(q)
     direct = plan.num_splits == 1
     part_o = out if direct else torch.empty((B, plan.num_splits, H, D), dtype=torch.float32, device=q.device)
@@ -168,8 +174,11 @@ def mfa_decode(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor, 
         H=H, H_PAD=max(16, triton.next_power_of_2(H)), D=D, PAGE=cache.block_size, BLOCK_N=plan.block_n,
         DIRECT=direct, DOT_BF16=q.is_cuda, num_warps=plan.num_warps, num_stages=plan.num_stages)
     if not direct:
-        _mfa_merge_kernel[(H, B)](part_o, part_lse, seq_lens, out, plan.tokens_per_split, plan.num_splits,
-                                  out.stride(0), out.stride(1), H=H, D=D, SPLIT_BLOCK=16, num_warps=4)
+        s_pad = triton.next_power_of_2(plan.num_splits)
+        d_block = min(D, max(16, 8192 // s_pad))  # a [S_PAD, D_BLOCK] fp32 tile of <= 32 KiB
+        _mfa_merge_kernel[(H, B, D // d_block)](part_o, part_lse, seq_lens, out, plan.tokens_per_split,
+                                                plan.num_splits, out.stride(0), out.stride(1), H=H, D=D,
+                                                S_PAD=s_pad, D_BLOCK=d_block, num_warps=4)
     return out
 
 

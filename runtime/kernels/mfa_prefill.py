@@ -77,6 +77,7 @@ def _mfa_prefill_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, cu_q_ptr, k_sca
         acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, kc_ptr, vc_ptr, bt_row, n, kv_end, row_pos,
                                      qk_scale, stride_kb, stride_kt, stride_vb, stride_vt, PAGE, D,
                                      BLOCK_N, True, dot_ty)
+    l_i = tl.where(l_i > 0, l_i, 1.0)  # an inactive row block saw no keys (and stores nothing)
     o = acc * (tl.load(v_scale_ptr) / l_i)[:, None]
     o_off = (q_start + tok).to(tl.int64) * stride_ot + (rows % H) * stride_oh
     tl.store(out_ptr + o_off[:, None] + d[None, :], o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])

@@ -32,8 +32,9 @@ def random_paged_cache(lengths: list[int], head_dim: int, page: int, dtype: torc
                                   k_scale=0.02 if fp8 else 1.0, v_scale=0.01 if fp8 else 1.0)
     k = torch.randn(num_blocks, page, head_dim, generator=gen) / cache.k_scale.cpu()
     v = torch.randn(num_blocks, page, head_dim, generator=gen) / cache.v_scale.cpu()
-    cache.k.copy_(k.to(dtype))
-    cache.v.copy_(v.to(dtype))
+    limit = 448.0 if fp8 else float("inf")  # torch < 2.13 turns out-of-range values into NaN, not +-448
+    cache.k.copy_(k.clamp(-limit, limit).to(dtype))
+    cache.v.copy_(v.clamp(-limit, limit).to(dtype))
     perm = torch.randperm(num_blocks, generator=gen)[: len(lengths) * max_blocks]
     block_table = perm.view(len(lengths), max_blocks).to(torch.int32)
     return cache, block_table.to(DEVICE), torch.tensor(lengths, dtype=torch.int32, device=DEVICE)

@@ -19,7 +19,7 @@ def _run(heads, head_dim, page, dtype, q_dtype, num_splits, seed, count=7):
     lengths = boundary_lengths(page, count, gen, longest=5 * page)
     cache, block_table, seq_lens = random_paged_cache(lengths, head_dim, page, dtype, gen)
     q = torch.randn(len(lengths), heads, head_dim, generator=gen).to(q_dtype).to(DEVICE)
-    plan = plan_decode(len(lengths), max(lengths), head_dim, DEVICE, num_splits=num_splits,
+    plan = plan_decode(len(lengths), max(lengths), head_dim, DEVICE, dtype, num_splits=num_splits,
                        block_n=None if num_splits is None else 16, min_split_tokens=16)
     out = mfa_decode(q, cache, block_table, seq_lens, max_seq_len=max(lengths), plan=plan)
     assert out.shape == q.shape and out.dtype == q.dtype
@@ -32,6 +32,16 @@ def _run(heads, head_dim, page, dtype, q_dtype, num_splits, seed, count=7):
 def test_decode_matches_reference(dtype, page, num_splits):
     err = _run(4, 64, page, dtype, torch.bfloat16, num_splits, seed=page + (num_splits or 0))
     assert err < TOL_BF16
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, FP8_DTYPE], ids=["bf16", "fp8"])
+def test_decode_step3_shape(dtype):
+    """The real model's 64 heads x 256 with the launcher's own plan (the tuned GPU launch on a GPU)."""
+    gen = torch.Generator().manual_seed(64)
+    cache, block_table, seq_lens = random_paged_cache([300, 1, 129], 256, 64, dtype, gen)
+    q = torch.randn(3, 64, 256, generator=gen).to(torch.bfloat16).to(DEVICE)
+    out = mfa_decode(q, cache, block_table, seq_lens)
+    assert rel_err(out, mfa_decode_ref(q, cache, block_table, seq_lens)) < TOL_BF16
 
 
 @pytest.mark.parametrize("heads, head_dim", [(5, 32), (20, 64)])  # odd / non-power-of-two head counts
@@ -63,6 +73,7 @@ def test_plan_covers_the_sequence_and_fills_the_gpu():
     assert plan.num_splits == 8 and plan.num_splits * plan.tokens_per_split >= 32768
     assert plan.tokens_per_split % plan.block_n == 0
     assert plan_decode(512, 4096, 256, cpu).num_splits == 1  # batch alone fills the machine
+    assert plan_decode(1, 1 << 20, 256, cpu, waves=1000.0).num_splits <= 512  # the merge's tile bound
     small = plan_decode(3, 5, 64, cpu, num_splits=8)
     assert small.num_splits == 1 and small.tokens_per_split >= 5  # never more splits than tiles
 

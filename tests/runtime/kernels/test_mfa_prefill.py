@@ -36,6 +36,16 @@ def test_prefill_matches_reference(dtype, page):
     assert _run(4, 64, page, dtype, torch.bfloat16, seed=page) < TOL_BF16
 
 
+def test_prefill_step3_shape():
+    """64 heads x 256 with the launcher's default tiles: two chunks, one with a cached prefix."""
+    gen = torch.Generator().manual_seed(256)
+    cache, block_table, seq_lens = random_paged_cache([70, 9], 256, 64, torch.bfloat16, gen)
+    cu = torch.tensor([0, 12, 21], dtype=torch.int32, device=DEVICE)
+    q = torch.randn(21, 64, 256, generator=gen).to(torch.bfloat16).to(DEVICE)
+    out = mfa_prefill(q, cache, block_table, seq_lens, cu)
+    assert rel_err(out, mfa_prefill_ref(q, cache, block_table, seq_lens, cu)) < TOL_BF16
+
+
 @pytest.mark.parametrize("heads, block_m", [(5, 16), (3, 64)])  # rows of a tile span several tokens
 def test_prefill_fp32_queries_and_odd_heads(heads, block_m):
     assert _run(heads, 32, 16, torch.bfloat16, torch.float32, seed=heads, block_m=block_m) < TOL_FP32
