@@ -153,7 +153,10 @@ def test_afd_fp8_round_trip_and_vision_untouched(tiny_vision_ckpt, tmp_path):
     hf_to_afd(tiny_vision_ckpt, tmp_path / "afd", ffn_ranks=2)
     quantize_checkpoint(tmp_path / "afd", tmp_path / "fp8", QuantizeOptions())
     quantize_checkpoint(tmp_path / "fp8", tmp_path / "bf16", QuantizeOptions(dequantize=True))
+    again = quantize_checkpoint(tmp_path / "fp8", tmp_path / "same", QuantizeOptions())
     src, fp8 = tensors(tiny_vision_ckpt), tensors(tmp_path / "fp8")
+    same = tensors(tmp_path / "same")
+    assert again.mode == "passthrough" and all(same_bytes(same[n], fp8[n]) for n in fp8)
     vision = [n for n in src if n.startswith(("vision_model", "vit_"))]
     assert vision and all(same_bytes(fp8[n], src[n]) for n in vision)
     back = tensors(tmp_path / "bf16")
