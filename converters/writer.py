@@ -47,11 +47,9 @@ import contextlib
 import errno
 import hashlib
 import json
-import mmap
 import os
 import shutil
 import struct
-import sys
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -66,9 +64,6 @@ import torch
 from converters.errors import Step3Error
 
 _KERNEL_COPY = hasattr(os, "copy_file_range")
-_HASH_WINDOW = 256 << 20  # bytes mapped at a time while hashing
-# madvise(MADV_POPULATE_READ), Linux 5.14+ (Python < 3.12 lacks the name): one call maps a window's pages
-_POPULATE = getattr(mmap, "MADV_POPULATE_READ", 22) if sys.platform == "linux" else 0
 JOURNAL = ".step3-write.json"
 PARTIAL = ".partial"
 _CHUNK = 16 << 20  # bytes per write/hash call: large enough for full speed, small enough for cache
@@ -191,17 +186,13 @@ def record_of(data: bytes) -> FileRecord:
 
 
 def sha256_file(path: Path) -> str:
-    """sha256 of a file, read through a read-only mapping (no copy out of the page cache)."""
+    """sha256 of a file, read through one reused buffer (RSS stays at the buffer; a mapping of the
+    file would count every page it touched)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        for start in range(0, size, _HASH_WINDOW):
-            length = min(_HASH_WINDOW, size - start)
-            with mmap.mmap(f.fileno(), length, offset=start, access=mmap.ACCESS_READ) as mm:
-                if _POPULATE:
-                    with contextlib.suppress(OSError):
-                        mm.madvise(_POPULATE)
-                h.update(mm)
+    buf = memoryview(bytearray(_CHUNK))
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(buf[:n])
     return h.hexdigest()
 
 

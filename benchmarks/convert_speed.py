@@ -1,0 +1,151 @@
+"""Is `step3 convert` I/O bound? Time it against `cp -r` of the same checkpoint, and measure its peak RSS.
+
+    python benchmarks/convert_speed.py --work /tmp/convert-bench --repeats 5
+        -> benchmarks/results/convert_speed_cpu.json
+
+Synthesizes step3-small (BF16, ~0.8 GB) once with `step3 synth`, then, in turn (order rotated every
+repeat): `cp -r SRC`, the library call `hf_to_afd(SRC, --ffn-ranks 2)` in this process, and the CLI
+`step3 convert` as a subprocess (which adds ~2 s of interpreter + torch import). Each run starts
+after a `sync` and is timed twice: when it returns ("page cache": the source is warm, since caches
+cannot be dropped here, and the output sits in memory) and after the `sync` that follows
+("durable": the bytes are on the disk). Reported: all times, medians, ratios to cp.
+Peak RSS comes from `/usr/bin/time -v` around the CLI, for step3-small and step3-tiny (RSS must not
+grow with the checkpoint) and for a bare import of the CLI (the interpreter + torch floor).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "step3cli.main"]
+
+
+def timed(run) -> tuple[float, float]:
+    """(seconds until `run` returns, seconds until its output is synced to disk), from a synced start."""
+    os.sync()
+    start = time.perf_counter()
+    run()
+    returned = time.perf_counter()
+    os.sync()
+    return returned - start, time.perf_counter() - start
+
+
+def peak_rss_kb(cmd: list[str]) -> int:
+    """Maximum resident set size of `cmd` (kB), from GNU time."""
+    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], check=True, capture_output=True, text=True)
+    return int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
+
+
+def checkpoint_facts(path: Path) -> dict:
+    from converters.hf import HFCheckpoint
+
+    with HFCheckpoint(path) as ckpt:
+        infos = [ckpt.info(n) for n in ckpt.names()]
+        largest = max(infos, key=lambda i: i.nbytes)
+        files = [p for p in path.iterdir() if p.is_file()]
+        return {"path": str(path), "bytes": sum(p.stat().st_size for p in files), "files": len(files),
+                "tensors": len(infos), "largest_tensor": largest.name, "largest_tensor_bytes": largest.nbytes}
+
+
+def machine() -> dict:
+    import safetensors
+    import torch
+
+    cpuinfo, meminfo = Path("/proc/cpuinfo").read_text(), Path("/proc/meminfo").read_text()
+    cpu = next((ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines() if "model name" in ln), "?")
+    mem = next((ln.split()[1] for ln in meminfo.splitlines() if ln.startswith("MemTotal")), "0")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return {"cpu": cpu, "cores": os.cpu_count(), "mem_gb": round(int(mem) / 2**20, 1),
+            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "safetensors": safetensors.__version__, "step3_commit": commit.stdout.strip()}
+
+
+def synth(out: Path, preset: str) -> Path:
+    if not (out / "config.json").is_file():
+        subprocess.run([*CLI, "synth", str(out), "--preset", preset, "--shards", "4", "--force"], check=True,
+                       stdout=subprocess.DEVNULL)
+    return out
+
+
+def _median_table(runs: dict[str, list[tuple[float, float]]]) -> dict:
+    out = {}
+    for name, times in runs.items():
+        out[name] = {"page_cache_s": [round(a, 3) for a, _ in times],
+                     "durable_s": [round(b, 3) for _, b in times],
+                     "median_page_cache_s": round(statistics.median(a for a, _ in times), 3),
+                     "median_durable_s": round(statistics.median(b for _, b in times), 3)}
+    for name in ("convert_library", "convert_cli"):
+        for kind in ("page_cache", "durable"):
+            ratio = out[name][f"median_{kind}_s"] / out["cp"][f"median_{kind}_s"]
+            out[name][f"ratio_to_cp_{kind}"] = round(ratio, 2)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--work", type=Path, default=Path("/tmp/step3-convert-bench"))
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--ffn-ranks", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/convert_speed_cpu.json")
+    args = ap.parse_args()
+    from converters.convert import hf_to_afd
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    src, tiny = synth(args.work / "small", "step3-small"), synth(args.work / "tiny", "step3-tiny")
+    dst = args.work / "out"
+    cli = [*CLI, "convert", str(src), str(dst), "--ffn-ranks", str(args.ffn_ranks)]
+    kinds = {"cp": lambda: subprocess.run(["cp", "-r", str(src), str(dst)], check=True),
+             "convert_library": lambda: hf_to_afd(src, dst, ffn_ranks=args.ffn_ranks),
+             "convert_cli": lambda: subprocess.run(cli, check=True, stdout=subprocess.DEVNULL)}
+    runs: dict[str, list[tuple[float, float]]] = {k: [] for k in kinds}
+    load_before = os.getloadavg()
+    for i in range(args.repeats):
+        order = list(kinds)[i % 3:] + list(kinds)[:i % 3]
+        for name in order:
+            shutil.rmtree(dst, ignore_errors=True)
+            runs[name].append(timed(kinds[name]))
+    shutil.rmtree(dst, ignore_errors=True)
+    load_after = os.getloadavg()
+    small_kb = peak_rss_kb(cli)
+    rss = {"convert_step3_small_kb": small_kb,
+           "convert_step3_tiny_kb": peak_rss_kb([*CLI, "convert", str(tiny), str(args.work / "out-tiny"),
+                                                 "--ffn-ranks", str(args.ffn_ranks), "--force"]),
+           "import_only_kb": peak_rss_kb([sys.executable, "-c", "import step3cli.main, converters.convert"])}
+    shutil.rmtree(dst, ignore_errors=True)
+    facts = checkpoint_facts(src)
+    result = {
+        "what": "step3 convert (HF -> AFD) vs cp -r of the same checkpoint, alternated in one run",
+        "machine": machine(), "load_average_before": load_before, "load_average_after": load_after,
+        "checkpoint": {"preset": "step3-small", "dtype": "BF16", **facts}, "ffn_ranks": args.ffn_ranks,
+        "repeats": args.repeats, "times": _median_table(runs),
+        "peak_rss": {**rss, "largest_tensor_bytes": facts["largest_tensor_bytes"],
+                     "convert_small_minus_import_kb": small_kb - rss["import_only_kb"],
+                     "convert_small_minus_tiny_kb": small_kb - rss["convert_step3_tiny_kb"]},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    t = result["times"]
+    print(f"{'':18}{'page cache s':>14}{'ratio':>7}{'durable s':>11}{'ratio':>7}")
+    for name in kinds:
+        r = t[name]
+        print(f"{name:18}{r['median_page_cache_s']:>14}{r.get('ratio_to_cp_page_cache', ''):>7}"
+              f"{r['median_durable_s']:>11}{r.get('ratio_to_cp_durable', ''):>7}")
+    print(f"peak RSS: small {small_kb / 1e3:.0f} MB, tiny {rss['convert_step3_tiny_kb'] / 1e3:.0f} MB, "
+          f"import only "
+          f"{rss['import_only_kb'] / 1e3:.0f} MB; largest tensor "
+          f"{facts['largest_tensor_bytes'] / 1e6:.1f} MB ({facts['largest_tensor']})")
+
+
+if __name__ == "__main__":
+    main()
