@@ -33,7 +33,7 @@ def scaled_mm_usable(device: torch.device, n: int, k: int) -> bool:
             and torch.cuda.get_device_capability(device) >= (9, 0) and n % 128 == 0 and k % 512 == 0)
 
 
-def _pad_rows(x: Fp8Act) -> Fp8Act:
+def pad_rows(x: Fp8Act) -> Fp8Act:
     """Pad T to a multiple of 16 rows (zeros, scale 1) for cuBLAS; the extra output rows are dropped."""
     T, K = x.q.shape
     pad = -T % _PAD_M
@@ -52,6 +52,13 @@ def scaled_mm_weight_scale(scale_inv: torch.Tensor) -> torch.Tensor:
     padded = torch.zeros((nb, -(-kb // 4) * 4), dtype=torch.float32, device=scale_inv.device)
     padded[:, :kb] = scale_inv
     return padded[:, :kb].t()
+
+
+def scaled_mm(x: Fp8Act, w: torch.Tensor, mm_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """torch._scaled_mm with 1x128 x 128x128 scales, rows padded for cuBLAS: [T, K] x [N, K]^T -> [T, N]."""
+    xp = pad_rows(x)
+    y = torch._scaled_mm(xp.q, w.t(), scale_a=xp.scale_inv, scale_b=mm_scale, out_dtype=out_dtype)
+    return y[: x.q.shape[0]] if xp is not x else y
 
 
 def _check(x: Fp8Act, w: torch.Tensor, w_scale: torch.Tensor, name: str) -> None:
@@ -76,9 +83,7 @@ def fp8_matmul(x: Fp8Act, w: torch.Tensor, w_scale: torch.Tensor, out_dtype: tor
     T, (N, K) = x.q.shape[0], w.shape
     if scaled_mm_usable(x.q.device, N, K) and T >= SCALED_MM_MIN_TOKENS:
         b_scale = mm_scale if mm_scale is not None else scaled_mm_weight_scale(w_scale)
-        xp = _pad_rows(x)
-        y = torch._scaled_mm(xp.q, w.t(), scale_a=xp.scale_inv, scale_b=b_scale, out_dtype=out_dtype)
-        return y[:T] if xp is not x else y
+        return scaled_mm(x, w, b_scale, out_dtype)
     out = torch.empty((T, N), dtype=out_dtype, device=x.q.device)
     block_m = 16 if T <= 16 else 64
     return fp8_gemm(x.q, x.scale_inv, w, w_scale, out, block_m=block_m, block_n=128)
