@@ -269,7 +269,7 @@ def plot(result: dict, path: Path) -> None:
     tok = [r["tokens"] for r in moe]
     for key, label in (("ours_ms", "fused MoE (ours)"), ("loop_ms", "per-expert _scaled_mm loop"),
                        ("floor_ms", "floor")):
-        a.plot(tok, [r[key] for r in moe], marker="o", label=label)
+        a.plot(tok, [r.get(key) or float("nan") for r in moe], marker="o", label=label)
     a.set(xscale="log", yscale="log", xlabel="tokens", ylabel="ms per MoE layer",
           title="Step-3 MoE layer (48x5120 top-3 + shared, FP8), H200")
     a.legend()
@@ -349,7 +349,8 @@ def main() -> None:
     print(f"\n{'tokens':>6} {'ours ms':>9} {'loop ms':>9} {'floor ms':>9} {'of floor':>8} {'vs loop':>7} "
           f"{'TFLOP/s':>7} {'err':>8} {'err(unq)':>8}")
     for r in result["moe"]:
-        print(f"{r['tokens']:6d} {r['ours_ms']:9.3f} {r['loop_ms']:9.3f} {r['floor_ms']:9.3f} "
+        loop = r.get("loop_ms") or float("nan")
+        print(f"{r['tokens']:6d} {r['ours_ms']:9.3f} {loop:9.3f} {r['floor_ms']:9.3f} "
               f"{r['fraction_of_floor']:8.2f} {r['speedup_vs_loop']:7.2f} {r['tflops']:7.0f} "
               f"{r['rel_err']:8.1e} {r['rel_err_vs_unquantized_activations']:8.1e}")
     for r in result["linear"]:
