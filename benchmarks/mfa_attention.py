@@ -117,7 +117,7 @@ def decode_point(pools: Pools, batch: int, ctx: int, fp8: bool, page: int, reps:
     tables = block_tables(pools, batch, ctx, page, n, gen)
     qs = [torch.randn(batch, H, D, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(n)]
     lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
-    plan = plan_decode(batch, ctx, D, torch.device("cuda"), cache.k.dtype, **(plan_kw or {}))
+    plan = plan_decode(batch, ctx, D, torch.device("cuda"), cache.k.dtype, page, **(plan_kw or {}))
     pairs = list(zip(qs, tables, strict=True))
     run = lambda: [mfa_decode(q, cache, t, lens, max_seq_len=ctx, plan=plan) for q, t in pairs]
     us = time_graph(run, reps, calls=n)
@@ -208,9 +208,12 @@ def sdpa_prefill(qt: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.
 def quick(pools: Pools, reps: int, gen: torch.Generator, log) -> dict:
     """Decode launch variants on a few shapes, split policies on the split-bound ones, prefill variants."""
     rows = []
-    bf16 = [(32, 4, 3), (32, 4, 4), (32, 4, 5), (16, 4, 5), (16, 4, 6), (32, 8, 5), (64, 4, 4), (64, 8, 4)]
-    fp8 = [(64, 4, 3), (64, 4, 5), (32, 4, 5), (64, 8, 5), (128, 8, 3), (128, 4, 3)]
-    plan = lambda t: dict(block_n=t[0], num_warps=t[1], num_stages=t[2])
+    # (block_n, num_warps, num_stages, chunk_max); chunk_max 0 = page ids gathered per tile
+    bf16 = [(32, 4, 3, 0), (32, 4, 3, 512), (32, 4, 4, 512), (16, 4, 3, 512), (16, 4, 4, 512),
+            (64, 4, 2, 512), (64, 8, 3, 512), (32, 8, 3, 512), (32, 4, 3, 2048)]
+    fp8 = [(64, 4, 3, 0), (64, 4, 3, 512), (64, 4, 2, 512), (32, 4, 3, 512), (32, 4, 4, 512),
+           (128, 4, 2, 512), (64, 8, 3, 512)]
+    plan = lambda t: dict(block_n=t[0], num_warps=t[1], num_stages=t[2], chunk_max=t[3])
     shapes = ((256, 4096), (32, 4096), (128, 1024), (1, 32768))
     cases = [(b, c, False, plan(t)) for b, c in shapes for t in bf16]
     cases += [(b, c, True, plan(t)) for b, c in shapes if b != 128 for t in fp8]

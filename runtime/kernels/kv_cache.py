@@ -51,6 +51,8 @@ class PagedKVCache:
               f"PagedKVCache: dtype must be bfloat16 or float8_e4m3fn for both k and v, got {self.k.dtype} "
               f"and {self.v.dtype}")
         check(self.k.stride(-1) == 1 and self.v.stride(-1) == 1, "PagedKVCache: head_dim must be contiguous")
+        page = self.k.shape[1]
+        check(page & (page - 1) == 0, f"PagedKVCache: block_size must be a power of two, got {page}")
         for name in ("k_scale", "v_scale"):
             s = getattr(self, name)
             check(s.dtype == torch.float32 and s.numel() == 1 and s.device == self.k.device,
@@ -86,12 +88,18 @@ class PagedKVCache:
 
 
 @triton.jit
+def load_page_rows(cache_ptr, page, tok, mask, stride_blk, stride_tok, PAGE: tl.constexpr, D: tl.constexpr):
+    """Cache rows [N, D] of tokens `tok` [N] that live in blocks `page` [N]; masked rows are 0."""
+    row = page.to(tl.int64) * stride_blk + (tok % PAGE) * stride_tok
+    return tl.load(cache_ptr + row[:, None] + tl.arange(0, D)[None, :], mask=mask[:, None], other=0.0)
+
+
+@triton.jit
 def load_paged_rows(cache_ptr, block_row_ptr, tok, mask, stride_blk, stride_tok,
                     PAGE: tl.constexpr, D: tl.constexpr):
     """Gather cache rows for token indices `tok` [N] of one sequence: [N, D], masked rows are 0."""
-    page = tl.load(block_row_ptr + tok // PAGE, mask=mask, other=0).to(tl.int64)
-    row = page * stride_blk + (tok % PAGE) * stride_tok
-    return tl.load(cache_ptr + row[:, None] + tl.arange(0, D)[None, :], mask=mask[:, None], other=0.0)
+    page = tl.load(block_row_ptr + tok // PAGE, mask=mask, other=0)
+    return load_page_rows(cache_ptr, page, tok, mask, stride_blk, stride_tok, PAGE, D)
 
 
 @triton.jit

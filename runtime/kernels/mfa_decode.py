@@ -19,9 +19,22 @@ import torch
 import triton
 import triton.language as tl
 
-from runtime.kernels.kv_cache import PagedKVCache, check, gather_kv_ref, load_paged_rows
+from runtime.kernels.kv_cache import PagedKVCache, check, gather_kv_ref, load_page_rows, load_paged_rows
 
 LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _softmax_step(q, acc, m_i, l_i, k, v, valid, qk_scale, dot_ty: tl.constexpr):
+    """One online-softmax step of the [H_PAD, D] head tile against K, V [BLOCK_N, D] (invalid rows masked)."""
+    scores = tl.dot(q, tl.trans(k.to(dot_ty))) * qk_scale  # [H_PAD, BLOCK_N], log2 domain
+    scores = tl.where(valid[None, :], scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(scores - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(dot_ty), v.to(dot_ty))
+    return acc, m_new, l_i
 
 
 @triton.jit
@@ -30,15 +43,21 @@ def _mfa_decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, k_scale_ptr, v_s
                        stride_qb, stride_qh, stride_kb, stride_kt, stride_vb, stride_vt, stride_bt,
                        stride_ob, stride_oh,
                        H: tl.constexpr, H_PAD: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
-                       BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, DOT_BF16: tl.constexpr):
-    """Program (split s, sequence b): online softmax over tokens [s * tps, (s + 1) * tps) of b."""
+                       BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, DIRECT: tl.constexpr,
+                       DOT_BF16: tl.constexpr):
+    """Program (split s, sequence b): online softmax over tokens [s * tps, (s + 1) * tps) of b.
+
+    CHUNK > 0: the block-table entries of CHUNK tokens are loaded once per chunk into registers, so the
+    K/V addresses of the inner loop depend on no load and Triton's pipeliner can prefetch K/V tiles
+    num_stages - 1 ahead; CHUNK == 0 gathers each tile's page ids with the tile (a load-to-load chain).
+    """
     s = tl.program_id(0)
     b = tl.program_id(1)
     seq_len = tl.load(lens_ptr + b)
     start = s * tokens_per_split
     end = tl.minimum(start + tokens_per_split, seq_len)
     # no `if start < end`: an empty split runs zero iterations (the merge skips it anyway)
-    dot_ty = tl.bfloat16 if DOT_BF16 else tl.float32
+    dot_ty: tl.constexpr = tl.bfloat16 if DOT_BF16 else tl.float32
     h = tl.arange(0, H_PAD)
     d = tl.arange(0, D)
     q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + h[:, None] * stride_qh + d[None, :],
@@ -48,19 +67,26 @@ def _mfa_decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, k_scale_ptr, v_s
     m_i = tl.full([H_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([H_PAD], tl.float32)
     acc = tl.zeros([H_PAD, D], tl.float32)
-    for n in range(start, end, BLOCK_N):
-        tok = n + tl.arange(0, BLOCK_N)
-        valid = tok < end
-        k = load_paged_rows(kc_ptr, bt_row, tok, valid, stride_kb, stride_kt, PAGE, D).to(dot_ty)
-        v = load_paged_rows(vc_ptr, bt_row, tok, valid, stride_vb, stride_vt, PAGE, D).to(dot_ty)
-        scores = tl.dot(q, tl.trans(k)) * qk_scale  # [H_PAD, BLOCK_N]
-        scores = tl.where(valid[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(scores - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(dot_ty), v)
-        m_i = m_new
+    if CHUNK == 0:
+        for n in range(start, end, BLOCK_N):
+            tok = n + tl.arange(0, BLOCK_N)
+            valid = tok < end
+            k = load_paged_rows(kc_ptr, bt_row, tok, valid, stride_kb, stride_kt, PAGE, D)
+            v = load_paged_rows(vc_ptr, bt_row, tok, valid, stride_vb, stride_vt, PAGE, D)
+            acc, m_i, l_i = _softmax_step(q, acc, m_i, l_i, k, v, valid, qk_scale, dot_ty)
+    else:
+        cp = tl.arange(0, CHUNK // PAGE)
+        for c0 in range(start, end, CHUNK):  # c0 is page-aligned: tokens_per_split % CHUNK == 0
+            c_end = tl.minimum(c0 + CHUNK, end)
+            pages = tl.load(bt_row + c0 // PAGE + cp, mask=c0 + cp * PAGE < c_end, other=0)  # [CHUNK / PAGE]
+            for n in range(c0, c_end, BLOCK_N):
+                tok = n + tl.arange(0, BLOCK_N)
+                valid = tok < c_end
+                pick = ((tok - c0) // PAGE)[:, None] == cp[None, :]
+                page = tl.sum(tl.where(pick, pages[None, :], 0), 1)  # [BLOCK_N] register "gather"
+                k = load_page_rows(kc_ptr, page, tok, valid, stride_kb, stride_kt, PAGE, D)
+                v = load_page_rows(vc_ptr, page, tok, valid, stride_vb, stride_vt, PAGE, D)
+                acc, m_i, l_i = _softmax_step(q, acc, m_i, l_i, k, v, valid, qk_scale, dot_ty)
     l_i = tl.where(l_i > 0, l_i, 1.0)  # an empty split: o = 0 and lse = -inf, i.e. weight 0 in the merge
     o = acc * (tl.load(v_scale_ptr) / l_i)[:, None]
     if DIRECT:
@@ -104,31 +130,47 @@ class DecodePlan:
     block_n: int
     num_warps: int
     num_stages: int
+    chunk: int  # tokens whose page ids are loaded at once (0: per tile); divides tokens_per_split
+    page: int
 
 
-# (block_n, num_warps, num_stages) for head_dim >= 128 on the GPU, by KV bytes per value: from the
-# tuning pass of benchmarks/mfa_attention.py --quick on an H200 (see benchmarks/NOTES_mfa.md).
-_GPU_LAUNCH = {2: (32, 4, 3), 1: (64, 4, 3)}
+# (block_n, num_warps, num_stages, chunk_max) for head_dim >= 128 on the GPU, by KV bytes per value:
+# from the tuning pass of benchmarks/mfa_attention.py --quick on an H200 (benchmarks/NOTES_mfa.md).
+_GPU_LAUNCH = {2: (32, 4, 3, 512), 1: (64, 4, 3, 512)}
+_CPU_LAUNCH = (32, 4, 2, 128)
 MAX_SPLITS = 512
 
 
+def _chunk(tokens: int, granule: int, chunk_max: int) -> int:
+    """The largest granule x 2^k <= max(chunk_max, granule) that divides tokens (0 if chunk_max is 0)."""
+    if chunk_max == 0:
+        return 0
+    chunk = granule
+    while tokens % (2 * chunk) == 0 and 2 * chunk <= chunk_max:
+        chunk *= 2
+    return chunk
+
+
 def plan_decode(batch: int, max_seq_len: int, head_dim: int, device: torch.device,
-                kv_dtype: torch.dtype = torch.bfloat16, num_splits: int | None = None,
+                kv_dtype: torch.dtype = torch.bfloat16, page: int = 64, num_splits: int | None = None,
                 block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
-                waves: float = 2.0, min_split_tokens: int = 256) -> DecodePlan:
+                chunk_max: int | None = None, waves: float = 2.0, min_split_tokens: int = 256) -> DecodePlan:
     """Split the sequence so batch x splits ~ `waves` x SM count, each split >= min_split_tokens."""
     on_gpu = device.type == "cuda"
     kv_bytes = torch.empty(0, dtype=kv_dtype).element_size()
-    tuned = _GPU_LAUNCH[kv_bytes] if on_gpu and head_dim >= 128 else (32, 4, 2)
+    tuned = _GPU_LAUNCH[kv_bytes] if on_gpu and head_dim >= 128 else _CPU_LAUNCH
     block_n, num_warps, num_stages = block_n or tuned[0], num_warps or tuned[1], num_stages or tuned[2]
+    chunk_max = tuned[3] if chunk_max is None else chunk_max
+    granule = max(block_n, page) if chunk_max else block_n  # splits start on a page when chunking
     if num_splits is None:
         sms = torch.cuda.get_device_properties(device).multi_processor_count if on_gpu else 4
         by_fill = math.ceil(waves * sms / batch)
-        by_size = max(1, max_seq_len // max(min_split_tokens, block_n))
+        by_size = max(1, max_seq_len // max(min_split_tokens, granule))
         num_splits = max(1, min(by_fill, by_size, MAX_SPLITS))
-    tokens = triton.cdiv(triton.cdiv(max_seq_len, num_splits), block_n) * block_n
+    tokens = triton.cdiv(triton.cdiv(max_seq_len, num_splits), granule) * granule
     return DecodePlan(num_splits=triton.cdiv(max_seq_len, tokens), tokens_per_split=tokens, block_n=block_n,
-                      num_warps=num_warps, num_stages=num_stages)
+                      num_warps=num_warps, num_stages=num_stages, chunk=_chunk(tokens, granule, chunk_max),
+                      page=page)
 
 
 def _check_decode(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor,
@@ -146,7 +188,7 @@ def _check_decode(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tenso
     check(seq_lens.shape == (B,) and seq_lens.dtype == torch.int32,
           f"mfa_decode: seq_lens must be int32 [{B}], got {seq_lens.dtype} {tuple(seq_lens.shape)}")
     devices = {t.device for t in (q, cache.k, block_table, seq_lens)}
-    check(len(devices) == 1, f"mfa_decode: tensors must share on one device, got {sorted(map(str, devices))}")
+    check(len(devices) == 1, f"mfa_decode: tensors must be on one device, got {sorted(map(str, devices))}")
 
 
 def mfa_decode(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor, seq_lens: torch.Tensor,
@@ -161,7 +203,8 @@ def mfa_decode(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor, 
     check(max_seq_len <= block_table.shape[1] * cache.block_size,
           f"mfa_decode: max_seq_len {max_seq_len} exceeds block_table capacity "
           f"{block_table.shape[1]} x {cache.block_size}")
-    plan = plan or plan_decode(B, max_seq_len, D, q.device, cache.k.dtype)
+    plan = plan or plan_decode(B, max_seq_len, D, q.device, cache.k.dtype, cache.block_size)
+    assert plan.page == cache.block_size and plan.tokens_per_split % max(plan.chunk, 1) == 0, plan
     out = torch.empty_like(q)
     direct = plan.num_splits == 1
     part_o = out if direct else torch.empty((B, plan.num_splits, H, D), dtype=torch.float32, device=q.device)
@@ -171,8 +214,9 @@ def mfa_decode(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor, 
         D ** -0.5 * LOG2E, plan.tokens_per_split, plan.num_splits,
         q.stride(0), q.stride(1), cache.k.stride(0), cache.k.stride(1), cache.v.stride(0), cache.v.stride(1),
         block_table.stride(0), out.stride(0), out.stride(1),
-        H=H, H_PAD=max(16, triton.next_power_of_2(H)), D=D, PAGE=cache.block_size, BLOCK_N=plan.block_n,
-        DIRECT=direct, DOT_BF16=q.is_cuda, num_warps=plan.num_warps, num_stages=plan.num_stages)
+        H=H, H_PAD=max(16, triton.next_power_of_2(H)), D=D, PAGE=cache.block_size,
+        BLOCK_N=plan.block_n, CHUNK=plan.chunk, DIRECT=direct, DOT_BF16=q.is_cuda, num_warps=plan.num_warps,
+        num_stages=plan.num_stages)
     if not direct:
         s_pad = triton.next_power_of_2(plan.num_splits)
         d_block = min(D, max(16, 8192 // s_pad))  # a [S_PAD, D_BLOCK] fp32 tile of <= 32 KiB

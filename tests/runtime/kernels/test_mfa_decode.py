@@ -19,8 +19,9 @@ def _run(heads, head_dim, page, dtype, q_dtype, num_splits, seed, count=7):
     lengths = boundary_lengths(page, count, gen, longest=5 * page)
     cache, block_table, seq_lens = random_paged_cache(lengths, head_dim, page, dtype, gen)
     q = torch.randn(len(lengths), heads, head_dim, generator=gen).to(q_dtype).to(DEVICE)
-    plan = plan_decode(len(lengths), max(lengths), head_dim, DEVICE, dtype, num_splits=num_splits,
-                       block_n=None if num_splits is None else 16, min_split_tokens=16)
+    plan = plan_decode(len(lengths), max(lengths), head_dim, DEVICE, dtype, page, num_splits=num_splits,
+                       block_n=None if num_splits is None else 16, chunk_max=0 if num_splits == 1 else None,
+                       min_split_tokens=16)
     out = mfa_decode(q, cache, block_table, seq_lens, max_seq_len=max(lengths), plan=plan)
     assert out.shape == q.shape and out.dtype == q.dtype
     return rel_err(out, mfa_decode_ref(q, cache, block_table, seq_lens))
@@ -28,7 +29,7 @@ def _run(heads, head_dim, page, dtype, q_dtype, num_splits, seed, count=7):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, FP8_DTYPE], ids=["bf16", "fp8"])
 @pytest.mark.parametrize("page", [16, 32, 64])
-@pytest.mark.parametrize("num_splits", [1, 3, None], ids=["direct", "split3", "auto"])
+@pytest.mark.parametrize("num_splits", [1, 3, None], ids=["direct-gather", "split3-chunked", "auto-chunked"])
 def test_decode_matches_reference(dtype, page, num_splits):
     err = _run(4, 64, page, dtype, torch.bfloat16, num_splits, seed=page + (num_splits or 0))
     assert err < TOL_BF16
@@ -72,6 +73,7 @@ def test_plan_covers_the_sequence_and_fills_the_gpu():
     plan = plan_decode(1, 32768, 256, cpu, waves=2.0, min_split_tokens=256)  # 4 "SMs" on the CPU
     assert plan.num_splits == 8 and plan.num_splits * plan.tokens_per_split >= 32768
     assert plan.tokens_per_split % plan.block_n == 0
+    assert plan.chunk % plan.page == 0 and plan.tokens_per_split % plan.chunk == 0  # splits start on a page
     assert plan_decode(512, 4096, 256, cpu).num_splits == 1  # batch alone fills the machine
     assert plan_decode(1, 1 << 20, 256, cpu, waves=1000.0).num_splits <= 512  # the merge's tile bound
     small = plan_decode(3, 5, 64, cpu, num_splits=8)
