@@ -40,8 +40,8 @@ from runtime.kernels.moe import (
     default_moe_config,
     fused_moe_ref,
     moe_ffn,
-    route_topk,
 )
+from runtime.kernels.moe_routing import route_topk
 from runtime.model import reference
 
 HIDDEN, EXPERTS, INTER, TOP_K, SHARED = 7168, 48, 5120, 3, 5120
@@ -50,16 +50,29 @@ LINEAR_SHAPES = {"dense gate/up 18432x7168": (18432, 7168), "dense down 7168x184
                  "expert gate 5120x7168": (5120, 7168)}
 # MoeConfig(block_m, group_m, warps_gate_up, stages_gate_up, block_n_down, warps_down, stages_down, shared)
 S2, S3 = MoeConfig(16, 1, 4, 2, 128, 4, 2), MoeConfig(16, 1, 4, 3, 128, 4, 3)
-S8 = MoeConfig(16, 1, 8, 3, 128, 8, 3)
-M3, M4 = MoeConfig(32, 1, 4, 3, 128, 4, 3), MoeConfig(64, 8, 4, 3, 128, 4, 3)
-L3, L4, LW = (MoeConfig(128, 8, 8, 3, 128, 8, 3), MoeConfig(128, 8, 8, 4, 128, 8, 4),
-              MoeConfig(128, 8, 8, 4, 256, 8, 3))
-# candidates per token count; the full run times each, keeps the fastest, and records them all
-TUNE = {128: [S2, S3, S8], 512: [S3, M3, M4], 2048: [M4, L3, L4, LW], 4096: [M4, L3, L4, LW],
-        8192: [M4, L3, L4, LW, MoeConfig(128, 8, 8, 4, 256, 8, 3, "fused")]}
+M3, M4, M4S4 = (MoeConfig(32, 1, 4, 3, 128, 4, 3), MoeConfig(64, 8, 4, 3, 128, 4, 3),
+                MoeConfig(64, 8, 4, 4, 128, 4, 4))
+C1, C4 = MoeConfig(backend="cublas", streams=1), MoeConfig(backend="cublas", streams=4)
+# candidates per token count (Triton tiles, or the cuBLAS backend); the full run times each, keeps
+# the fastest, and records them all. Run 1 showed BLOCK_M 128 / 8 warps 1.5-2x slower than 64 / 4.
+TUNE = {128: [S2, S3], 512: [S3, M3, M4, C4], 2048: [M4, M4S4, C1, C4], 4096: [M4, M4S4, C1, C4],
+        8192: [M4, M4S4, C1, C4]}
 
 
 # ---- measuring --------------------------------------------------------------------------------
+def time_graph_ms(fn: Callable[[], object], reps: int) -> float:
+    """Median milliseconds of one CUDA-graph replay of fn (no Python/launch overhead in the time)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()  # compile and warm up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return time_ms(graph.replay, reps)
+
+
 def time_ms(fn: Callable[[], object], reps: int) -> float:
     """Median milliseconds of one call over `reps` event-timed calls, after 2 warm-up calls."""
     for _ in range(2):
@@ -199,15 +212,17 @@ def moe_row(T, gen, experts, shared, deq, baseline, rate, bw, config, reps) -> d
 
 
 def linear_row(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor, reps: int) -> dict:
-    """fp8_linear (act_quant + _scaled_mm) vs bare _scaled_mm on the pre-quantized x."""
+    """fp8_linear (act_quant + _scaled_mm) vs bare _scaled_mm on the pre-quantized x, as graph replays."""
     (T, K), N = x.shape, w.shape[0]
     mm_scale, xq = scaled_mm_weight_scale(ws), act_quant(x)
     bare = lambda: torch._scaled_mm(xq.q, w.t(), scale_a=xq.scale_inv, scale_b=mm_scale,
                                     out_dtype=torch.bfloat16)
     ours = lambda: fp8_linear(x, w, ws, mm_scale)
-    t_bare, t_ours = time_ms(bare, reps), time_ms(ours, reps)
+    t_bare, t_ours = time_graph_ms(bare, reps), time_graph_ms(ours, reps)
+    t_quant = time_graph_ms(lambda: act_quant(x), reps)
     err = rel_err(ours(), x.float() @ dequantize_fp8(w, ws).t())
     return dict(tokens=T, N=N, K=K, bare_scaled_mm_ms=t_bare, fp8_linear_ms=t_ours, ratio=t_ours / t_bare,
+                act_quant_ms=t_quant, act_quant_TBps=3 * T * K / (t_quant * 1e-3) / 1e12,
                 tflops=2 * T * N * K / t_ours * 1e-9, rel_err=err)
 
 

@@ -56,16 +56,21 @@ def quantize_rows(x, valid_cols):
 
 @triton.jit
 def _act_quant_kernel(x_ptr, q_ptr, s_ptr, T, K, stride_xt, stride_qt, stride_st, stride_sg,
-                      BLOCK_T: tl.constexpr):
-    pid_t = tl.program_id(0)
-    g = tl.program_id(1)
-    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    cols = g * 128 + tl.arange(0, 128)
-    mask = (rows[:, None] < T) & (cols[None, :] < K)
-    x = tl.load(x_ptr + rows[:, None] * stride_xt + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    q, s = quantize_rows(x, cols[None, :] < K)
-    tl.store(q_ptr + rows[:, None] * stride_qt + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
-    tl.store(s_ptr + rows * stride_st + g * stride_sg, s, mask=rows < T)
+                      BLOCK_T: tl.constexpr, GROUPS: tl.constexpr):
+    # a [BLOCK_T, GROUPS, 128] tile: each row contributes GROUPS * 128 contiguous inputs (long bursts)
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    gidx = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
+    cols = gidx[None, :, None] * 128 + tl.arange(0, 128)[None, None, :]
+    mask = (rows[:, None, None] < T) & (cols < K)
+    x = tl.load(x_ptr + rows[:, None, None] * stride_xt + cols, mask=mask, other=0.0).to(tl.float32)
+    amax = tl.max(tl.abs(x), axis=2)  # [BLOCK_T, GROUPS]; masked columns are 0
+    amax = tl.where(amax > 0, amax, 1.0)
+    scale = tl.math.div_rn(tl.full(amax.shape, 448.0, tl.float32), amax)  # IEEE division, as torch does
+    q = round_to_e4m3(x * scale[:, :, None])
+    tl.store(q_ptr + rows[:, None, None] * stride_qt + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+    s = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
+    s_mask = (rows[:, None] < T) & (gidx[None, :] * 128 < K)
+    tl.store(s_ptr + rows[:, None] * stride_st + gidx[None, :] * stride_sg, s, mask=s_mask)
 
 
 def act_quant(x: torch.Tensor) -> Fp8Act:
@@ -78,9 +83,10 @@ def act_quant(x: torch.Tensor) -> Fp8Act:
     q = torch.empty((T, K), dtype=FP8_DTYPE, device=x.device)
     s = torch.empty((groups, T), dtype=torch.float32, device=x.device).t()  # [T, groups], stride (1, T)
     if T:
-        block_t = 32
-        _act_quant_kernel[(triton.cdiv(T, block_t), groups)](
-            x, q, s, T, K, x.stride(0), q.stride(0), s.stride(0), s.stride(1), BLOCK_T=block_t, num_warps=4)
+        block_t, per_prog = 4, 8  # 4 rows x 1024 columns per program
+        _act_quant_kernel[(triton.cdiv(T, block_t), triton.cdiv(groups, per_prog))](
+            x, q, s, T, K, x.stride(0), q.stride(0), s.stride(0), s.stride(1),
+            BLOCK_T=block_t, GROUPS=per_prog, num_warps=4)
     return Fp8Act(q, s)
 
 

@@ -2,8 +2,8 @@
 
     C[m, n] = sum_kb (A_q[m, kb] @ B_q[e, n, kb]^T) * a_scale[m, kb] * b_scale[e, n // 128, kb]
 with A quantized per 1x128 group (act_quant.py) and B per 128x128 block (quant/fp8.py). BLOCK_K is
-128, so every K step is one scale group, its FP8 tensor-core product accumulated in fp32 (rescaled
-in place, see the K loop); the weight scales of a tile's columns come as a [BLOCK_N] vector. With scale
+128, so every K step is one scale group: its FP8 tensor-core product is scaled and added to an fp32
+accumulator; the weight scales of a tile's columns come as a [BLOCK_N] vector. With scale
 pointers absent (HAS_SCALES False) the same kernel multiplies BF16/FP32 operands.
 
 Grouped mode (the MoE) follows vLLM's fused_moe: `rows` lists the (token, slot) pairs sorted by
@@ -71,39 +71,30 @@ def _fp8_gemm_kernel(
     b_off = b_base + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk
     as_ptrs = as_ptr + a_row * stride_asm
     bs_off = bs_base + (offs_n // 128) * stride_bsn  # [BLOCK_N]: one or more 128-row weight blocks
-    # Scaled accumulation without a second accumulator tile: acc holds the running sum in units of
-    # the current K step's scales (a_s[m] * b_s[n]); each step first rescales it by old/new scales,
-    # then lets tl.dot accumulate in place. A temporary dot tile per step would double the registers.
+    # Each K step's FP8 product is finished in its own fp32 tile, scaled, then added: Hopper's FP8 MMA
+    # accumulates with reduced precision, so chaining all K steps inside tl.dot (in-place rescaling)
+    # measured 4x the error (1.6e-2 vs 4e-3 at K = 7168) and was slower (benchmarks/NOTES_ffn.md).
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    a_prev = tl.full((BLOCK_M,), 1.0, tl.float32)
-    b_prev = tl.full((BLOCK_N,), 1.0, tl.float32)
-    b2_prev = tl.full((BLOCK_N,), 1.0, tl.float32)
     for kb in range(0, tl.cdiv(K, BLOCK_K)):
         k_ok = offs_k < K - kb * BLOCK_K
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptr + b_off, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        if SWIGLU:
-            b2 = tl.load(b2_ptr + b_off, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         if HAS_SCALES:
-            a_s = tl.load(as_ptrs + kb * stride_ask, mask=row_ok, other=1.0)
-            b_s = tl.load(bs_ptr + bs_off + kb * stride_bsk, mask=n_ok, other=1.0)
-            a_ratio = a_prev / a_s
-            acc = tl.dot(a, b, acc * a_ratio[:, None] * (b_prev / b_s)[None, :])
-            if SWIGLU:
-                b2_s = tl.load(b2s_ptr + bs_off + kb * stride_bsk, mask=n_ok, other=1.0)
-                acc2 = tl.dot(a, b2, acc2 * a_ratio[:, None] * (b2_prev / b2_s)[None, :])
-                b2_prev = b2_s
-            a_prev = a_s
-            b_prev = b_s
+            a_s = tl.load(as_ptrs + kb * stride_ask, mask=row_ok, other=0.0)
+            b_s = tl.load(bs_ptr + bs_off + kb * stride_bsk, mask=n_ok, other=0.0)
+            acc += tl.dot(a, b, out_dtype=tl.float32) * (a_s[:, None] * b_s[None, :])
         else:
             acc = tl.dot(a, b, acc)
-            if SWIGLU:
+        if SWIGLU:
+            b2 = tl.load(b2_ptr + b_off, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if HAS_SCALES:
+                b2_s = tl.load(b2s_ptr + bs_off + kb * stride_bsk, mask=n_ok, other=0.0)
+                acc2 += tl.dot(a, b2, out_dtype=tl.float32) * (a_s[:, None] * b2_s[None, :])
+            else:
                 acc2 = tl.dot(a, b2, acc2)
         a_ptrs += BLOCK_K * stride_ak
         b_off += BLOCK_K * stride_bk
-    acc = acc * a_prev[:, None] * b_prev[None, :]
-    acc2 = acc2 * a_prev[:, None] * b2_prev[None, :]
 
     if SWIGLU:
         acc = acc * tl.sigmoid(acc) * acc2  # silu(gate) * up

@@ -15,6 +15,8 @@ Traffic: x read twice (quantize, then the GEMM reads T*K bytes of FP8), W read o
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 
@@ -27,10 +29,15 @@ SCALED_MM_MIN_TOKENS = 64  # below this the (weight-bandwidth-bound) Triton GEMM
 _PAD_M = 16
 
 
+@functools.lru_cache(maxsize=16)
+def _hopper_or_newer(device_index: int) -> bool:
+    return hasattr(torch, "_scaled_mm") and torch.cuda.get_device_capability(device_index) >= (9, 0)
+
+
 def scaled_mm_usable(device: torch.device, n: int, k: int) -> bool:
     """cuBLAS blockwise FP8 needs sm_90+, whole 128-blocks along N and 4 whole blocks along K."""
-    return (device.type == "cuda" and hasattr(torch, "_scaled_mm")
-            and torch.cuda.get_device_capability(device) >= (9, 0) and n % 128 == 0 and k % 512 == 0)
+    return (device.type == "cuda" and n % 128 == 0 and k % 512 == 0
+            and _hopper_or_newer(device.index if device.index is not None else torch.cuda.current_device()))
 
 
 def pad_rows(x: Fp8Act) -> Fp8Act:
@@ -47,11 +54,11 @@ def pad_rows(x: Fp8Act) -> Fp8Act:
 
 
 def scaled_mm_weight_scale(scale_inv: torch.Tensor) -> torch.Tensor:
-    """[N/128, K/128] weight scales -> the [K/128, N/128] view, stride (1, L4), that _scaled_mm takes."""
-    nb, kb = scale_inv.shape
-    padded = torch.zeros((nb, -(-kb // 4) * 4), dtype=torch.float32, device=scale_inv.device)
-    padded[:, :kb] = scale_inv
-    return padded[:, :kb].t()
+    """[..., N/128, K/128] weight scales -> [..., K/128, N/128] views, stride (1, L4), for _scaled_mm."""
+    *lead, nb, kb = scale_inv.shape
+    padded = torch.zeros((*lead, nb, -(-kb // 4) * 4), dtype=torch.float32, device=scale_inv.device)
+    padded[..., :kb] = scale_inv
+    return padded[..., :kb].transpose(-1, -2)
 
 
 def scaled_mm(x: Fp8Act, w: torch.Tensor, mm_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:

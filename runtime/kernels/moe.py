@@ -5,8 +5,8 @@ A rank that holds experts [a, b) (AFD expert parallelism) computes only the pair
 range; pairs routed elsewhere contribute zero here, so the sum over ranks is the full MoE.
 Launches (no host synchronization, so the whole layer can be captured in a CUDA graph):
   1. act_quant of x (skipped when x arrives as FP8, as AFD sends it);
-  2. `align_by_expert`: a few torch ops sort the T*k (token, slot) pairs by expert and pad each
-     expert's run to BLOCK_M (vLLM's moe_align_block_size); the grid is sized for the worst case
+  2. `align_by_expert` (moe_routing.py): the T*k (token, slot) pairs sorted by expert, each
+     expert's run padded to BLOCK_M; the grid is sized for the worst case
      (T*k + E*(BLOCK_M-1) rows) and the unused M-blocks exit at once;
   3. gate_up: fp8_gemm over (M-block, N-tile) gathering token rows, gate and up tiles in one
      program, silu-and-mul and 1x128 re-quantization in the epilogue -> FP8 [P, I];
@@ -14,11 +14,14 @@ Launches (no host synchronization, so the whole layer can be captured in a CUDA 
   5. combine: sum over the k slots ([T, k, H] -> [T, H]).
 Traffic: each weight tile once from HBM per launch (M-blocks sharing it run together), x_q read k
 times (gathered), the FP8 intermediate written and read once, [T*k, H] partials written and read.
+For large batches `moe_ffn` can route the experts through cuBLAS instead (moe_cublas.py,
+MoeConfig.backend), chosen per batch size by `default_moe_config` from the H200 measurements.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -27,20 +30,10 @@ from converters.errors import Step3Error
 from quant.fp8 import FP8_DTYPE, dequantize_fp8
 from runtime.kernels.act_quant import Fp8Act, act_quant
 from runtime.kernels.fp8_gemm import fp8_gemm
+from runtime.kernels.fp8_linear import scaled_mm_usable, scaled_mm_weight_scale
 from runtime.kernels.mlp import MlpWeights, swiglu_mlp, swiglu_mlp_ref
-
-
-def route_topk(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Router logits [T, E] -> softmax over E in fp32 -> top-k: (weights [T, k] fp32, ids [T, k] int32).
-
-    Tied experts are picked in torch.topk's order, as runtime/model/reference.route does; the weights
-    are renormalized to sum to 1 iff norm_expert_weight.
-    """
-    probs = logits.float().softmax(dim=-1)
-    weights, ids = probs.topk(top_k, dim=-1)
-    if renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights, ids.to(torch.int32)
+from runtime.kernels.moe_cublas import cublas_moe
+from runtime.kernels.moe_routing import align_by_expert
 
 
 @dataclass(frozen=True)
@@ -86,35 +79,10 @@ class ExpertWeights:
     def fp8(self) -> bool:
         return self.gate_scale is not None
 
-
-def align_by_expert(ids: torch.Tensor, first: int, num_local: int,
-                    block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """ids [T, k] -> (rows int32 [P], block_expert int32 [P / block_m]); no host synchronization.
-
-    rows lists the pair indices t*k + j routed to local experts, grouped by expert (stable: in pair
-    order), each expert's run padded to a multiple of block_m with the sentinel T*k. P is the
-    worst case T*k + E_local*(block_m - 1), rounded up; M-blocks past the last expert get -1.
-    """
-    flat = ids.reshape(-1).long() - first
-    pairs = flat.numel()
-    local = torch.where((flat >= 0) & (flat < num_local), flat, num_local)  # num_local: not on this rank
-    counts = torch.bincount(local, minlength=num_local + 1)[:num_local]
-    padded = (counts + block_m - 1) // block_m * block_m
-    pad_start = torch.cumsum(padded, 0) - padded
-    cnt_start = torch.cumsum(counts, 0) - counts
-    order = torch.argsort(local, stable=True)
-    e_sorted = local[order]
-    mine = e_sorted < num_local
-    e_safe = e_sorted.clamp(max=num_local - 1)
-    rank_in_expert = torch.arange(pairs, device=ids.device) - cnt_start[e_safe]
-    capacity = -(-(pairs + num_local * (block_m - 1)) // block_m) * block_m
-    dest = torch.where(mine, pad_start[e_safe] + rank_in_expert, capacity)  # capacity: a dump slot
-    rows = torch.full((capacity + 1,), pairs, dtype=torch.int32, device=ids.device)
-    rows.scatter_(0, dest, order.to(torch.int32))
-    starts = torch.arange(0, capacity, block_m, device=ids.device)
-    block_expert = torch.searchsorted(torch.cumsum(padded, 0), starts, right=True)
-    block_expert = torch.where(block_expert < num_local, block_expert, -1).to(torch.int32)
-    return rows[:capacity], block_expert
+    @cached_property
+    def mm_scales(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """gate/up/down scales in torch._scaled_mm's layout ([E, K/128, N/128] views), made once."""
+        return tuple(scaled_mm_weight_scale(s) for s in (self.gate_scale, self.up_scale, self.down_scale))
 
 
 @dataclass(frozen=True)
@@ -129,6 +97,8 @@ class MoeConfig:
     warps_down: int = 4
     stages_down: int = 3
     shared_first_half: str = "auto"  # see mlp.swiglu_mlp
+    backend: str = "triton"  # routed experts: "triton" (fused_moe) or "cublas" (moe_cublas.py)
+    streams: int = 4  # CUDA streams of the cuBLAS backend
 
 
 def default_moe_config(tokens: int, top_k: int, num_experts: int) -> MoeConfig:
@@ -179,10 +149,17 @@ def fused_moe(x: torch.Tensor | Fp8Act, weights: torch.Tensor, ids: torch.Tensor
 def moe_ffn(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: ExpertWeights,
             shared: MlpWeights | None, config: MoeConfig | None = None) -> torch.Tensor:
     """A MoE layer's FFN on one rank: routed experts + (this rank's slice of) the shared expert."""
+    config = config or default_moe_config(ids.shape[0], ids.shape[1], experts.num_local)
     xq = act_quant(x) if experts.fp8 else x
-    y = fused_moe(xq, weights, ids, experts, out_dtype=x.dtype, config=config)
+    hidden, inter = experts.gate.shape[2], experts.gate.shape[1]
+    cublas = (experts.fp8 and scaled_mm_usable(x.device, inter, hidden)
+              and scaled_mm_usable(x.device, hidden, inter))
+    if config.backend == "cublas" and cublas:
+        y = cublas_moe(xq, weights, ids, experts, out_dtype=x.dtype, num_streams=config.streams)
+    else:
+        y = fused_moe(xq, weights, ids, experts, out_dtype=x.dtype, config=config)
     if shared is not None:
-        first_half = config.shared_first_half if config else "auto"
+        first_half = config.shared_first_half
         y = y + swiglu_mlp(xq if experts.fp8 else x, shared, out_dtype=x.dtype, first_half=first_half)
     return y
 

@@ -8,7 +8,7 @@ from converters.errors import Step3Error
 from runtime.kernels.act_quant import act_dequant, act_quant, act_quant_ref
 
 
-@pytest.mark.parametrize("shape", [(1, 128), (37, 300), (64, 7 * 128 + 5)])
+@pytest.mark.parametrize("shape", [(1, 128), (37, 300), (64, 7 * 128 + 5), (6, 17 * 128 - 60)])
 def test_act_quant_matches_reference_bit_for_bit(shape):
     gen = torch.Generator().manual_seed(shape[1])
     x = torch.randn(shape, generator=gen) * torch.logspace(-3, 3, shape[0])[:, None]
