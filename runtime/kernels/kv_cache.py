@@ -87,6 +87,15 @@ class PagedKVCache:
         return self.k.dtype == FP8_DTYPE
 
 
+def dot_kind(cache: PagedKVCache) -> int:
+    """Operand type of the attention kernels' tl.dot: 0 fp32 (CPU interpreter: it gets bf16 wrong),
+    1 bf16 (BF16 cache), 2 fp16 (FP8 cache: E4M3 -> fp16 is one cvt per value pair, E4M3 -> bf16 two
+    more instructions per value, which made FP8 decode instruction-bound; q must fit fp16, |q| < 65504)."""
+    if not cache.k.is_cuda:
+        return 0
+    return 2 if cache.is_fp8 else 1
+
+
 @triton.jit
 def load_page_rows(cache_ptr, page, tok, mask, stride_blk, stride_tok, PAGE: tl.constexpr, D: tl.constexpr):
     """Cache rows [N, D] of tokens `tok` [N] that live in blocks `page` [N]; masked rows are 0."""

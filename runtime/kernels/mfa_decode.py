@@ -7,19 +7,25 @@ them: per sequence the traffic is L x 2 x D x (2 | 1) bytes of cache (the floor)
 Long sequences and small batches are cut into `num_splits` slices of the sequence; each writes its
 normalized partial output [H, D] fp32 and log2-sum-exp [H], and `_mfa_merge_kernel` combines them:
     out = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M)
-which costs 2 x H x D x 4 bytes per split (so splits are kept to ~2 waves of programs).
+which costs 2 x H x D x 4 bytes per split (`_pick_splits` weighs that against filling the GPU).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from runtime.kernels.kv_cache import PagedKVCache, check, gather_kv_ref, load_page_rows, load_paged_rows
+from runtime.kernels.kv_cache import (
+    PagedKVCache,
+    check,
+    dot_kind,
+    gather_kv_ref,
+    load_page_rows,
+    load_paged_rows,
+)
 
 LOG2E = 1.4426950408889634
 
@@ -44,7 +50,7 @@ def _mfa_decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, k_scale_ptr, v_s
                        stride_ob, stride_oh,
                        H: tl.constexpr, H_PAD: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
                        BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, DIRECT: tl.constexpr,
-                       DOT_BF16: tl.constexpr):
+                       DOT: tl.constexpr):
     """Program (split s, sequence b): online softmax over tokens [s * tps, (s + 1) * tps) of b.
 
     CHUNK > 0: the block-table entries of CHUNK tokens are loaded once per chunk into registers, so the
@@ -57,7 +63,7 @@ def _mfa_decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, k_scale_ptr, v_s
     start = s * tokens_per_split
     end = tl.minimum(start + tokens_per_split, seq_len)
     # no `if start < end`: an empty split runs zero iterations (the merge skips it anyway)
-    dot_ty: tl.constexpr = tl.bfloat16 if DOT_BF16 else tl.float32
+    dot_ty: tl.constexpr = tl.float16 if DOT == 2 else (tl.bfloat16 if DOT == 1 else tl.float32)  # dot_kind
     h = tl.arange(0, H_PAD)
     d = tl.arange(0, D)
     q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + h[:, None] * stride_qh + d[None, :],
@@ -135,10 +141,12 @@ class DecodePlan:
 
 
 # (block_n, num_warps, num_stages, chunk_max) for head_dim >= 128 on the GPU, by KV bytes per value:
-# from the tuning pass of benchmarks/mfa_attention.py --quick on an H200 (benchmarks/NOTES_mfa.md).
-_GPU_LAUNCH = {2: (32, 4, 3, 512), 1: (64, 4, 3, 512)}
+# from the tuning passes of benchmarks/mfa_attention.py --quick on an H200 (benchmarks/NOTES_mfa.md).
+_GPU_LAUNCH = {2: (16, 4, 4, 512), 1: (32, 4, 3, 512)}
 _CPU_LAUNCH = (32, 4, 2, 128)
 MAX_SPLITS = 512
+SMEM_PER_SM = 227 * 1024
+SPLIT_COST_TOKENS = 128  # a split's q load + fp32 partial write + merge read, in cached-token equivalents
 
 
 def _chunk(tokens: int, granule: int, chunk_max: int) -> int:
@@ -151,11 +159,29 @@ def _chunk(tokens: int, granule: int, chunk_max: int) -> int:
     return chunk
 
 
+def _split_tokens(max_seq_len: int, splits: int, granule: int) -> int:
+    return triton.cdiv(triton.cdiv(max_seq_len, splits), granule) * granule
+
+
+def _pick_splits(batch: int, max_seq_len: int, slots: int, granule: int, max_splits: int) -> int:
+    """Fewest waves x (split length + per-split cost), preferring splits that fill >= 3/4 of the slots.
+
+    slots = SMs x programs that fit one SM; a wave is `slots` programs running side by side.
+    """
+    def cost(s: int) -> tuple[bool, int]:
+        tokens = _split_tokens(max_seq_len, s, granule)
+        waves = triton.cdiv(batch * triton.cdiv(max_seq_len, tokens), slots)
+        return batch * s < 0.75 * slots, waves * (tokens + (SPLIT_COST_TOKENS if s > 1 else 0))
+
+    return min(range(1, max_splits + 1), key=cost)
+
+
 def plan_decode(batch: int, max_seq_len: int, head_dim: int, device: torch.device,
-                kv_dtype: torch.dtype = torch.bfloat16, page: int = 64, num_splits: int | None = None,
-                block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
-                chunk_max: int | None = None, waves: float = 2.0, min_split_tokens: int = 256) -> DecodePlan:
-    """Split the sequence so batch x splits ~ `waves` x SM count, each split >= min_split_tokens."""
+                kv_dtype: torch.dtype = torch.bfloat16, page: int = 64, heads: int = 64,
+                num_splits: int | None = None, block_n: int | None = None, num_warps: int | None = None,
+                num_stages: int | None = None, chunk_max: int | None = None,
+                min_split_tokens: int = 256) -> DecodePlan:
+    """Launch parameters (tuned table) and the split of the sequence (`_pick_splits`), in one place."""
     on_gpu = device.type == "cuda"
     kv_bytes = torch.empty(0, dtype=kv_dtype).element_size()
     tuned = _GPU_LAUNCH[kv_bytes] if on_gpu and head_dim >= 128 else _CPU_LAUNCH
@@ -164,10 +190,11 @@ def plan_decode(batch: int, max_seq_len: int, head_dim: int, device: torch.devic
     granule = max(block_n, page) if chunk_max else block_n  # splits start on a page when chunking
     if num_splits is None:
         sms = torch.cuda.get_device_properties(device).multi_processor_count if on_gpu else 4
-        by_fill = math.ceil(waves * sms / batch)
-        by_size = max(1, max_seq_len // max(min_split_tokens, granule))
-        num_splits = max(1, min(by_fill, by_size, MAX_SPLITS))
-    tokens = triton.cdiv(triton.cdiv(max_seq_len, num_splits), granule) * granule
+        smem = max(16, heads) * head_dim * 2 + num_stages * 2 * block_n * head_dim * kv_bytes  # q, K/V stages
+        slots = sms * max(1, min(2, SMEM_PER_SM // smem))  # registers cap it at 2 (fp32 acc [64, D])
+        max_splits = max(1, min(MAX_SPLITS, max_seq_len // max(min_split_tokens, granule)))
+        num_splits = _pick_splits(batch, max_seq_len, slots, granule, max_splits)
+    tokens = _split_tokens(max_seq_len, num_splits, granule)
     return DecodePlan(num_splits=triton.cdiv(max_seq_len, tokens), tokens_per_split=tokens, block_n=block_n,
                       num_warps=num_warps, num_stages=num_stages, chunk=_chunk(tokens, granule, chunk_max),
                       page=page)
@@ -203,7 +230,7 @@ def mfa_decode(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor, 
     check(max_seq_len <= block_table.shape[1] * cache.block_size,
           f"mfa_decode: max_seq_len {max_seq_len} exceeds block_table capacity "
           f"{block_table.shape[1]} x {cache.block_size}")
-    plan = plan or plan_decode(B, max_seq_len, D, q.device, cache.k.dtype, cache.block_size)
+    plan = plan or plan_decode(B, max_seq_len, D, q.device, cache.k.dtype, cache.block_size, H)
     assert plan.page == cache.block_size and plan.tokens_per_split % max(plan.chunk, 1) == 0, plan
     out = torch.empty_like(q)
     direct = plan.num_splits == 1
@@ -215,7 +242,7 @@ def mfa_decode(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor, 
         q.stride(0), q.stride(1), cache.k.stride(0), cache.k.stride(1), cache.v.stride(0), cache.v.stride(1),
         block_table.stride(0), out.stride(0), out.stride(1),
         H=H, H_PAD=max(16, triton.next_power_of_2(H)), D=D, PAGE=cache.block_size,
-        BLOCK_N=plan.block_n, CHUNK=plan.chunk, DIRECT=direct, DOT_BF16=q.is_cuda, num_warps=plan.num_warps,
+        BLOCK_N=plan.block_n, CHUNK=plan.chunk, DIRECT=direct, DOT=dot_kind(cache), num_warps=plan.num_warps,
         num_stages=plan.num_stages)
     if not direct:
         s_pad = triton.next_power_of_2(plan.num_splits)

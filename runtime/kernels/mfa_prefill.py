@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from runtime.kernels.kv_cache import PagedKVCache, check, gather_kv_ref, load_paged_rows
+from runtime.kernels.kv_cache import PagedKVCache, check, dot_kind, gather_kv_ref, load_paged_rows
 from runtime.kernels.mfa_decode import LOG2E
 
 
@@ -46,13 +46,13 @@ def _mfa_prefill_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, cu_q_ptr, k_sca
                         sm_scale_log2, stride_qt, stride_qh, stride_kb, stride_kt, stride_vb, stride_vt,
                         stride_bt, stride_ot, stride_oh,
                         H: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, DOT_BF16: tl.constexpr):
+                        BLOCK_N: tl.constexpr, DOT: tl.constexpr):
     """Program (row block, chunk b): rows [m0, m0 + BLOCK_M) of chunk b's [q_len x H, D] queries."""
     b = tl.program_id(1)
     q_start = tl.load(cu_q_ptr + b)
     q_len = tl.load(cu_q_ptr + b + 1) - q_start
     m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # heaviest (latest) rows first
-    dot_ty = tl.bfloat16 if DOT_BF16 else tl.float32
+    dot_ty: tl.constexpr = tl.float16 if DOT == 2 else (tl.bfloat16 if DOT == 1 else tl.float32)  # dot_kind
     prefix = tl.load(lens_ptr + b) - q_len
     rows = m0 + tl.arange(0, BLOCK_M)
     row_ok = rows < q_len * H
@@ -124,8 +124,8 @@ def mfa_prefill(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor,
             q, cache.k, cache.v, block_table, seq_lens, cu_seqlens_q, cache.k_scale, cache.v_scale, out,
             D ** -0.5 * LOG2E, q.stride(0), q.stride(1), cache.k.stride(0), cache.k.stride(1),
             cache.v.stride(0), cache.v.stride(1), block_table.stride(0), out.stride(0), out.stride(1),
-            H=H, D=D, PAGE=cache.block_size, BLOCK_M=block_m, BLOCK_N=block_n, DOT_BF16=on_gpu,
-            num_warps=num_warps or (8 if on_gpu else 4), num_stages=num_stages or 2)
+            H=H, D=D, PAGE=cache.block_size, BLOCK_M=block_m, BLOCK_N=block_n, DOT=dot_kind(cache),
+            num_warps=num_warps or (8 if on_gpu else 4), num_stages=num_stages or (3 if on_gpu else 2))
     return out
 
 

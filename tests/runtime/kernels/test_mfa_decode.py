@@ -6,7 +6,7 @@ from paged_inputs import DEVICE, boundary_lengths, random_paged_cache, rel_err
 
 from converters.errors import Step3Error
 from runtime.kernels.kv_cache import FP8_DTYPE, PagedKVCache, write_kv_ref
-from runtime.kernels.mfa_decode import mfa_decode, mfa_decode_ref, plan_decode
+from runtime.kernels.mfa_decode import _pick_splits, mfa_decode, mfa_decode_ref, plan_decode
 from runtime.model import reference
 
 # bf16 q/out: the output's own rounding (the CPU interpreter truncates) dominates; fp32 q on the CPU
@@ -70,12 +70,13 @@ def test_decode_reference_agrees_with_model_attention():
 
 def test_plan_covers_the_sequence_and_fills_the_gpu():
     cpu = torch.device("cpu")
-    plan = plan_decode(1, 32768, 256, cpu, waves=2.0, min_split_tokens=256)  # 4 "SMs" on the CPU
+    plan = plan_decode(1, 32768, 256, cpu, min_split_tokens=256)  # 4 "SMs" x 2 programs on the CPU
     assert plan.num_splits == 8 and plan.num_splits * plan.tokens_per_split >= 32768
     assert plan.tokens_per_split % plan.block_n == 0
     assert plan.chunk % plan.page == 0 and plan.tokens_per_split % plan.chunk == 0  # splits start on a page
     assert plan_decode(512, 4096, 256, cpu).num_splits == 1  # batch alone fills the machine
-    assert plan_decode(1, 1 << 20, 256, cpu, waves=1000.0).num_splits <= 512  # the merge's tile bound
+    assert _pick_splits(128, 4096, slots=264, granule=64, max_splits=16) == 2  # 256 programs: one full wave
+    assert _pick_splits(1, 1 << 22, slots=4096, granule=64, max_splits=512) == 512  # merge tile cap
     small = plan_decode(3, 5, 64, cpu, num_splits=8)
     assert small.num_splits == 1 and small.tokens_per_split >= 5  # never more splits than tiles
 
