@@ -102,16 +102,18 @@ class MoeConfig:
 
 
 def default_moe_config(tokens: int, top_k: int, num_experts: int) -> MoeConfig:
-    """Tiles by the mean pairs per expert: small M-blocks waste less padding when experts get few
-    tokens (weight-bandwidth bound); big ones reuse each weight tile more (compute bound)."""
+    """The fastest candidate per mean pairs per expert on the H200 (benchmarks/results/moe_ffn_h200.json).
+
+    16-row blocks while experts get ~8 pairs (weight-bandwidth bound: little padding); 64-row
+    blocks / 4 warps above (128-row / 8-warp tiles were 1.5-2x slower, run 1 of NOTES_ffn.md);
+    3 vs 4 pipeline stages differed by under 2% from 512 pairs per expert down. The cuBLAS backend
+    never won (CPU-launch bound, NOTES_ffn.md), so the Triton path is the default everywhere.
+    """
     mean = tokens * top_k / max(num_experts, 1)
     if mean <= 16:
-        return MoeConfig(block_m=16, group_m=1, warps_gate_up=4, stages_gate_up=4)
-    if mean <= 32:
-        return MoeConfig(block_m=32, group_m=1, warps_gate_up=4, stages_gate_up=4)
-    if mean <= 96:
-        return MoeConfig(block_m=64, group_m=8, warps_gate_up=4, stages_gate_up=3)
-    return MoeConfig(block_m=128, group_m=8, warps_gate_up=8, stages_gate_up=3, warps_down=8, stages_down=3)
+        return MoeConfig(block_m=16, group_m=1, stages_gate_up=3, stages_down=3)
+    stages = 4 if 64 < mean <= 384 else 3
+    return MoeConfig(block_m=64, group_m=8, stages_gate_up=stages, stages_down=stages)
 
 
 def fused_moe(x: torch.Tensor | Fp8Act, weights: torch.Tensor, ids: torch.Tensor, experts: ExpertWeights,
