@@ -43,7 +43,6 @@ How `step3 quantize` (HF -> HF-FP8) uses it, for example:
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import json
@@ -53,20 +52,18 @@ import struct
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
-from typing import BinaryIO
 
 import torch
 
 from converters.errors import Step3Error
+from converters.writer_io import CHUNK, FileHash, FileRange, copy_range, sha256_file, tensor_view
 
-_KERNEL_COPY = hasattr(os, "copy_file_range")
 JOURNAL = ".step3-write.json"
 PARTIAL = ".partial"
-_CHUNK = 16 << 20  # bytes per write/hash call: large enough for full speed, small enough for cache
 
 # torch dtype <-> safetensors header dtype
 ST_DTYPES: dict[torch.dtype, str] = {
@@ -77,16 +74,6 @@ ST_DTYPES: dict[torch.dtype, str] = {
 TORCH_DTYPES: dict[str, torch.dtype] = {v: k for k, v in ST_DTYPES.items()}
 
 ProgressFn = Callable[[int, int, str], None]
-
-
-@dataclass(frozen=True)
-class FileRange:
-    """Bytes already laid out as wanted in a file (a whole source tensor, an expert range): a producer may
-    return this instead of a tensor, and the writer streams it through a small buffer, like `cp`."""
-
-    path: Path
-    offset: int
-    nbytes: int
 
 
 @dataclass(frozen=True)
@@ -185,23 +172,6 @@ def record_of(data: bytes) -> FileRecord:
     return FileRecord(len(data), hashlib.sha256(data).hexdigest())
 
 
-def sha256_file(path: Path) -> str:
-    """sha256 of a file, read through one reused buffer (RSS stays at the buffer; a mapping of the
-    file would count every page it touched)."""
-    h = hashlib.sha256()
-    buf = memoryview(bytearray(_CHUNK))
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(buf[:n])
-    return h.hexdigest()
-
-
-def tensor_view(t: torch.Tensor) -> memoryview:
-    """The raw little-endian bytes of a CPU tensor, without a copy when it is already contiguous."""
-    t = t.detach().cpu().contiguous().reshape(-1)
-    return memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
-
-
 # ---- the run ---------------------------------------------------------------------------------------
 class _Journal:
     """`.step3-write.json`: the plan fingerprint and the files finished so far (rewritten atomically)."""
@@ -268,70 +238,60 @@ def _check_produced(spec: SafetensorsFile, t: TensorOut, data: torch.Tensor | Fi
                          f"got {got}; the source changed while writing? Re-run with --force.")
 
 
-def _copy_range(f: BinaryIO, r: FileRange, buf: memoryview, tick: Callable[[int], None]) -> None:
-    """Copy a byte range in the kernel (`copy_file_range`, as `cp` does), else through one reused buffer."""
-    with open(r.path, "rb", buffering=0) as src:
-        left = r.nbytes
-        if _KERNEL_COPY:
-            with contextlib.suppress(OSError):  # EXDEV, ENOSYS, EINVAL: fall back to read/write
-                while left:
-                    at = r.offset + r.nbytes - left
-                    n = os.copy_file_range(src.fileno(), f.fileno(), min(left, _CHUNK), at)
-                    if not n:
-                        break
-                    tick(n)
-                    left -= n
-        src.seek(r.offset + r.nbytes - left)
-        while left:
-            n = src.readinto(buf[:min(left, len(buf))])
-            if not n:
-                raise Step3Error(f"{r.path}: ended {left} bytes early while copying; was it truncated? "
-                                 f"Re-run with --force.")
-            f.write(buf[:n])
-            tick(n)
-            left -= n
+def _write_safetensors(dst: Path, spec: SafetensorsFile, tick: Callable[[int], None],
+                       pool: Executor) -> Future[str]:
+    """Header, then each tensor as it is produced (a tensor, or a byte range copied from its file), with
+    the sha256 computed beside the writes (writer_io.FileHash); returns the hash's future."""
+    header = spec.header()
+    digest = FileHash(pool, header)
+    try:
+        with open(dst, "wb", buffering=0) as f:
+            f.write(header)
+            for t in spec.tensors:
+                data = t.produce()
+                _check_produced(spec, t, data)
+                if isinstance(data, FileRange):
+                    digest.add_range(data)
+                    copy_range(f, data, tick)
+                    continue
+                view = tensor_view(data)
+                hashed = digest.add_bytes(view)
+                for i in range(0, len(view), CHUNK):
+                    f.write(view[i:i + CHUNK])
+                    tick(min(CHUNK, len(view) - i))
+                hashed.wait()  # one tensor alive at a time
+                del data, view
+    finally:
+        digest.close()
+    return digest.result
 
 
-def _write_safetensors(dst: Path, spec: SafetensorsFile, tick: Callable[[int], None]) -> None:
-    """Header, then each tensor as it is produced (a tensor, or a byte range streamed from its file)."""
-    buf = memoryview(bytearray(_CHUNK))
-    with open(dst, "wb", buffering=0) as f:
-        f.write(spec.header())
-        for t in spec.tensors:
-            data = t.produce()
-            _check_produced(spec, t, data)
-            if isinstance(data, FileRange):
-                _copy_range(f, data, buf, tick)
-                continue
-            view = tensor_view(data)
-            for i in range(0, len(view), _CHUNK):
-                f.write(view[i:i + _CHUNK])
-                tick(min(_CHUNK, len(view) - i))
-            del data, view
+def _copy_file(dst: Path, spec: CopyFile, tick: Callable[[int], None], pool: Executor) -> Future[str]:
+    digest = FileHash(pool, b"")
+    try:
+        with open(dst, "wb", buffering=0) as f:
+            r = FileRange(spec.source, 0, spec.nbytes)
+            digest.add_range(r)
+            copy_range(f, r, tick)
+    finally:
+        digest.close()
+    return digest.result
 
 
-def _write_body(out: Path, spec: SafetensorsFile | CopyFile, tick: Callable[[int], None]) -> Path:
-    """Write one planned file to its `.partial` name; returns that path (renamed once hashed)."""
+def _write_body(out: Path, spec: SafetensorsFile | CopyFile, tick: Callable[[int], None],
+                pool: Executor) -> tuple[Path, Future[str]]:
+    """Write one planned file to its `.partial` name; returns that path (renamed once hashed) and the hash."""
     path = out / spec.path
     tmp = path.with_name(path.name + PARTIAL)
     with _disk_errors(path, spec.nbytes):
         path.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(spec, CopyFile):
-            _copy_range_file(tmp, spec, tick)
-        else:
-            _write_safetensors(tmp, spec, tick)
-    return tmp
-
-
-def _copy_range_file(dst: Path, spec: CopyFile, tick: Callable[[int], None]) -> None:
-    with open(dst, "wb", buffering=0) as f:
-        _copy_range(f, FileRange(spec.source, 0, spec.nbytes), memoryview(bytearray(_CHUNK)), tick)
+        write = _copy_file if isinstance(spec, CopyFile) else _write_safetensors
+        return tmp, write(tmp, spec, tick, pool)
 
 
 class _Hashing:
-    """sha256 of finished `.partial` files on helper threads, read back from the page cache, while the
-    main thread writes the next file: the hash (~2 GB/s per core) then costs little wall time. A file is
-    renamed into place and journaled only once its hash is known, in plan order."""
+    """The files written but not yet hashed. A file is renamed into place and journaled only once its
+    sha256 is known, in plan order; at most THREADS files are in flight (one being written)."""
 
     THREADS = 2
 
@@ -340,10 +300,13 @@ class _Hashing:
         self.pool = ThreadPoolExecutor(max_workers=self.THREADS, thread_name_prefix="step3-sha256")
         self.inflight: deque[tuple[str, Path, Future[str]]] = deque()
 
-    def add(self, rel: str, tmp: Path) -> None:
-        self.inflight.append((rel, tmp, self.pool.submit(sha256_file, tmp)))
-        while self.inflight and (self.inflight[0][2].done() or len(self.inflight) > self.THREADS):
+    def make_room(self) -> None:
+        """Before writing a file: finish done ones, and wait until a hash thread is free for it."""
+        while self.inflight and (self.inflight[0][2].done() or len(self.inflight) >= self.THREADS):
             self._finish()
+
+    def add(self, rel: str, tmp: Path, sha: Future[str]) -> None:
+        self.inflight.append((rel, tmp, sha))
 
     def _finish(self) -> None:
         rel, tmp, sha = self.inflight.popleft()
@@ -438,7 +401,8 @@ def write_output(out: Path | str, plan: OutputPlan, *, resume: bool = False, for
                 done, written = done + n, written + n
                 report(done, total, label)
 
-            hashing.add(spec.path, _write_body(out, spec, tick))
+            hashing.make_room()
+            hashing.add(spec.path, *_write_body(out, spec, tick, hashing.pool))
         ok = True
     finally:
         hashing.close(ok)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from converters import writer
+from converters import writer, writer_io
 from converters.errors import Step3Error
 from converters.writer import CopyFile, OutputPlan, SafetensorsFile, TensorOut, write_output
 
@@ -129,11 +129,11 @@ def test_enospc_mid_run_is_a_clear_error_and_resume_completes(tmp_path, monkeypa
     real = writer._write_safetensors
     calls = {"n": 0}
 
-    def full_disk(dst, spec, tick):
+    def full_disk(dst, spec, *args):
         calls["n"] += 1
         if calls["n"] == 2:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(dst, spec, tick)
+        return real(dst, spec, *args)
 
     monkeypatch.setattr(writer, "_write_safetensors", full_disk)
     out = tmp_path / "out"
@@ -158,8 +158,8 @@ def test_free_space_is_checked_before_writing(tmp_path, monkeypatch):
 @pytest.mark.parametrize("kernel_copy", [True, False])
 def test_file_range_producers_copy_exact_bytes(tmp_path, monkeypatch, kernel_copy):
     """A producer may hand back a byte range of another file (copy_file_range, or the read/write fallback)."""
-    monkeypatch.setattr(writer, "_KERNEL_COPY", kernel_copy)
-    monkeypatch.setattr(writer, "_CHUNK", 1000)  # several chunks per tensor
+    monkeypatch.setattr(writer_io, "KERNEL_COPY", kernel_copy)
+    monkeypatch.setattr(writer_io, "CHUNK", 1000)  # several chunks (and mapping windows) per tensor
     src = tmp_path / "blob.bin"
     w = torch.randn(50, 30, generator=torch.Generator().manual_seed(2))
     src.write_bytes(b"junk" + w.numpy().tobytes() + b"tail")
