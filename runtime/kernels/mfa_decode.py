@@ -141,8 +141,8 @@ class DecodePlan:
 
 
 # (block_n, num_warps, num_stages, chunk_max) for head_dim >= 128 on the GPU, by KV bytes per value:
-# from the tuning passes of benchmarks/mfa_attention.py --quick on an H200 (benchmarks/NOTES_mfa.md).
-_GPU_LAUNCH = {2: (16, 4, 4, 512), 1: (32, 4, 3, 512)}
+# the launches the committed H200 run picked (results/mfa_attention_h200.json "launch"; NOTES_mfa.md).
+_GPU_LAUNCH = {2: (32, 4, 4, 512), 1: (32, 4, 3, 512)}
 _CPU_LAUNCH = (32, 4, 2, 128)
 MAX_SPLITS = 512
 SMEM_PER_SM = 227 * 1024
