@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from math import prod
 from pathlib import Path
 from types import TracebackType
 
 import torch
 
 from converters.config import Step3Config
-from converters.errors import CheckpointError
+from converters.errors import CheckpointError, Step3Error
 from converters.layout import FORMAT, MANIFEST, VERSION, Piece
 from converters.names import is_scale_name, scale_name
 from converters.slices import read_tensor
@@ -45,6 +46,15 @@ def _piece(key: str, d: object, where: Path) -> Piece:
                               f"slice as [[dim, start, stop], ...]); re-run step3 convert") from None
 
 
+def _why_no_manifest(path: Path) -> str:
+    try:
+        done = len(json.loads((path / JOURNAL).read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "not an AFD layout (run step3 convert first)"
+    return (f"the layout is INCOMPLETE: an interrupted step3 convert finished {done} file(s) so far; "
+            f"re-run the same command with --resume to complete it")
+
+
 class AFDLayout:
     """A complete AFD layout directory. Raises CheckpointError naming the problem when it is not one."""
 
@@ -52,10 +62,7 @@ class AFDLayout:
         self.path = Path(path)
         file = self.path / MANIFEST
         if not file.is_file():
-            incomplete = (self.path / JOURNAL).is_file()
-            raise CheckpointError(f"{file}: missing; " + ("the layout is incomplete (an interrupted step3 "
-                                  "convert): re-run it with --resume" if incomplete else
-                                  "not an AFD layout (run step3 convert first)"))
+            raise CheckpointError(f"{file}: missing; " + _why_no_manifest(self.path))
         try:
             m = json.loads(file.read_text())
         except (OSError, UnicodeDecodeError, ValueError) as e:
@@ -176,3 +183,28 @@ class HFView:
             raise CheckpointError(f"{self.path}: {name} is FP8 but {scale_name(name)} is missing")
         return dequantize_fp8(t, self.get(scale_name(name)), dtype=dtype)
 
+
+
+def rank_summary(layout: AFDLayout, batch: int, context: int) -> dict:
+    """What each rank loads (files, bytes, parameters; FP8 scales count as bytes, not parameters), and
+    the memory an attention rank needs: its weights (+ vision) plus a KV cache of batch x context tokens."""
+    if batch <= 0 or context <= 0:
+        raise Step3Error(f"--batch ({batch}) and --context ({context}) must be positive")
+    parts: dict[str, dict] = {}
+    for p in layout.pieces.values():
+        acc = parts.setdefault(layout.part_of(p), {"files": set(), "bytes": 0, "params": 0})
+        acc["files"].add(p.file)
+        acc["bytes"] += p.nbytes
+        acc["params"] += 0 if is_scale_name(p.source) else prod(p.shape)
+    parts = {k: {**v, "files": len(v["files"])} for k, v in parts.items()}
+    attention, vision = parts.get("attention", {"files": 0, "bytes": 0, "params": 0}), parts.get("vision")
+    weights = attention["bytes"] + (vision["bytes"] if vision else 0)
+    kv = {d: layout.config.kv_bytes_per_token(d) * batch * context for d in ("bf16", "fp8")}
+    ranges = {r["rank"]: r for r in layout.manifest["plan"]["ffn"].get("rank_ranges", [])}
+    ffn = [{**ranges.get(k, {"rank": k}), **parts.get(f"ffn/rank-{k}", {"files": 0, "bytes": 0, "params": 0})}
+           for k in range(layout.ffn_ranks)]
+    mode = layout.manifest["plan"]["attention"].get("mode")
+    return {"batch": batch, "context": context,
+            "attention": {"ranks": layout.attn_ranks, "mode": mode, **attention, "kv_cache_bytes": kv,
+                          "memory_per_rank_bytes": {d: weights + b for d, b in kv.items()}},
+            "vision": vision, "ffn": ffn}

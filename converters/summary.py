@@ -15,6 +15,7 @@ from math import prod
 from pathlib import Path
 from typing import Any
 
+from converters.afd import AFDLayout, is_afd_layout
 from converters.config import PRESETS, Step3Config
 from converters.errors import CheckpointError, ConfigError, Step3Error
 from converters.hf import HFCheckpoint
@@ -92,7 +93,20 @@ def _read_config_file(path: Path) -> Source | None:
     return Source("config", str(path), cfg, _table_rows(cfg), vision=cfg.vision is not None)
 
 
-READERS: list[Callable[[Path], Source | None]] = [_read_config_file, _read_hf]
+def _read_afd(path: Path) -> Source | None:
+    """An AFD layout (step3 convert output): one row per stored piece; an incomplete one raises, saying so."""
+    if not (path.is_dir() and is_afd_layout(path)):
+        return None
+    layout = AFDLayout(path)
+    pieces = list(layout.pieces.values())
+    rows = [TensorRow(p.key, p.dtype, p.shape, p.file) for p in pieces]
+    fp8 = any(is_scale_name(p.source) for p in pieces)
+    return Source("afd", str(path), layout.config, rows, files=len(layout.files),
+                  stored_bytes=sum(p.nbytes for p in pieces), fp8=fp8,
+                  vision=any(layout.part_of(p) == "vision" for p in pieces))
+
+
+READERS: list[Callable[[Path], Source | None]] = [_read_config_file, _read_afd, _read_hf]
 
 
 def open_source(target: str | Path) -> Source:

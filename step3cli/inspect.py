@@ -10,6 +10,7 @@ from rich.table import Table
 
 from converters.summary import Summary, config_facts, summarize
 from quant.record import kv_cache_dtype
+from step3cli.inspect_afd import afd_ranks, render_ranks
 from step3cli.render import err, human_bytes, human_count, out
 
 _PARAM_LABELS = {
@@ -81,6 +82,8 @@ def inspect(
                                                      "('.' lists all).")] = None,
     context: Annotated[int, typer.Option("--context", min=1,
                                          help="Tokens per sequence for the KV-cache size.")] = 4096,
+    batch: Annotated[int, typer.Option("--batch", min=1, help="Sequences per attention rank, for an AFD "
+                                       "layout's memory table.")] = 1,
 ) -> None:
     """Show a checkpoint's config, parameter counts, KV-cache bytes and tensors (reads headers only).
 
@@ -89,10 +92,13 @@ def inspect(
     [bold]step3 inspect ./step3-fp8 --tensors 'layers\\.4\\..*moe' --context 32768[/]
     """
     summary = summarize(target, context=context, tensors=tensors)
+    ranks = afd_ranks(target, batch, context) if summary.source.kind == "afd" else None
     if json_out:
-        typer.echo(json.dumps(summary.to_dict(), indent=2))
+        typer.echo(json.dumps({**summary.to_dict(), **({"afd": ranks} if ranks else {})}, indent=2))
         return
     _render(summary)
+    if ranks:
+        render_ranks(ranks)
     if tensors is None:
         err.print(f"{len(summary.source.tensors)} tensors; list them with --tensors REGEX", style="dim")
     elif not summary.tensors:

@@ -125,3 +125,41 @@ def test_kill_9_at_random_points_then_resume_is_byte_identical(tiny_fp8_ckpt, tm
     assert kills >= 3
     hf_to_afd(tiny_fp8_ckpt, out, ffn_ranks=2, shard_size=parse_size(shard), resume=True)
     assert _files(out) == reference
+
+
+def test_inspect_shows_the_plan_per_rank_bytes_and_attention_memory(tiny_vision_ckpt, tmp_path):
+    afd = tmp_path / "afd"
+    hf_to_afd(tiny_vision_ckpt, afd, ffn_ranks=4)
+    r = run("inspect", afd, "--json", "--batch", "8", "--context", "1024")
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    ranks, manifest = data["afd"], json.loads((afd / MANIFEST).read_text())
+    assert data["source"]["kind"] == "afd"
+    assert [f["experts"] for f in ranks["ffn"]] == [[0, 2], [2, 4], [4, 6], [6, 8]]
+    on_disk = {part: sum(e["bytes"] for rel, e in manifest["files"].items() if rel.startswith(part + "/"))
+               for part in ("attention", "vision", "ffn/rank-0")}
+    headers = {part: sum(8 + int.from_bytes((afd / rel).read_bytes()[:8], "little")
+                         for rel in manifest["files"] if rel.startswith(part + "/"))
+               for part in on_disk}
+    assert ranks["attention"]["bytes"] == on_disk["attention"] - headers["attention"]
+    assert ranks["ffn"][0]["bytes"] == on_disk["ffn/rank-0"] - headers["ffn/rank-0"]
+    assert sum(f["params"] for f in ranks["ffn"]) + ranks["attention"]["params"] == data["params"]["total"]
+    kv = 8 * 1024 * data["kv_bytes_per_token"]["bf16"]
+    weights = ranks["attention"]["bytes"] + ranks["vision"]["bytes"]
+    assert ranks["attention"]["memory_per_rank_bytes"]["bf16"] == weights + kv
+    r = run("inspect", afd, "--batch", "8")
+    assert r.exit_code == 0 and "ffn/rank-3" in r.stdout and "6..7" in r.stdout
+
+
+def test_inspect_reports_an_incomplete_layout(tiny_ckpt, tmp_path, monkeypatch):
+    from converters import convert as convert_mod
+
+    def crash(*args, **kw):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "afd"
+    monkeypatch.setattr(convert_mod, "read_piece", crash)
+    with pytest.raises(KeyboardInterrupt):
+        hf_to_afd(tiny_ckpt, out, ffn_ranks=2)
+    r = run("inspect", out)
+    assert r.exit_code != 0 and "INCOMPLETE" in str(r.exception) and "--resume" in str(r.exception)
