@@ -1,7 +1,7 @@
 """The paged MFA KV cache: layout, the write (RoPE + quantize) kernel, and the paged-tile loader.
 
 Layout (one layer; MFA has ONE shared K head and ONE V head):
-    k, v         [num_blocks, block_size, head_dim]   bfloat16, or float8_e4m3fn
+    k, v         [num_blocks, block_size, head_dim]   bfloat16, or float8_e4m3fn; block_size a power of two
     k_scale, v_scale  float32 [1]                      stored = value / scale (1.0 for BF16)
     block_table  [batch, max_blocks] int32             sequence b's token t lives in block
                                                        block_table[b, t // block_size], row t % block_size

@@ -8,6 +8,8 @@ Long sequences and small batches are cut into `num_splits` slices of the sequenc
 normalized partial output [H, D] fp32 and log2-sum-exp [H], and `_mfa_merge_kernel` combines them:
     out = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M)
 which costs 2 x H x D x 4 bytes per split (`_pick_splits` weighs that against filling the GPU).
+With an FP8 cache the dots take fp16 operands (see kv_cache.dot_kind), so q must satisfy |q| < 65504.
+Measured on an H200 (benchmarks/NOTES_mfa.md): BF16 82-95% of copy bandwidth at >= 512K cached tokens.
 """
 
 from __future__ import annotations
