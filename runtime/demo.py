@@ -39,6 +39,7 @@ class DemoState:
     progress: ProgressFn | None = None
     checkpoint: Path | None = None
     quantized: Path | None = None  # the FP8 copy the later steps load
+    layout: Path | None = None  # the AFD layout converted from it, which the load step reads
     model: Step3Reference | None = None
     tokenizer: ChatTokenizer | None = None
     reply: str = ""
@@ -126,9 +127,27 @@ def step_quantize(state: DemoState) -> dict[str, str]:
                      f"{c.top1_agreement:.0%} vs BF16"}
 
 
+def step_convert(state: DemoState) -> dict[str, str]:
+    assert state.checkpoint is not None, "the synthesize step runs first"
+    from converters.convert import hf_to_afd
+    from converters.verify import verify_layout
+
+    source, state.layout = state.quantized or state.checkpoint, state.workdir / "afd"
+    r = hf_to_afd(source, state.layout, ffn_ranks=2, force=True, progress=state.progress)
+    check = verify_layout(state.layout, against=source)
+    if not check.ok:
+        raise Step3Error(f"{state.layout}: verify found problems: {check.problems[:3]}")
+    parts = ", ".join(f"{part} {n:,} B" for part, n in sorted(r.bytes_by_part.items()))
+    per = get_preset(PRESET).moe_num_experts // 2
+    return {"layout": str(state.layout), "parts": parts,
+            "plan": f"attention/ once for all DP attention ranks; ffn/rank-K: experts {per}K..{per}K+"
+                    f"{per - 1} (EP) and half of every dense/shared MLP (TP)",
+            "verify": f"{check.files} file checksums OK; {check.tensors} tensors bit-equal to their source"}
+
+
 def step_load(state: DemoState) -> dict[str, str]:
     assert state.checkpoint is not None, "the synthesize step runs first"
-    weights = state.quantized or state.checkpoint
+    weights = state.layout or state.quantized or state.checkpoint
     state.tokenizer = ChatTokenizer.from_pretrained(weights)
     state.model = Step3Reference.from_pretrained(weights, dtype=torch.float32)
     tok = state.tokenizer
@@ -159,6 +178,7 @@ STEPS: list[tuple[str, str, Callable[[DemoState], dict[str, str]]]] = [
     ("synthesize", f"Synthesize a {PRESET} checkpoint (HF layout)", step_synthesize),
     ("inspect", "Inspect it", step_inspect),
     ("quantize", "Quantize it to block FP8 (step3 quantize) and check the logits", step_quantize),
+    ("convert", "Convert it to the AFD layout over 2 FFN ranks (step3 convert) and verify it", step_convert),
     ("load", "Load the reference model and the tokenizer", step_load),
     ("chat", "Chat: template -> tokens -> greedy generation -> text", step_chat),
 ]
