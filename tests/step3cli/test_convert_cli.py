@@ -104,10 +104,10 @@ def test_kill_9_at_random_points_then_resume_is_byte_identical(tiny_fp8_ckpt, tm
     cmd = [sys.executable, "-m", "step3cli.main", "convert", str(tiny_fp8_ckpt), str(out), "-F", "2",
            "--shard-size", shard]
     kills = 0
-    for attempt in range(5):
+    for attempt in range(6):
         proc = subprocess.Popen(cmd + (["--resume"] if attempt else []), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        target = min(total - 1, (_completed(out) if out.exists() else 0) + rng.randint(1, total // 5))
+        target = min(total - 1, (_completed(out) if out.exists() else 0) + rng.randint(1, total // 8))
         deadline = time.monotonic() + 60
         while proc.poll() is None and time.monotonic() < deadline and \
                 not (out.exists() and _completed(out) >= target):
@@ -122,7 +122,7 @@ def test_kill_9_at_random_points_then_resume_is_byte_identical(tiny_fp8_ckpt, tm
                 assert data == reference[rel], f"{rel} looks complete but differs (kill {attempt})"
         if (out / MANIFEST).exists():
             break
-    assert kills >= 3
+    assert kills >= 4, f"only {kills} kills landed mid-run"
     hf_to_afd(tiny_fp8_ckpt, out, ffn_ranks=2, shard_size=parse_size(shard), resume=True)
     assert _files(out) == reference
 
