@@ -8,7 +8,9 @@ repeat): `cp -r SRC`, the library call `hf_to_afd(SRC, --ffn-ranks 2)` in this p
 `step3 convert` as a subprocess (which adds ~2 s of interpreter + torch import). Each run starts
 after a `sync` and is timed twice: when it returns ("page cache": the source is warm, since caches
 cannot be dropped here, and the output sits in memory) and after the `sync` that follows
-("durable": the bytes are on the disk). Reported: all times, medians, ratios to cp.
+("durable": the bytes are on the disk); its CPU seconds are recorded too. Reported: all times,
+medians, ratios to cp, and the CPU cost of one sha256 pass over the checkpoint (the floor that a
+checksummed copy pays on top of `cp`).
 Peak RSS comes from `/usr/bin/time -v` around the CLI, for step3-small and step3-tiny (RSS must not
 grow with the checkpoint) and for a bare import of the CLI (the interpreter + torch floor).
 """
@@ -20,6 +22,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -31,14 +34,31 @@ ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "step3cli.main"]
 
 
-def timed(run) -> tuple[float, float]:
-    """(seconds until `run` returns, seconds until its output is synced to disk), from a synced start."""
+def _cpu() -> float:
+    """CPU seconds (user + system) of this process, its threads and its finished children."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def timed(run) -> tuple[float, float, float]:
+    """(s until `run` returns, s until its output is synced to disk, CPU s), from a synced start."""
     os.sync()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _cpu()
     run()
-    returned = time.perf_counter()
+    returned, used = time.perf_counter(), _cpu() - cpu
     os.sync()
-    return returned - start, time.perf_counter() - start
+    return returned - start, time.perf_counter() - start, used
+
+
+def sha256_floor(src: Path) -> float:
+    """CPU seconds to sha256 every file of `src` once on one core (from the page cache): what any
+    checksummed copy must spend beyond a plain copy."""
+    from converters.writer_io import sha256_file
+
+    start = time.process_time()
+    for f in sorted(src.iterdir()):
+        sha256_file(f)
+    return time.process_time() - start
 
 
 def peak_rss_kb(cmd: list[str]) -> int:
@@ -78,13 +98,15 @@ def synth(out: Path, preset: str) -> Path:
     return out
 
 
-def _median_table(runs: dict[str, list[tuple[float, float]]]) -> dict:
+def _median_table(runs: dict[str, list[tuple[float, float, float]]]) -> dict:
     out = {}
     for name, times in runs.items():
-        out[name] = {"page_cache_s": [round(a, 3) for a, _ in times],
-                     "durable_s": [round(b, 3) for _, b in times],
-                     "median_page_cache_s": round(statistics.median(a for a, _ in times), 3),
-                     "median_durable_s": round(statistics.median(b for _, b in times), 3)}
+        page, durable, cpu = zip(*times, strict=True)
+        out[name] = {"page_cache_s": [round(x, 3) for x in page], "durable_s": [round(x, 3) for x in durable],
+                     "cpu_s": [round(x, 3) for x in cpu],
+                     "median_page_cache_s": round(statistics.median(page), 3),
+                     "median_durable_s": round(statistics.median(durable), 3),
+                     "median_cpu_s": round(statistics.median(cpu), 3)}
     for name in ("convert_library", "convert_cli"):
         for kind in ("page_cache", "durable"):
             ratio = out[name][f"median_{kind}_s"] / out["cp"][f"median_{kind}_s"]
@@ -108,7 +130,7 @@ def main() -> None:
     kinds = {"cp": lambda: subprocess.run(["cp", "-r", str(src), str(dst)], check=True),
              "convert_library": lambda: hf_to_afd(src, dst, ffn_ranks=args.ffn_ranks),
              "convert_cli": lambda: subprocess.run(cli, check=True, stdout=subprocess.DEVNULL)}
-    runs: dict[str, list[tuple[float, float]]] = {k: [] for k in kinds}
+    runs: dict[str, list[tuple[float, float, float]]] = {k: [] for k in kinds}
     load_before = os.getloadavg()
     for i in range(args.repeats):
         order = list(kinds)[i % 3:] + list(kinds)[:i % 3]
@@ -129,6 +151,7 @@ def main() -> None:
         "machine": machine(), "load_average_before": load_before, "load_average_after": load_after,
         "checkpoint": {"preset": "step3-small", "dtype": "BF16", **facts}, "ffn_ranks": args.ffn_ranks,
         "repeats": args.repeats, "times": _median_table(runs),
+        "sha256_all_files_one_core_cpu_s": round(sha256_floor(src), 3),
         "peak_rss": {**rss, "largest_tensor_bytes": facts["largest_tensor_bytes"],
                      "convert_small_minus_import_kb": small_kb - rss["import_only_kb"],
                      "convert_small_minus_tiny_kb": small_kb - rss["convert_step3_tiny_kb"]},
@@ -136,11 +159,12 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     t = result["times"]
-    print(f"{'':18}{'page cache s':>14}{'ratio':>7}{'durable s':>11}{'ratio':>7}")
+    print(f"{'':18}{'page cache s':>14}{'ratio':>7}{'durable s':>11}{'ratio':>7}{'CPU s':>8}")
     for name in kinds:
         r = t[name]
         print(f"{name:18}{r['median_page_cache_s']:>14}{r.get('ratio_to_cp_page_cache', ''):>7}"
-              f"{r['median_durable_s']:>11}{r.get('ratio_to_cp_durable', ''):>7}")
+              f"{r['median_durable_s']:>11}{r.get('ratio_to_cp_durable', ''):>7}{r['median_cpu_s']:>8}")
+    print(f"sha256 of every source file, one core: {result['sha256_all_files_one_core_cpu_s']} CPU s")
     print(f"peak RSS: small {small_kb / 1e3:.0f} MB, tiny {rss['convert_step3_tiny_kb'] / 1e3:.0f} MB, "
           f"import only "
           f"{rss['import_only_kb'] / 1e3:.0f} MB; largest tensor "
