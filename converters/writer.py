@@ -43,11 +43,8 @@ How `step3 quantize` (HF -> HF-FP8) uses it, for example:
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import json
 import os
-import shutil
 import struct
 import time
 from collections import deque
@@ -61,9 +58,24 @@ import torch
 
 from converters.errors import Step3Error
 from converters.writer_io import CHUNK, FileHash, FileRange, copy_range, sha256_file, tensor_view
+from converters.writer_state import (
+    JOURNAL,
+    PARTIAL,
+    FileRecord,
+    Journal,
+    atomic_write,
+    check_space,
+    disk_errors,
+    json_bytes,
+    prepare,
+    record_of,
+    still_valid,
+)
 
-JOURNAL = ".step3-write.json"
-PARTIAL = ".partial"
+# What callers import from here (the writer's whole interface lives in this one module name).
+__all__ = ["JOURNAL", "PARTIAL", "ST_DTYPES", "TORCH_DTYPES", "CopyFile", "FileRange", "FileRecord",
+           "OutputPlan", "SafetensorsFile", "TensorOut", "WriteResult", "json_bytes", "record_of",
+           "sha256_file", "tensor_view", "write_output"]
 
 # torch dtype <-> safetensors header dtype
 ST_DTYPES: dict[torch.dtype, str] = {
@@ -127,15 +139,6 @@ class CopyFile:
         return self.source.stat().st_size
 
 
-@dataclass(frozen=True)
-class FileRecord:
-    bytes: int
-    sha256: str
-
-    def to_json(self) -> dict[str, object]:
-        return {"bytes": self.bytes, "sha256": self.sha256}
-
-
 FinalFn = Callable[[dict[str, FileRecord]], Sequence[tuple[str, bytes]]]
 
 
@@ -163,71 +166,7 @@ class WriteResult:
     seconds: float
 
 
-def json_bytes(obj: object) -> bytes:
-    """Deterministic, human-readable JSON for the final files."""
-    return (json.dumps(obj, indent=2) + "\n").encode()
-
-
-def record_of(data: bytes) -> FileRecord:
-    return FileRecord(len(data), hashlib.sha256(data).hexdigest())
-
-
 # ---- the run ---------------------------------------------------------------------------------------
-class _Journal:
-    """`.step3-write.json`: the plan fingerprint and the files finished so far (rewritten atomically)."""
-
-    def __init__(self, out: Path, fingerprint: str, records: dict[str, FileRecord] | None = None):
-        self.path, self.fingerprint, self.records = out / JOURNAL, fingerprint, dict(records or {})
-
-    @classmethod
-    def load(cls, out: Path) -> _Journal | None:
-        try:
-            d = json.loads((out / JOURNAL).read_text())
-            recs = {k: FileRecord(int(v["bytes"]), str(v["sha256"])) for k, v in d["files"].items()}
-            return cls(out, str(d["fingerprint"]), recs)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            return None
-
-    def add(self, path: str, record: FileRecord) -> None:
-        self.records[path] = record
-        self.save()
-
-    def save(self) -> None:
-        files = {k: self.records[k].to_json() for k in sorted(self.records)}
-        body = {"fingerprint": self.fingerprint, "files": files}
-        _atomic_write(self.path, json_bytes(body))
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + PARTIAL)
-    with _disk_errors(path):
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-
-
-class _disk_errors:
-    """Turns ENOSPC/EDQUOT while writing `path` into a Step3Error (and removes the partial file)."""
-
-    def __init__(self, path: Path, total: int = 0):
-        self.path, self.total = path, total
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, typ: type | None, exc: BaseException | None, tb: object) -> bool:
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            self.path.with_name(self.path.name + PARTIAL).unlink(missing_ok=True)
-            size = f" ({_gb(self.total)})" if self.total else ""
-            raise Step3Error(f"out of disk space while writing {self.path}{size}. Free some space on that "
-                             f"disk, then re-run the same command with --resume to finish "
-                             f"(finished files are kept and skipped).") from None
-        return False
-
-
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.2f} MB"
-
-
 def _check_produced(spec: SafetensorsFile, t: TensorOut, data: torch.Tensor | FileRange) -> None:
     ok = (data.nbytes == t.nbytes if isinstance(data, FileRange)
           else data.dtype == t.dtype and tuple(data.shape) == tuple(t.shape))
@@ -283,7 +222,7 @@ def _write_body(out: Path, spec: SafetensorsFile | CopyFile, tick: Callable[[int
     """Write one planned file to its `.partial` name; returns that path (renamed once hashed) and the hash."""
     path = out / spec.path
     tmp = path.with_name(path.name + PARTIAL)
-    with _disk_errors(path, spec.nbytes):
+    with disk_errors(path, spec.nbytes):
         path.parent.mkdir(parents=True, exist_ok=True)
         write = _copy_file if isinstance(spec, CopyFile) else _write_safetensors
         return tmp, write(tmp, spec, tick, pool)
@@ -295,7 +234,7 @@ class _Hashing:
 
     THREADS = 2
 
-    def __init__(self, out: Path, journal: _Journal):
+    def __init__(self, out: Path, journal: Journal):
         self.out, self.journal = out, journal
         self.pool = ThreadPoolExecutor(max_workers=self.THREADS, thread_name_prefix="step3-sha256")
         self.inflight: deque[tuple[str, Path, Future[str]]] = deque()
@@ -328,68 +267,20 @@ class _Hashing:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _prepare(out: Path, plan: OutputPlan, resume: bool, force: bool) -> _Journal:
-    """Check OUT against resume/force, delete what must go, return the journal to continue."""
-    if out.exists() and not out.is_dir():
-        raise Step3Error(f"{out}: exists and is not a directory; choose another output path")
-    existing = [p.name for p in out.iterdir()] if out.exists() else []
-    old = _Journal.load(out) if existing else None
-    if existing and not (resume or force):
-        raise Step3Error(f"{out}: output directory is not empty. Pass --resume to finish an interrupted run "
-                         f"into it, or --force to overwrite it (or choose an empty directory).")
-    if existing and resume and not force:
-        if old is None:
-            raise Step3Error(f"{out}: not empty and has no record of an interrupted step3 run ({JOURNAL} is "
-                             f"missing), so --resume cannot trust its files; use --force to overwrite it.")
-        if old.fingerprint != plan.fingerprint:
-            raise Step3Error(f"{out}: was started with other inputs or options than this run "
-                             f"(recorded: {old.fingerprint!r}); re-run with the same ones, or use --force.")
-    out.mkdir(parents=True, exist_ok=True)
-    for name in reversed(plan.final_names):  # first, so an interrupted run never looks complete
-        (out / name).unlink(missing_ok=True)
-    planned = {f.path for f in plan.files}
-    stale = set(old.records) if old else set()
-    if force:
-        stale |= planned
-    for rel in sorted(stale - (planned if resume and not force else set())):
-        (out / rel).unlink(missing_ok=True)
-    for rel in sorted(planned):
-        (out / (rel + PARTIAL)).unlink(missing_ok=True)
-    keep = {k: v for k, v in old.records.items() if k in planned} if (old and resume and not force) else {}
-    journal = _Journal(out, plan.fingerprint, keep)
-    journal.save()
-    return journal
-
-
-def _still_valid(out: Path, journal: _Journal, spec: SafetensorsFile | CopyFile) -> bool:
-    rec = journal.records.get(spec.path)
-    path = out / spec.path
-    if rec is None or not path.is_file() or path.stat().st_size != rec.bytes or rec.bytes != spec.nbytes:
-        return False
-    return sha256_file(path) == rec.sha256
-
-
-def _check_space(out: Path, needed: int) -> None:
-    free = shutil.disk_usage(out).free
-    if needed > free:
-        raise Step3Error(f"not enough free disk space for {out}: need {_gb(needed)}, {_gb(free)} free. "
-                         f"Free some space or choose an output on another disk.")
-
-
 def write_output(out: Path | str, plan: OutputPlan, *, resume: bool = False, force: bool = False,
                  progress: ProgressFn | None = None) -> WriteResult:
     """Write `plan` into `out` (see the module docstring); returns what was written and skipped."""
     out, start = Path(out), time.perf_counter()
     paths = [f.path for f in plan.files]
     assert len(set(paths)) == len(paths), "duplicate output paths in the plan"
-    journal = _prepare(out, plan, resume, force)
+    journal = prepare(out, plan, resume, force)
     total = plan.nbytes
     report = progress or (lambda d, t, label="": None)
-    skipped = [f.path for f in plan.files if _still_valid(out, journal, f)]
+    skipped = [f.path for f in plan.files if still_valid(out, journal, f)]
     journal.records = {k: journal.records[k] for k in skipped}
     journal.save()
     todo = [f for f in plan.files if f.path not in set(skipped)]
-    _check_space(out, sum(f.nbytes for f in todo))
+    check_space(out, sum(f.nbytes for f in todo))
     done = total - sum(f.nbytes for f in todo)
     report(done, total, "checked existing files" if skipped else "")
     written = 0
@@ -411,7 +302,7 @@ def write_output(out: Path | str, plan: OutputPlan, *, resume: bool = False, for
     assert tuple(r for r, _ in finals) == plan.final_names, "plan.final must return plan.final_names"
     for rel, data in finals:
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out / rel, data)
+        atomic_write(out / rel, data)
     report(total, total, "done")
     return WriteResult(records, [r for r, _ in finals], [f.path for f in todo], skipped, written,
                        time.perf_counter() - start)

@@ -162,7 +162,7 @@ def test_crash_mid_file_then_resume_is_byte_identical(tiny_fp8_ckpt, tmp_path, m
 def test_out_of_space_before_and_during_the_run(tiny_ckpt, tmp_path, monkeypatch):
     import errno
 
-    monkeypatch.setattr(writer.shutil, "disk_usage", lambda p: type("U", (), {"free": 1_000_000})())
+    monkeypatch.setattr("shutil.disk_usage", lambda p: type("U", (), {"free": 1_000_000})())
     with pytest.raises(Step3Error, match=r"need 14\.\d\d MB, 1\.00 MB free"):
         hf_to_afd(tiny_ckpt, tmp_path / "a", ffn_ranks=2)
     monkeypatch.undo()

@@ -148,7 +148,7 @@ def test_enospc_mid_run_is_a_clear_error_and_resume_completes(tmp_path, monkeypa
 
 def test_free_space_is_checked_before_writing(tmp_path, monkeypatch):
     plan, _ = _plan(tmp_path)
-    monkeypatch.setattr(writer.shutil, "disk_usage", lambda p: type("U", (), {"free": 10})())
+    monkeypatch.setattr("shutil.disk_usage", lambda p: type("U", (), {"free": 10})())
     out = tmp_path / "out"
     with pytest.raises(Step3Error, match=r"need .* MB, 0\.00 MB free"):
         write_output(out, plan)
