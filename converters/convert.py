@@ -15,6 +15,7 @@ from functools import partial
 from pathlib import Path
 
 from converters.afd import AFDLayout
+from converters.errors import Step3Error
 from converters.hf import INDEX_FILE, HFCheckpoint
 from converters.layout import (
     CONFIG,
@@ -107,11 +108,17 @@ def quantization_of(config: dict, is_fp8: bool) -> dict | None:
     return dict(q) if isinstance(q, dict) else dict(DEFAULT_FP8)
 
 
+def _distinct(src: Path, out: Path) -> None:
+    if out.resolve() == src.resolve():
+        raise Step3Error(f"{out}: the output directory is the input directory; choose another OUT")
+
+
 def hf_to_afd(src: str | Path, out: str | Path, *, ffn_ranks: int, attn_ranks: int = 1,
               shard_size: int = DEFAULT_SHARD_SIZE, resume: bool = False, force: bool = False,
               progress: Callable[[int, int, str], None] | None = None) -> ConvertResult:
     """Convert an HF Step-3 checkpoint (BF16 or block FP8, with or without vision) to an AFD layout."""
     src, out = Path(src), Path(out)
+    _distinct(src, out)
     with HFCheckpoint(src) as ckpt:
         ckpt.validate()  # every problem listed at once, before anything is written
         check_ranks(ckpt.config, ffn_ranks, attn_ranks)
@@ -149,6 +156,7 @@ def afd_to_hf(src: str | Path, out: str | Path, *, shard_size: int = DEFAULT_SHA
               force: bool = False, progress: Callable[[int, int, str], None] | None = None) -> ConvertResult:
     """Rebuild the HF checkpoint from an AFD layout: same tensor names, dtypes and bytes, same config.json."""
     src, out = Path(src), Path(out)
+    _distinct(src, out)
     layout = AFDLayout(src)
     view = layout.hf_view()
     pieces = _hf_shards(view, shard_size)

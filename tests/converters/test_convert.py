@@ -119,6 +119,8 @@ def test_ffn_ranks_must_divide_experts_and_intermediate_dims(tiny_ckpt, tmp_path
         hf_to_afd(tiny_ckpt, tmp_path / "afd", ffn_ranks=3)
     with pytest.raises(Step3Error, match="--attn-ranks"):
         hf_to_afd(tiny_ckpt, tmp_path / "afd", ffn_ranks=2, attn_ranks=0)
+    with pytest.raises(Step3Error, match="output directory is the input directory"):
+        hf_to_afd(tiny_ckpt, tiny_ckpt, ffn_ranks=2, force=True)
 
 
 def test_invalid_source_is_refused_with_every_problem_before_writing(tiny_ckpt, tmp_path):
