@@ -113,7 +113,7 @@ def text_tensor_specs(cfg: Step3Config) -> list[TensorSpec]:
 
 def vision_tensor_specs(v: VisionConfig, text_hidden: int, projector_bias: bool = False) -> list[TensorSpec]:
     """The CLIP-like tower + downsamplers + projector, as vLLM's step3_vl.py names them."""
-    Dv, I, O, P = v.hidden_size, v.intermediate_size, v.output_hidden_size, v.patch_size
+    Dv, I, O, P = v.hidden_size, v.intermediate_size, v.output_hidden_size, v.patch_size  # noqa: E741
     n_pos = (v.image_size // P) ** 2 + 1
     e = "vision_model.embeddings"
     raw: list[tuple[str, tuple[int, ...]]] = [

@@ -1,4 +1,7 @@
-"""Shared CLI rendering: consoles, progress bars, byte formatting. Results go to stdout, the rest to stderr."""
+"""Shared CLI rendering: consoles, progress bars, byte formatting.
+
+Results go to stdout, everything else (progress, notes, errors) to stderr.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +11,14 @@ from contextlib import contextmanager
 from typing import Protocol
 
 from rich.console import Console
-from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                           TransferSpeedColumn)
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 
 out = Console()  # results
 err = Console(stderr=True)  # progress, notes, errors
