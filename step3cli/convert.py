@@ -6,14 +6,18 @@ import json
 import re
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
-from converters.convert import DEFAULT_SHARD_SIZE, ConvertResult, afd_to_hf, hf_to_afd
 from converters.errors import Step3Error
 from step3cli.render import byte_progress, err, human_bytes, out
+
+if TYPE_CHECKING:  # the library (and torch) is imported when the command runs: `--help` stays fast
+    from converters.convert import ConvertResult
+
+DEFAULT_SHARD_SIZE = "4GB"  # converters.convert.DEFAULT_SHARD_SIZE (a test keeps the two equal)
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -66,7 +70,7 @@ def convert(
     attn_ranks: Annotated[int, typer.Option("--attn-ranks", "-A", help="Attention ranks (data parallel: "
                                             "all share one copy of the attention weights).")] = 1,
     shard_size: Annotated[str, typer.Option("--shard-size", help="Largest output file, e.g. 4GB, 500MB.")]
-    = f"{DEFAULT_SHARD_SIZE // 10**9}GB",
+    = DEFAULT_SHARD_SIZE,
     to: Annotated[Target, typer.Option("--to", help="afd: HF -> AFD layout; hf: AFD layout -> HF.")]
     = Target.afd,
     resume: Annotated[bool, typer.Option("--resume", help="Finish an interrupted run into OUT, skipping "
@@ -83,6 +87,8 @@ def convert(
 
     [bold]step3 convert ./step3-afd ./step3-hf --to hf[/]   (rebuild the HF checkpoint)
     """
+    from converters.convert import afd_to_hf, hf_to_afd
+
     size = parse_size(shard_size)
     with byte_progress("converting") as progress:
         if to is Target.hf:

@@ -6,14 +6,16 @@ import tempfile
 from contextlib import nullcontext
 from itertools import count
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
-from runtime.demo import DEFAULT_PROMPT, StepReport, run_demo
 from step3cli.render import byte_progress, err, out
+
+if TYPE_CHECKING:  # the library (and torch) is imported when the command runs: `--help` stays fast
+    from runtime.demo import StepReport
 
 
 def _printable(text: str) -> str:
@@ -35,7 +37,8 @@ def demo(
     workdir: Annotated[Path, typer.Option("--workdir", help="Where the demo writes (reused when it already "
                                                             "holds a valid demo checkpoint).")]
     = Path("step3-demo"),
-    prompt: Annotated[str, typer.Option("--prompt", help="The user message to chat with.")] = DEFAULT_PROMPT,
+    prompt: Annotated[str | None, typer.Option("--prompt", help="The user message to chat with.",
+                                               show_default="a question about MFA")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Tokens to generate.")] = 24,
     tmp: Annotated[bool, typer.Option("--tmp", help="Work in a temporary directory, removed at the end "
                                                     "(ignores --workdir).")] = False,
@@ -44,12 +47,14 @@ def demo(
 
     Example: [bold]step3 demo --prompt "Hello" --max-new-tokens 16[/]
     """
+    from runtime.demo import DEFAULT_PROMPT, run_demo
+
     numbers = count(1)
     place = tempfile.TemporaryDirectory(prefix="step3-demo-") if tmp else nullcontext(str(workdir))
     with place as where, byte_progress("synthesize") as progress:
         err.print(f"demo workdir: {where}", style="dim")
-        result = run_demo(where, prompt, max_new_tokens, progress=progress,
-                          on_step=lambda report: _render_step(next(numbers), report))
+        result = run_demo(where, DEFAULT_PROMPT if prompt is None else prompt, max_new_tokens,
+                          progress=progress, on_step=lambda report: _render_step(next(numbers), report))
     out.print(f"[bold]Generated text:[/] {escape(_printable(result.reply))}")
 
 

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
-from converters.summary import Summary, config_facts, summarize
-from quant.record import kv_cache_dtype
 from step3cli.inspect_afd import afd_ranks, render_ranks
 from step3cli.render import err, human_bytes, human_count, out
+
+if TYPE_CHECKING:  # the library (and torch) is imported when the command runs: `--help` stays fast
+    from converters.summary import Summary
 
 _PARAM_LABELS = {
     "total": "total (text)", "active": "active per token", "attention": "attention",
@@ -31,6 +32,8 @@ def _table(title: str, *columns: str, numbers: bool = True, header: bool = True)
 
 def _quantization_table(q: dict) -> Table:
     """The FP8 record step3 quantize (or the checkpoint's publisher) wrote, incl. the KV-cache dtype."""
+    from quant.record import kv_cache_dtype
+
     step3 = q.get("step3") or {}
     table = _table("quantization", "field", "value", numbers=False, header=False)
     rows = {"method": f"{q.get('quant_method')} {q.get('fmt', '')}, activations {q.get('activation_scheme')}",
@@ -43,6 +46,8 @@ def _quantization_table(q: dict) -> Table:
 
 
 def _render(s: Summary) -> None:
+    from converters.summary import config_facts
+
     src = s.source
     where = f"{src.path} ({src.kind})"
     if src.stored_bytes is not None:
@@ -91,6 +96,8 @@ def inspect(
 
     [bold]step3 inspect ./step3-fp8 --tensors 'layers\\.4\\..*moe' --context 32768[/]
     """
+    from converters.summary import summarize
+
     summary = summarize(target, context=context, tensors=tensors)
     ranks = afd_ranks(target, batch, context) if summary.source.kind == "afd" else None
     if json_out:

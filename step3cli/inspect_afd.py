@@ -6,11 +6,12 @@ from pathlib import Path
 
 from rich.table import Table
 
-from converters.afd import AFDLayout, rank_summary
 from step3cli.render import human_bytes, human_count, out
 
 
 def afd_ranks(path: str | Path, batch: int, context: int) -> dict:
+    from converters.afd import AFDLayout, rank_summary
+
     return rank_summary(AFDLayout(path), batch=batch, context=context)
 
 

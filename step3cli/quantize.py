@@ -5,16 +5,18 @@ from __future__ import annotations
 import json
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich import box
 from rich.table import Table
 
-from quant.quantize import QuantizeOptions, QuantizeResult, quantize_checkpoint
-from quant.report import REPORT_FILE, GroupStats
-from step3cli.convert import parse_size
+from step3cli.convert import DEFAULT_SHARD_SIZE, parse_size
 from step3cli.render import byte_progress, err, human_bytes, out
+
+if TYPE_CHECKING:  # the library (and torch) is imported when the command runs: `--help` stays fast
+    from quant.quantize import QuantizeResult
+    from quant.report import GroupStats
 
 
 class Backend(str, Enum):
@@ -82,7 +84,8 @@ def quantize(
     dequantize: Annotated[bool, typer.Option("--dequantize", help="Turn FP8 input back into BF16.")] = False,
     check: Annotated[bool, typer.Option("--check", help="Compare reference-model logits of IN and OUT on a "
                                         "few prompts (cosine, top-1 agreement).")] = False,
-    shard_size: Annotated[str, typer.Option("--shard-size", help="Largest output file, e.g. 4GB.")] = "4GB",
+    shard_size: Annotated[str, typer.Option("--shard-size", help="Largest output file, e.g. 4GB.")]
+    = DEFAULT_SHARD_SIZE,
     resume: Annotated[bool, typer.Option("--resume", help="Finish an interrupted run into OUT.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite a non-empty OUT (only files this "
                                         "command writes are removed).")] = False,
@@ -99,6 +102,9 @@ def quantize(
 
     [bold]step3 quantize ./step3-fp8 ./step3-bf16 --dequantize[/]
     """
+    from quant.quantize import QuantizeOptions, quantize_checkpoint
+    from quant.report import REPORT_FILE
+
     options = QuantizeOptions(backend=backend.value, device=device, skip=skip,
                               kv_cache=kv_cache.value if kv_cache else None, requantize=requantize,
                               dequantize=dequantize, check=check, shard_size=parse_size(shard_size))

@@ -11,7 +11,6 @@ import typer
 
 from converters.config import PRESETS, Step3Config, get_preset
 from converters.errors import Step3Error
-from converters.synth import INDEX_NAME, synthesize
 from step3cli.render import byte_progress, human_bytes, human_count, out
 
 _SYNTH_PRESETS = [name for name in PRESETS if name != "step3"]
@@ -19,6 +18,8 @@ _SYNTH_PRESETS = [name for name in PRESETS if name != "step3"]
 
 def _facts(path: Path, preset: str, fp8: bool, seconds: float) -> dict:
     """What was written, read back from the files themselves (config.json and the index)."""
+    from converters.synth import INDEX_NAME
+
     cfg = Step3Config.from_pretrained(path)
     index = json.loads((path / INDEX_NAME).read_text())
     params = cfg.num_params()
@@ -55,6 +56,8 @@ def synth(
     if preset == "step3":
         raise Step3Error("--preset step3 is the full 321B model (~640 GB of BF16 weights): synth writes test "
                          f"checkpoints only; use one of {', '.join(_SYNTH_PRESETS)}")
+    from converters.synth import synthesize
+
     cfg = get_preset(preset)
     start = time.perf_counter()
     with byte_progress("synthesizing") as progress:

@@ -9,7 +9,6 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from converters.verify import verify_layout
 from step3cli.render import byte_progress, err, human_bytes, out
 
 
@@ -25,6 +24,8 @@ def verify(
 
     [bold]step3 verify ./step3-afd --against ./step3-fp8[/]
     """
+    from converters.verify import verify_layout
+
     with byte_progress("verifying") as progress:
         report = verify_layout(layout, against, progress=progress)
     if json_out:
