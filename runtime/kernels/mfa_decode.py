@@ -27,6 +27,7 @@ from runtime.kernels.kv_cache import (
     gather_kv_ref,
     load_page_rows,
     load_paged_rows,
+    round_to_e4m3,
 )
 
 LOG2E = 1.4426950408889634
@@ -36,6 +37,12 @@ LOG2E = 1.4426950408889634
 def _softmax_step(q, acc, m_i, l_i, k, v, valid, qk_scale, dot_ty: tl.constexpr):
     """One online-softmax step of the [H_PAD, D] head tile against K, V [BLOCK_N, D] (invalid rows masked)."""
     scores = tl.dot(q, tl.trans(k.to(dot_ty))) * qk_scale  # [H_PAD, BLOCK_N], log2 domain
+    return _online_softmax(scores, acc, m_i, l_i, v, valid, dot_ty)
+
+
+@triton.jit
+def _online_softmax(scores, acc, m_i, l_i, v, valid, dot_ty: tl.constexpr):
+    """Fold log2-domain scores [H_PAD, BLOCK_N] and V [BLOCK_N, D] into (acc, m_i, l_i)."""
     scores = tl.where(valid[None, :], scores, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(scores, 1))
     alpha = tl.exp2(m_i - m_new)
@@ -46,18 +53,40 @@ def _softmax_step(q, acc, m_i, l_i, k, v, valid, qk_scale, dot_ty: tl.constexpr)
 
 
 @triton.jit
+def _split_q_fp8(q):
+    """q [H_PAD, D] fp32 -> (hi, lo, s) with q ~= s (hi + lo): hi = e4m3(q / s), lo = e4m3(q / s - hi) (both
+    E4M3 values, still fp32), s [H_PAD] = max|q_h| / 448 per head. |q/s - hi| <= |q/s| / 16 <= 28 fits E4M3;
+    hi alone carries 3 mantissa bits (2-5% error on scores), hi + lo about 7, near bf16's 8."""
+    s = tl.maximum(tl.max(tl.abs(q), 1), 1e-30) / 448.0
+    x = q / s[:, None]
+    hi = round_to_e4m3(x)
+    return hi, round_to_e4m3(x - hi), s
+
+
+@triton.jit
+def _softmax_step_qk8(q_hi, q_lo, acc, m_i, l_i, k, v, valid, qk_scale, dot_ty: tl.constexpr):
+    """FP8 cache: scores = qk_scale (q_hi.K + q_lo.K), two E4M3 x E4M3 dots into ONE accumulator on the raw
+    cache tile (the tensor cores read K straight from shared memory: no conversion, no round trip);
+    qk_scale [H_PAD] carries the per-head q scale. P V stays in fp16 (V converted)."""
+    kt = tl.trans(k.to(tl.float32)) if dot_ty == tl.float32 else tl.trans(k)  # fp32: CPU interpreter
+    scores = tl.dot(q_lo, kt, tl.dot(q_hi, kt)) * qk_scale[:, None]
+    return _online_softmax(scores, acc, m_i, l_i, v, valid, dot_ty)
+
+
+@triton.jit
 def _mfa_decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, k_scale_ptr, v_scale_ptr, out_ptr, part_o_ptr,
                        part_lse_ptr, sm_scale_log2, tokens_per_split, num_splits,
                        stride_qb, stride_qh, stride_kb, stride_kt, stride_vb, stride_vt, stride_bt,
                        stride_ob, stride_oh,
                        H: tl.constexpr, H_PAD: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
                        BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, DIRECT: tl.constexpr,
-                       DOT: tl.constexpr):
+                       DOT: tl.constexpr, QK8: tl.constexpr):
     """Program (split s, sequence b): online softmax over tokens [s * tps, (s + 1) * tps) of b.
 
     CHUNK > 0: the block-table entries of CHUNK tokens are loaded once per chunk into registers, so the
     K/V addresses of the inner loop depend on no load and Triton's pipeliner can prefetch K/V tiles
     num_stages - 1 ahead; CHUNK == 0 gathers each tile's page ids with the tile (a load-to-load chain).
+    QK8 (FP8 cache only): q split once into E4M3 hi + lo (`_split_q_fp8`), q K^T as two FP8 dots.
     """
     s = tl.program_id(0)
     b = tl.program_id(1)
@@ -69,8 +98,17 @@ def _mfa_decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, k_scale_ptr, v_s
     h = tl.arange(0, H_PAD)
     d = tl.arange(0, D)
     q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + h[:, None] * stride_qh + d[None, :],
-                mask=h[:, None] < H, other=0.0).to(dot_ty)  # [H_PAD, D]
+                mask=h[:, None] < H, other=0.0)  # [H_PAD, D]
+    if QK8:
+        q_hi, q_lo, q_scale = _split_q_fp8(q.to(tl.float32))
+        qk_ty: tl.constexpr = tl.float32 if DOT == 0 else kc_ptr.dtype.element_ty
+        q_hi = q_hi.to(qk_ty)  # exact: already E4M3 values
+        q_lo = q_lo.to(qk_ty)
+    else:
+        q = q.to(dot_ty)
     qk_scale = sm_scale_log2 * tl.load(k_scale_ptr)  # log2-domain scores, FP8 K scale folded in
+    if QK8:
+        qk_scale = qk_scale * q_scale  # [H_PAD]: per-head scale of the split q
     bt_row = bt_ptr + b.to(tl.int64) * stride_bt
     m_i = tl.full([H_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([H_PAD], tl.float32)
@@ -81,7 +119,10 @@ def _mfa_decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, k_scale_ptr, v_s
             valid = tok < end
             k = load_paged_rows(kc_ptr, bt_row, tok, valid, stride_kb, stride_kt, PAGE, D)
             v = load_paged_rows(vc_ptr, bt_row, tok, valid, stride_vb, stride_vt, PAGE, D)
-            acc, m_i, l_i = _softmax_step(q, acc, m_i, l_i, k, v, valid, qk_scale, dot_ty)
+            if QK8:
+                acc, m_i, l_i = _softmax_step_qk8(q_hi, q_lo, acc, m_i, l_i, k, v, valid, qk_scale, dot_ty)
+            else:
+                acc, m_i, l_i = _softmax_step(q, acc, m_i, l_i, k, v, valid, qk_scale, dot_ty)
     else:
         cp = tl.arange(0, CHUNK // PAGE)
         for c0 in range(start, end, CHUNK):  # c0 is page-aligned: tokens_per_split % CHUNK == 0
@@ -94,7 +135,11 @@ def _mfa_decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, k_scale_ptr, v_s
                 page = tl.sum(tl.where(pick, pages[None, :], 0), 1)  # [BLOCK_N] register "gather"
                 k = load_page_rows(kc_ptr, page, tok, valid, stride_kb, stride_kt, PAGE, D)
                 v = load_page_rows(vc_ptr, page, tok, valid, stride_vb, stride_vt, PAGE, D)
-                acc, m_i, l_i = _softmax_step(q, acc, m_i, l_i, k, v, valid, qk_scale, dot_ty)
+                if QK8:
+                    acc, m_i, l_i = _softmax_step_qk8(q_hi, q_lo, acc, m_i, l_i, k, v, valid, qk_scale,
+                                                      dot_ty)
+                else:
+                    acc, m_i, l_i = _softmax_step(q, acc, m_i, l_i, k, v, valid, qk_scale, dot_ty)
     l_i = tl.where(l_i > 0, l_i, 1.0)  # an empty split: o = 0 and lse = -inf, i.e. weight 0 in the merge
     o = acc * (tl.load(v_scale_ptr) / l_i)[:, None]
     if DIRECT:
@@ -140,12 +185,13 @@ class DecodePlan:
     num_stages: int
     chunk: int  # tokens whose page ids are loaded at once (0: per tile); divides tokens_per_split
     page: int
+    qk_fp8: bool = False  # FP8 cache: q K^T as E4M3 dots on q split into hi + lo (see _split_q_fp8)
 
 
-# (block_n, num_warps, num_stages, chunk_max) for head_dim >= 128 on the GPU, by KV bytes per value:
-# the launches the committed H200 run picked (results/mfa_attention_h200.json "launch"; NOTES_mfa.md).
-_GPU_LAUNCH = {2: (32, 4, 4, 512), 1: (32, 4, 3, 512)}
-_CPU_LAUNCH = (32, 4, 2, 128)
+# (block_n, num_warps, num_stages, chunk_max, qk_fp8) for head_dim >= 128 on the GPU, by KV bytes per
+# value: the launches the committed H200 run picked (results/mfa_attention_h200.json "launch"; NOTES_mfa.md).
+_GPU_LAUNCH = {2: (32, 4, 4, 512, False), 1: (32, 4, 3, 512, False)}
+_CPU_LAUNCH = (32, 4, 2, 128, False)
 MAX_SPLITS = 512
 SMEM_PER_SM = 227 * 1024
 SPLIT_COST_TOKENS = 128  # a split's q load + fp32 partial write + merge read, in cached-token equivalents
@@ -181,7 +227,7 @@ def _pick_splits(batch: int, max_seq_len: int, slots: int, granule: int, max_spl
 def plan_decode(batch: int, max_seq_len: int, head_dim: int, device: torch.device,
                 kv_dtype: torch.dtype = torch.bfloat16, page: int = 64, heads: int = 64,
                 num_splits: int | None = None, block_n: int | None = None, num_warps: int | None = None,
-                num_stages: int | None = None, chunk_max: int | None = None,
+                num_stages: int | None = None, chunk_max: int | None = None, qk_fp8: bool | None = None,
                 min_split_tokens: int = 256) -> DecodePlan:
     """Launch parameters (tuned table) and the split of the sequence (`_pick_splits`), in one place."""
     on_gpu = device.type == "cuda"
@@ -189,6 +235,7 @@ def plan_decode(batch: int, max_seq_len: int, head_dim: int, device: torch.devic
     tuned = _GPU_LAUNCH[kv_bytes] if on_gpu and head_dim >= 128 else _CPU_LAUNCH
     block_n, num_warps, num_stages = block_n or tuned[0], num_warps or tuned[1], num_stages or tuned[2]
     chunk_max = tuned[3] if chunk_max is None else chunk_max
+    qk_fp8 = (tuned[4] if qk_fp8 is None else qk_fp8) and kv_bytes == 1
     granule = max(block_n, page) if chunk_max else block_n  # splits start on a page when chunking
     if num_splits is None:
         sms = torch.cuda.get_device_properties(device).multi_processor_count if on_gpu else 4
@@ -199,7 +246,7 @@ def plan_decode(batch: int, max_seq_len: int, head_dim: int, device: torch.devic
     tokens = _split_tokens(max_seq_len, num_splits, granule)
     return DecodePlan(num_splits=triton.cdiv(max_seq_len, tokens), tokens_per_split=tokens, block_n=block_n,
                       num_warps=num_warps, num_stages=num_stages, chunk=_chunk(tokens, granule, chunk_max),
-                      page=page)
+                      page=page, qk_fp8=qk_fp8)
 
 
 def _check_decode(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor,
@@ -244,8 +291,8 @@ def mfa_decode(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor, 
         q.stride(0), q.stride(1), cache.k.stride(0), cache.k.stride(1), cache.v.stride(0), cache.v.stride(1),
         block_table.stride(0), out.stride(0), out.stride(1),
         H=H, H_PAD=max(16, triton.next_power_of_2(H)), D=D, PAGE=cache.block_size,
-        BLOCK_N=plan.block_n, CHUNK=plan.chunk, DIRECT=direct, DOT=dot_kind(cache), num_warps=plan.num_warps,
-        num_stages=plan.num_stages)
+        BLOCK_N=plan.block_n, CHUNK=plan.chunk, DIRECT=direct, DOT=dot_kind(cache),
+        QK8=plan.qk_fp8 and cache.is_fp8, num_warps=plan.num_warps, num_stages=plan.num_stages)
     if not direct:
         s_pad = triton.next_power_of_2(plan.num_splits)
         d_block = min(D, max(16, 8192 // s_pad))  # a [S_PAD, D_BLOCK] fp32 tile of <= 32 KiB
