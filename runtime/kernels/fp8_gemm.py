@@ -28,6 +28,12 @@ from runtime.kernels.act_quant import quantize_rows
 
 
 @triton.jit
+def _load(ptrs, mask, UNMASKED: tl.constexpr):
+    """tl.load, masked (zero fill) unless UNMASKED: the EVEN K loop's loads carry no predicates."""
+    return tl.load(ptrs) if UNMASKED else tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
 def _fp8_gemm_kernel(
     a_ptr, as_ptr, b_ptr, bs_ptr, b2_ptr, b2s_ptr, c_ptr, cs_ptr, rows_ptr, block_expert_ptr, topk_w_ptr,
     M, N, K, num_pairs,
@@ -37,6 +43,7 @@ def _fp8_gemm_kernel(
     TOPK: tl.constexpr, GROUPED: tl.constexpr, GATHER_A: tl.constexpr, HAS_SCALES: tl.constexpr,
     SWIGLU: tl.constexpr, QUANT_OUT: tl.constexpr, WEIGHTED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN: tl.constexpr, INTERLEAVE: tl.constexpr,
 ):
     # GROUP_M M-blocks sweep the N tiles together: their weight tiles (one expert's) and their A rows
     # both stay in L2 while in use.
@@ -63,39 +70,66 @@ def _fp8_gemm_kernel(
         a_row = pos
         b_base = 0
         bs_base = 0
-    a_row = tl.where(row_ok, a_row, 0).to(tl.int64)
+    a_row = tl.where(row_ok, a_row, 0).to(tl.int64)  # padding rows read row 0: in bounds, never stored
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + a_row[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_off = b_base + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk
     as_ptrs = as_ptr + a_row * stride_asm
-    bs_off = bs_base + (offs_n // 128) * stride_bsn  # [BLOCK_N]: one or more 128-row weight blocks
+    if INTERLEAVE:
+        # SwiGLU as ONE dot on a [BLOCK_K, 2 BLOCK_N] weight tile: column 2j is gate row n_j, 2j + 1 up
+        # row n_j (each a K-contiguous 128-byte run, as before). One wgmma chain per K step instead of
+        # two with a wait between; the accumulator's column pairs sit in one thread, so the split
+        # after the loop moves no data.
+        cols = tl.arange(0, 2 * BLOCK_N)
+        w_n = pid_n * BLOCK_N + cols // 2
+        is_up = (cols % 2 == 1)[None, :]
+        w_off = b_base + w_n[None, :] * stride_bn + offs_k[:, None] * stride_bk
+        b_ptrs = tl.where(is_up, b2_ptr + w_off, b_ptr + w_off)
+        w_ok = (w_n < N)[None, :]
+    else:
+        w_off = b_base + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk
+        b_ptrs = b_ptr + w_off
+        w_ok = n_ok[None, :]
+    b2_ptrs = b2_ptr + w_off  # the up tile (SWIGLU without INTERLEAVE)
+    # weight scales: a tile inside one 128-row block (BLOCK_N <= 128) needs one scalar per K step, not a
+    # [BLOCK_N] vector (fewer registers: the 64x256 SwiGLU tile at 4 warps spilled 776 B without this)
+    if BLOCK_N <= 128:
+        bs_off = bs_base + (pid_n * BLOCK_N // 128) * stride_bsn
+    else:
+        bs_off = bs_base + (offs_n[None, :] // 128) * stride_bsn  # [1, BLOCK_N]
     # Each K step's FP8 product is finished in its own fp32 tile, scaled, then added: Hopper's FP8 MMA
     # accumulates with reduced precision, so chaining all K steps inside tl.dot (in-place rescaling)
     # measured 4x the error (1.6e-2 vs 4e-3 at K = 7168) and was slower (benchmarks/NOTES_ffn.md).
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # EVEN (K % BLOCK_K == 0 and N % BLOCK_N == 0, the model's shapes): no masks in the K loop, so the
+    # loads become plain 16-byte cp.async (no zero-fill predicates).
+    acc = tl.zeros((BLOCK_M, 2 * BLOCK_N if INTERLEAVE else BLOCK_N), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(0, tl.cdiv(K, BLOCK_K)):
         k_ok = offs_k < K - kb * BLOCK_K
-        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptr + b_off, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        a = _load(a_ptrs, k_ok[None, :], EVEN)
+        b = _load(b_ptrs, k_ok[:, None] & w_ok, EVEN)
         if HAS_SCALES:
-            a_s = tl.load(as_ptrs + kb * stride_ask, mask=row_ok, other=0.0)
-            b_s = tl.load(bs_ptr + bs_off + kb * stride_bsk, mask=n_ok, other=0.0)
-            acc += tl.dot(a, b, out_dtype=tl.float32) * (a_s[:, None] * b_s[None, :])
+            a_s = tl.load(as_ptrs + kb * stride_ask)[:, None]
+            b_s = _load(bs_ptr + bs_off + kb * stride_bsk, n_ok[None, :], BLOCK_N <= 128)
+            if INTERLEAVE:
+                b_s = tl.where(is_up, tl.load(b2s_ptr + bs_off + kb * stride_bsk), b_s)
+            acc += tl.dot(a, b, out_dtype=tl.float32) * (a_s * b_s)
         else:
             acc = tl.dot(a, b, acc)
-        if SWIGLU:
-            b2 = tl.load(b2_ptr + b_off, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if SWIGLU and not INTERLEAVE:
+            b2 = _load(b2_ptrs, k_ok[:, None] & w_ok, EVEN)
             if HAS_SCALES:
-                b2_s = tl.load(b2s_ptr + bs_off + kb * stride_bsk, mask=n_ok, other=0.0)
-                acc2 += tl.dot(a, b2, out_dtype=tl.float32) * (a_s[:, None] * b2_s[None, :])
+                b2_s = _load(b2s_ptr + bs_off + kb * stride_bsk, n_ok[None, :], BLOCK_N <= 128)
+                acc2 += tl.dot(a, b2, out_dtype=tl.float32) * (a_s * b2_s)
             else:
                 acc2 = tl.dot(a, b2, acc2)
         a_ptrs += BLOCK_K * stride_ak
-        b_off += BLOCK_K * stride_bk
+        b_ptrs += BLOCK_K * stride_bk
+        b2_ptrs += BLOCK_K * stride_bk
 
+    if INTERLEAVE:
+        acc, acc2 = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))  # (gate, up)
     if SWIGLU:
         acc = acc * tl.sigmoid(acc) * acc2  # silu(gate) * up
     if WEIGHTED:
@@ -115,18 +149,19 @@ def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor | None, b: torch.Tensor, b_s
              block_expert: torch.Tensor | None = None, topk_weights: torch.Tensor | None = None,
              num_pairs: int = 0, top_k: int = 1, gather_a: bool = False,
              block_m: int = 64, block_n: int = 128, group_m: int = 8, num_warps: int = 4,
-             num_stages: int = 3) -> torch.Tensor:
+             num_stages: int = 3, interleave: bool = False) -> torch.Tensor:
     """Launch `_fp8_gemm_kernel` into `out`. Shapes are checked by the callers (fp8_linear, moe, mlp).
 
     a [M or T, K]; b, b2 [N, K] or [E, N, K]; scales as their docstring above; grouped when `rows`
-    is given (then M = len(rows), a multiple of block_m). Returns `out`.
+    is given (then M = len(rows), a multiple of block_m). `interleave` (with b2, block_n <= 128): gate
+    and up as one dot over interleaved columns (the kernel's INTERLEAVE). Returns `out`.
     """
     grouped = rows is not None
     b3 = b if b.dim() == 3 else b.unsqueeze(0)
     K, N = a.shape[1], b3.shape[1]
     M = rows.numel() if grouped else a.shape[0]
     assert (128 % block_n == 0 or block_n % 128 == 0) and (out_scale is None or block_n == 128)
-    assert b.shape[-1] == K and out.shape[1] == N
+    assert b.shape[-1] == K and out.shape[1] == N and (not interleave or (b2 is not None and block_n <= 128))
     if M == 0:
         return out
     nil = torch.empty(1, 1, 1, dtype=torch.float32, device=a.device)  # stands in for absent operands
@@ -150,7 +185,8 @@ def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor | None, b: torch.Tensor, b_s
         out.stride(0), out.stride(1), c_s.stride(0), c_s.stride(1),
         TOPK=top_k, GROUPED=grouped, GATHER_A=gather_a, HAS_SCALES=has_scales,
         SWIGLU=b2 is not None, QUANT_OUT=out_scale is not None, WEIGHTED=topk_weights is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128, GROUP_M=group_m, num_warps=num_warps,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128, GROUP_M=group_m,
+        EVEN=K % 128 == 0 and N % block_n == 0, INTERLEAVE=interleave, num_warps=num_warps,
         num_stages=num_stages,
     )
     return out

@@ -99,21 +99,46 @@ class MoeConfig:
     shared_first_half: str = "auto"  # see mlp.swiglu_mlp
     backend: str = "triton"  # routed experts: "triton" (fused_moe) or "cublas" (moe_cublas.py)
     streams: int = 4  # CUDA streams of the cuBLAS backend
+    interleave: bool = False  # gate_up as one dot over interleaved gate/up columns (fp8_gemm INTERLEAVE)
+
+
+# Tile candidates, by name: benchmarks/moe_ffn.py times them in-run per token count and records all.
+# MoeConfig(block_m, group_m, warps_gate_up, stages_gate_up, block_n_down, warps_down, stages_down).
+# The gate_up tile is BLOCK_M x (128 gate + 128 up) columns with two fp32 accumulators: at 64 rows and
+# 4 warps ptxas (sm_90a) needs 255 registers and spills (104 B after the scalar weight scales, 776 B
+# before); at 64 rows and 8 warps (two warpgroups, 64x64 of each per warpgroup) it needs 177 and
+# spills nothing; 128 rows / 8 warps 255 + 64 B spills. The down tile (one accumulator) fits at
+# 64 / 4 (187 registers) and 128 / 8 (179). See benchmarks/NOTES_ffn.md.
+MOE_CANDIDATES = {
+    "m16s2": MoeConfig(16, 1, 4, 2, 128, 4, 2),
+    "m16s3": MoeConfig(16, 1, 4, 3, 128, 4, 3),
+    "m32s3": MoeConfig(32, 1, 4, 3, 128, 4, 3),
+    "m64w4": MoeConfig(64, 8, 4, 3, 128, 4, 3),
+    "m64w4s4": MoeConfig(64, 8, 4, 4, 128, 4, 4),
+    "m64w8": MoeConfig(64, 8, 8, 3, 128, 4, 3),
+    "m64w8s4": MoeConfig(64, 8, 8, 4, 128, 4, 4),
+    "m128w8": MoeConfig(128, 8, 8, 3, 128, 8, 3),
+    # gate and up as ONE dot over interleaved columns: 64x256 per program, at 8 warps one m64n128
+    # wgmma chain per warpgroup and K step (188 registers, no spills) instead of two m64n64 chains
+    # with a full wait between them; at 16 rows (mma.sync) one dot instead of two.
+    "m16s3i": MoeConfig(16, 1, 4, 3, 128, 4, 3, interleave=True),
+    "m64w8i": MoeConfig(64, 8, 8, 3, 128, 4, 3, interleave=True),
+    "m64w8s4i": MoeConfig(64, 8, 8, 4, 128, 4, 4, interleave=True),
+}
+# default per mean (token, slot) pairs per expert: (upper bound, candidate name), first match wins.
+# H200 run 4's winners; benchmarks/moe_ffn.py prints the line to paste here from its in-run winners.
+DEFAULT_MOE_TILES = ((16, "m16s3"), (64, "m64w4"), (384, "m64w4s4"), (float("inf"), "m64w4"))
 
 
 def default_moe_config(tokens: int, top_k: int, num_experts: int) -> MoeConfig:
-    """The fastest candidate per mean pairs per expert on the H200 (benchmarks/results/moe_ffn_h200.json).
+    """The fastest candidate per mean pairs per expert on the H200 (DEFAULT_MOE_TILES).
 
     16-row blocks while experts get ~8 pairs (weight-bandwidth bound: little padding); 64-row
-    blocks / 4 warps above (128-row / 8-warp tiles were 1.5-2x slower, run 1 of NOTES_ffn.md);
-    3 vs 4 pipeline stages differed by under 2% from 512 pairs per expert down. The cuBLAS backend
-    never won (CPU-launch bound, NOTES_ffn.md), so the Triton path is the default everywhere.
+    blocks above. The cuBLAS backend never won (CPU-launch bound, NOTES_ffn.md), so the Triton path
+    is the default everywhere.
     """
     mean = tokens * top_k / max(num_experts, 1)
-    if mean <= 16:
-        return MoeConfig(block_m=16, group_m=1, stages_gate_up=3, stages_down=3)
-    stages = 4 if 64 < mean <= 384 else 3
-    return MoeConfig(block_m=64, group_m=8, stages_gate_up=stages, stages_down=stages)
+    return MOE_CANDIDATES[next(name for bound, name in DEFAULT_MOE_TILES if mean <= bound)]
 
 
 def fused_moe(x: torch.Tensor | Fp8Act, weights: torch.Tensor, ids: torch.Tensor, experts: ExpertWeights,
@@ -138,7 +163,7 @@ def fused_moe(x: torch.Tensor | Fp8Act, weights: torch.Tensor, ids: torch.Tensor
                    group_m=config.group_m)
     fp8_gemm(a, a_scale, experts.gate, experts.gate_scale, h, b2=experts.up, b2_scale=experts.up_scale,
              out_scale=h_scale, gather_a=True, block_n=128, num_warps=config.warps_gate_up,
-             num_stages=config.stages_gate_up, **grouped)
+             num_stages=config.stages_gate_up, interleave=config.interleave, **grouped)
     whole = experts.first == 0 and experts.num_local == experts.num_experts  # every pair lands here
     partial = (torch.empty if whole else torch.zeros)((T * k, experts.down.shape[1]), dtype=out_dtype,
                                                       device=a.device)

@@ -9,6 +9,7 @@ from quant.fp8 import dequantize_fp8
 from runtime.kernels.act_quant import Fp8Act, act_dequant, act_quant
 from runtime.kernels.mlp import MlpWeights, swiglu_mlp_ref
 from runtime.kernels.moe import (
+    MOE_CANDIDATES,
     ExpertWeights,
     MoeConfig,
     dequantized_experts,
@@ -80,12 +81,13 @@ def test_align_by_expert_groups_every_local_pair_once(block_m):
             assert torch.equal(block, block.sort().values)  # stable: pair order kept
 
 
-@pytest.mark.parametrize("T", [1, 29])
-def test_fused_moe_fp8_matches_reference(T):
+@pytest.mark.parametrize("T, interleave", [(1, False), (29, False), (29, True)])
+def test_fused_moe_fp8_matches_reference(T, interleave):
     ex = _experts(seed=T)
     x = randn((T, H), torch.Generator().manual_seed(T))
     w, ids = _routing(T, seed=T)
-    out = fused_moe(x, w, ids, ex, out_dtype=torch.float32)
+    config = MoeConfig(block_m=16, group_m=1, interleave=True) if interleave else None  # edge tiles too
+    out = fused_moe(x, w, ids, ex, out_dtype=torch.float32, config=config)
     ref = fused_moe_ref(x, w, ids, ex)
     assert rel_err(out, ref) < REQUANT_TOL
     # the model's eager reference on dequantized weights differs only by the two FP8 activation
@@ -93,12 +95,25 @@ def test_fused_moe_fp8_matches_reference(T):
     assert rel_err(out, reference.routed_experts(x.float(), w, ids.long(), *dequantized_experts(ex))) < 8e-2
 
 
+@pytest.mark.parametrize("name", sorted(MOE_CANDIDATES))
+def test_fused_moe_even_shapes_every_tuning_candidate(name):
+    """Hidden and expert width multiples of 128: the unmasked (EVEN) K loop, each benchmark candidate."""
+    gen = torch.Generator().manual_seed(19)
+    (g, gs), (u, us), (d, ds) = (fp8_weight(s, gen) for s in ((E, 128, 256), (E, 128, 256), (E, 256, 128)))
+    ex = ExpertWeights(g, u, d, gs, us, ds)
+    x = randn((23, 256), gen)
+    w, ids = _routing(23, seed=19)
+    out = fused_moe(x, w, ids, ex, out_dtype=torch.float32, config=MOE_CANDIDATES[name])
+    assert rel_err(out, fused_moe_ref(x, w, ids, ex)) < REQUANT_TOL
+
+
 def test_fused_moe_unquantized_experts_and_block_sizes():
     ex = _experts(seed=3, fp8=False)
     x = randn((21, H), torch.Generator().manual_seed(3))
     w, ids = _routing(21, seed=3, starve=None)
     ref = reference.routed_experts(x, w, ids.long(), ex.gate, ex.up, ex.down)
-    for config in (MoeConfig(block_m=16, group_m=1), MoeConfig(block_m=64, block_n_down=256)):
+    for config in (MoeConfig(block_m=16, group_m=1), MoeConfig(block_m=64, block_n_down=256),
+                   MoeConfig(block_m=32, group_m=2, interleave=True)):
         assert rel_err(fused_moe(x, w, ids, ex, config=config), ref) < FP32_TOL
 
 
