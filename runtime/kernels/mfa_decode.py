@@ -53,14 +53,20 @@ def _online_softmax(scores, acc, m_i, l_i, v, valid, dot_ty: tl.constexpr):
 
 
 @triton.jit
-def _split_q_fp8(q):
-    """q [H_PAD, D] fp32 -> (hi, lo, s) with q ~= s (hi + lo): hi = e4m3(q / s), lo = e4m3(q / s - hi) (both
-    E4M3 values, still fp32), s [H_PAD] = max|q_h| / 448 per head. |q/s - hi| <= |q/s| / 16 <= 28 fits E4M3;
-    hi alone carries 3 mantissa bits (2-5% error on scores), hi + lo about 7, near bf16's 8."""
+def _split_q_fp8(q, qk_ty: tl.constexpr):
+    """q [H_PAD, D] fp32 -> (hi, lo, s) with q ~= s (hi + lo): hi = e4m3(q / s), lo = e4m3(q / s - hi), in
+    qk_ty (E4M3, or fp32 holding E4M3 values for the CPU interpreter, whose own cast mis-rounds), s [H_PAD] =
+    max|q_h| / 448 per head. |q/s - hi| <= |q/s| / 16 <= 28 fits E4M3; hi alone carries 3 mantissa bits
+    (2-5% error on scores), hi + lo about 7, near bf16's 8."""
     s = tl.maximum(tl.max(tl.abs(q), 1), 1e-30) / 448.0
     x = q / s[:, None]
-    hi = round_to_e4m3(x)
-    return hi, round_to_e4m3(x - hi), s
+    if qk_ty == tl.float32:
+        hi = round_to_e4m3(x)
+        lo = round_to_e4m3(x - hi)
+    else:  # one cvt per value pair on the GPU (round to nearest even)
+        hi = x.to(qk_ty)
+        lo = (x - hi.to(tl.float32)).to(qk_ty)
+    return hi, lo, s
 
 
 @triton.jit
@@ -75,7 +81,7 @@ def _softmax_step_qk8(q_hi, q_lo, acc, m_i, l_i, k, v, valid, qk_scale, dot_ty: 
 
 @triton.jit
 def _mfa_decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, k_scale_ptr, v_scale_ptr, out_ptr, part_o_ptr,
-                       part_lse_ptr, sm_scale_log2, tokens_per_split, num_splits,
+                       part_lse_ptr, q8_ptr, sm_scale_log2, tokens_per_split, num_splits,
                        stride_qb, stride_qh, stride_kb, stride_kt, stride_vb, stride_vt, stride_bt,
                        stride_ob, stride_oh,
                        H: tl.constexpr, H_PAD: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
@@ -86,7 +92,9 @@ def _mfa_decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, k_scale_ptr, v_s
     CHUNK > 0: the block-table entries of CHUNK tokens are loaded once per chunk into registers, so the
     K/V addresses of the inner loop depend on no load and Triton's pipeliner can prefetch K/V tiles
     num_stages - 1 ahead; CHUNK == 0 gathers each tile's page ids with the tile (a load-to-load chain).
-    QK8 (FP8 cache only): q split once into E4M3 hi + lo (`_split_q_fp8`), q K^T as two FP8 dots.
+    QK8 (FP8 cache only): q split once into E4M3 hi + lo (`_split_q_fp8`), q K^T as two FP8 dots; 1 keeps
+    hi, lo in registers (Triton reloads them from shared memory every tile: 16 ldmatrix per warp), 2 passes
+    them through a global scratch q8 [B, S, 2, H_PAD, D] so the tensor cores read them from shared memory.
     """
     s = tl.program_id(0)
     b = tl.program_id(1)
@@ -100,10 +108,15 @@ def _mfa_decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, k_scale_ptr, v_s
     q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + h[:, None] * stride_qh + d[None, :],
                 mask=h[:, None] < H, other=0.0)  # [H_PAD, D]
     if QK8:
-        q_hi, q_lo, q_scale = _split_q_fp8(q.to(tl.float32))
         qk_ty: tl.constexpr = tl.float32 if DOT == 0 else kc_ptr.dtype.element_ty
-        q_hi = q_hi.to(qk_ty)  # exact: already E4M3 values
-        q_lo = q_lo.to(qk_ty)
+        q_hi, q_lo, q_scale = _split_q_fp8(q.to(tl.float32), qk_ty)
+        if QK8 == 2:  # round trip through the program's scratch: a LOADED dot operand stays in shared memory
+            hd = (b.to(tl.int64) * num_splits + s) * 2 * H_PAD * D + h[:, None] * D + d[None, :]
+            tl.store(q8_ptr + hd, q_hi)
+            tl.store(q8_ptr + H_PAD * D + hd, q_lo)
+            tl.debug_barrier()  # the CTA's global writes are visible to all its threads after the barrier
+            q_hi = tl.load(q8_ptr + hd)
+            q_lo = tl.load(q8_ptr + H_PAD * D + hd)
     else:
         q = q.to(dot_ty)
     qk_scale = sm_scale_log2 * tl.load(k_scale_ptr)  # log2-domain scores, FP8 K scale folded in
@@ -185,13 +198,13 @@ class DecodePlan:
     num_stages: int
     chunk: int  # tokens whose page ids are loaded at once (0: per tile); divides tokens_per_split
     page: int
-    qk_fp8: bool = False  # FP8 cache: q K^T as E4M3 dots on q split into hi + lo (see _split_q_fp8)
+    qk_fp8: int = 0  # FP8 cache: q K^T as E4M3 dots of q split into hi + lo; 1 q in registers, 2 via scratch
 
 
 # (block_n, num_warps, num_stages, chunk_max, qk_fp8) for head_dim >= 128 on the GPU, by KV bytes per
 # value: the launches the committed H200 run picked (results/mfa_attention_h200.json "launch"; NOTES_mfa.md).
-_GPU_LAUNCH = {2: (32, 4, 4, 512, False), 1: (32, 4, 3, 512, False)}
-_CPU_LAUNCH = (32, 4, 2, 128, False)
+_GPU_LAUNCH = {2: (32, 4, 4, 512, 0), 1: (32, 4, 3, 512, 0)}
+_CPU_LAUNCH = (32, 4, 2, 128, 0)
 MAX_SPLITS = 512
 SMEM_PER_SM = 227 * 1024
 SPLIT_COST_TOKENS = 128  # a split's q load + fp32 partial write + merge read, in cached-token equivalents
@@ -227,7 +240,7 @@ def _pick_splits(batch: int, max_seq_len: int, slots: int, granule: int, max_spl
 def plan_decode(batch: int, max_seq_len: int, head_dim: int, device: torch.device,
                 kv_dtype: torch.dtype = torch.bfloat16, page: int = 64, heads: int = 64,
                 num_splits: int | None = None, block_n: int | None = None, num_warps: int | None = None,
-                num_stages: int | None = None, chunk_max: int | None = None, qk_fp8: bool | None = None,
+                num_stages: int | None = None, chunk_max: int | None = None, qk_fp8: int | None = None,
                 min_split_tokens: int = 256) -> DecodePlan:
     """Launch parameters (tuned table) and the split of the sequence (`_pick_splits`), in one place."""
     on_gpu = device.type == "cuda"
@@ -235,7 +248,7 @@ def plan_decode(batch: int, max_seq_len: int, head_dim: int, device: torch.devic
     tuned = _GPU_LAUNCH[kv_bytes] if on_gpu and head_dim >= 128 else _CPU_LAUNCH
     block_n, num_warps, num_stages = block_n or tuned[0], num_warps or tuned[1], num_stages or tuned[2]
     chunk_max = tuned[3] if chunk_max is None else chunk_max
-    qk_fp8 = (tuned[4] if qk_fp8 is None else qk_fp8) and kv_bytes == 1
+    qk_fp8 = int(tuned[4] if qk_fp8 is None else qk_fp8) if kv_bytes == 1 else 0
     granule = max(block_n, page) if chunk_max else block_n  # splits start on a page when chunking
     if num_splits is None:
         sms = torch.cuda.get_device_properties(device).multi_processor_count if on_gpu else 4
@@ -285,14 +298,18 @@ def mfa_decode(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor, 
     direct = plan.num_splits == 1
     part_o = out if direct else torch.empty((B, plan.num_splits, H, D), dtype=torch.float32, device=q.device)
     part_lse = out if direct else torch.empty((B, plan.num_splits, H), dtype=torch.float32, device=q.device)
+    qk8 = plan.qk_fp8 if cache.is_fp8 else 0
+    h_pad = max(16, triton.next_power_of_2(H))
+    q8 = (torch.empty(B * plan.num_splits * 2 * h_pad * D, device=q.device,
+                      dtype=cache.k.dtype if dot_kind(cache) else torch.float32) if qk8 == 2 else out)
     _mfa_decode_kernel[(plan.num_splits, B)](
-        q, cache.k, cache.v, block_table, seq_lens, cache.k_scale, cache.v_scale, out, part_o, part_lse,
+        q, cache.k, cache.v, block_table, seq_lens, cache.k_scale, cache.v_scale, out, part_o, part_lse, q8,
         D ** -0.5 * LOG2E, plan.tokens_per_split, plan.num_splits,
         q.stride(0), q.stride(1), cache.k.stride(0), cache.k.stride(1), cache.v.stride(0), cache.v.stride(1),
         block_table.stride(0), out.stride(0), out.stride(1),
-        H=H, H_PAD=max(16, triton.next_power_of_2(H)), D=D, PAGE=cache.block_size,
+        H=H, H_PAD=h_pad, D=D, PAGE=cache.block_size,
         BLOCK_N=plan.block_n, CHUNK=plan.chunk, DIRECT=direct, DOT=dot_kind(cache),
-        QK8=plan.qk_fp8 and cache.is_fp8, num_warps=plan.num_warps, num_stages=plan.num_stages)
+        QK8=qk8, num_warps=plan.num_warps, num_stages=plan.num_stages)
     if not direct:
         s_pad = triton.next_power_of_2(plan.num_splits)
         d_block = min(D, max(16, 8192 // s_pad))  # a [S_PAD, D_BLOCK] fp32 tile of <= 32 KiB

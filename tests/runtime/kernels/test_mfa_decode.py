@@ -14,7 +14,7 @@ from runtime.model import reference
 TOL_BF16, TOL_FP32 = 1e-2, (1e-2 if DEVICE.type == "cuda" else 1e-5)
 
 
-def _run(heads, head_dim, page, dtype, q_dtype, num_splits, seed, count=7, qk_fp8=False, q_gain=1.0):
+def _run(heads, head_dim, page, dtype, q_dtype, num_splits, seed, count=7, qk_fp8=0, q_gain=1.0):
     gen = torch.Generator().manual_seed(seed)
     lengths = boundary_lengths(page, count, gen, longest=5 * page)
     cache, block_table, seq_lens = random_paged_cache(lengths, head_dim, page, dtype, gen)
@@ -35,31 +35,32 @@ def test_decode_matches_reference(dtype, page, num_splits):
     assert err < TOL_BF16
 
 
-@pytest.mark.parametrize("page", [16, 64])
-@pytest.mark.parametrize("num_splits", [1, None], ids=["direct-gather", "auto-chunked"])
-def test_decode_qk_fp8_matches_reference(page, num_splits):
+@pytest.mark.parametrize("qk_fp8", [1, 2], ids=["q-regs", "q-scratch"])
+@pytest.mark.parametrize("page, num_splits", [(16, 1), (64, None), (32, 3)])
+def test_decode_qk_fp8_matches_reference(page, num_splits, qk_fp8):
     """FP8 cache, q K^T as E4M3 dots of q split into hi + lo (on the CPU the split is exact E4M3 values,
     the dots fp32): within bf16's tolerance, where hi alone would be 2-5% off."""
-    err = _run(4, 64, page, FP8_DTYPE, torch.bfloat16, num_splits, seed=3 * page, qk_fp8=True)
+    err = _run(4, 64, page, FP8_DTYPE, torch.bfloat16, num_splits, seed=3 * page, qk_fp8=qk_fp8)
     assert err < TOL_BF16
 
 
-def test_decode_qk_fp8_per_head_scale():
+@pytest.mark.parametrize("qk_fp8", [1, 2], ids=["q-regs", "q-scratch"])
+def test_decode_qk_fp8_per_head_scale(qk_fp8):
     """Heads whose q spans 1e-3..1e5 (beyond fp16) keep their accuracy: the split scales q per head."""
     gen = torch.Generator().manual_seed(5)
     cache, block_table, seq_lens = random_paged_cache([40, 129, 1], 64, 32, FP8_DTYPE, gen)
     gains = torch.tensor([1e-3, 1.0, 30.0, 1e5]).view(1, 4, 1)
     q = (torch.randn(3, 4, 64, generator=gen) * gains).to(torch.bfloat16).to(DEVICE)
-    plan = plan_decode(3, 129, 64, DEVICE, FP8_DTYPE, 32, qk_fp8=True)
-    assert plan.qk_fp8
+    plan = plan_decode(3, 129, 64, DEVICE, FP8_DTYPE, 32, num_splits=2, qk_fp8=qk_fp8)
+    assert plan.qk_fp8 == qk_fp8 and plan.num_splits == 2
     out = mfa_decode(q, cache, block_table, seq_lens, plan=plan)
     ref = mfa_decode_ref(q, cache, block_table, seq_lens)
     for h in range(4):  # per head: a large head's error must not hide a small head's
         assert rel_err(out[:, h], ref[:, h]) < TOL_BF16, h
-    assert not plan_decode(3, 129, 64, DEVICE, torch.bfloat16, 32, qk_fp8=True).qk_fp8  # BF16: no split
+    assert plan_decode(3, 129, 64, DEVICE, torch.bfloat16, 32, qk_fp8=qk_fp8).qk_fp8 == 0  # BF16: no split
 
 
-@pytest.mark.parametrize("qk_fp8", [False, True], ids=["fp16-dots", "qk-fp8"])
+@pytest.mark.parametrize("qk_fp8", [0, 2], ids=["fp16-dots", "qk-fp8"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, FP8_DTYPE], ids=["bf16", "fp8"])
 def test_decode_step3_shape(dtype, qk_fp8):
     """The real model's 64 heads x 256 with the launcher's own plan (the tuned GPU launch on a GPU)."""
