@@ -124,6 +124,8 @@ MOE_CANDIDATES = {
     "m16s3i": MoeConfig(16, 1, 4, 3, 128, 4, 3, interleave=True),
     "m64w8i": MoeConfig(64, 8, 8, 3, 128, 4, 3, interleave=True),
     "m64w8s4i": MoeConfig(64, 8, 8, 4, 128, 4, 4, interleave=True),
+    # and the down GEMM as 64x256 tiles on 8 warps (two warpgroups of 64x128: 186 registers, no spills)
+    "m64w8id": MoeConfig(64, 8, 8, 3, 256, 8, 3, interleave=True),
 }
 # default per mean (token, slot) pairs per expert: (upper bound, candidate name), first match wins.
 # H200 run 4's winners; benchmarks/moe_ffn.py prints the line to paste here from its in-run winners.

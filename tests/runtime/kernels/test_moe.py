@@ -96,9 +96,8 @@ def test_fused_moe_fp8_matches_reference(T, interleave):
 
 
 def _candidates() -> list[str]:
-    """Every candidate on a GPU; under the interpreter (no warps, no stages) one per distinct tiling."""
-    if DEVICE.type == "cuda":
-        return sorted(MOE_CANDIDATES)
+    """One candidate per distinct tiling (warps and stages are the GPU compiler's business: the
+    benchmark checks every candidate at Step-3's dims before timing it)."""
     tilings = {}
     for name in sorted(MOE_CANDIDATES):
         c = MOE_CANDIDATES[name]
