@@ -34,22 +34,46 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _softmax_step(q, acc, m_i, l_i, k, v, valid, qk_scale, dot_ty: tl.constexpr):
-    """One online-softmax step of the [H_PAD, D] head tile against K, V [BLOCK_N, D] (invalid rows masked)."""
-    scores = tl.dot(q, tl.trans(k.to(dot_ty))) * qk_scale  # [H_PAD, BLOCK_N], log2 domain
-    return _online_softmax(scores, acc, m_i, l_i, v, valid, dot_ty)
+def _softmax_step(q, q_lo, acc, m_i, l_i, k, v, valid, qk_scale, dot_ty: tl.constexpr, QK8: tl.constexpr,
+                  LAZY: tl.constexpr):
+    """One online-softmax step of the [H_PAD, D] head tile against K, V [BLOCK_N, D] (invalid rows masked).
+
+    QK8: q is the E4M3 hi part and q_lo the lo part of the split q (`_split_q_fp8`); scores = qk_scale
+    (q_hi.K + q_lo.K), two E4M3 x E4M3 dots into ONE accumulator on the raw cache tile (the tensor cores
+    read K straight from shared memory: no conversion, no round trip); qk_scale [H_PAD] carries the
+    per-head q scale. P V stays in fp16 (V converted). Otherwise q_lo is unused."""
+    if QK8:
+        kt = tl.trans(k.to(tl.float32)) if dot_ty == tl.float32 else tl.trans(k)  # fp32: CPU interpreter
+        scores = tl.dot(q_lo, kt, tl.dot(q, kt)) * qk_scale[:, None]
+    else:
+        scores = tl.dot(q, tl.trans(k.to(dot_ty))) * qk_scale  # [H_PAD, BLOCK_N], log2 domain
+    return _online_softmax(scores, acc, m_i, l_i, v, valid, dot_ty, LAZY)
 
 
 @triton.jit
-def _online_softmax(scores, acc, m_i, l_i, v, valid, dot_ty: tl.constexpr):
-    """Fold log2-domain scores [H_PAD, BLOCK_N] and V [BLOCK_N, D] into (acc, m_i, l_i)."""
+def _online_softmax(scores, acc, m_i, l_i, v, valid, dot_ty: tl.constexpr, LAZY: tl.constexpr = 0):
+    """Fold log2-domain scores [H_PAD, BLOCK_N] and V [BLOCK_N, D] into (acc, m_i, l_i).
+
+    LAZY > 0: the reference max m_i (and acc, l_i with it) moves only when some row's max grew by more than
+    LAZY (log2 units), so most tiles skip the [H_PAD, D] rescale; p = 2^(s - m_i) stays <= 2^LAZY."""
     scores = tl.where(valid[None, :], scores, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(scores, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(scores - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(dot_ty), v.to(dot_ty))
-    return acc, m_new, l_i
+    if LAZY:
+        if tl.max(tl.where(m_new > m_i, m_new - m_i, 0.0), 0) > LAZY:  # one scalar test per tile
+            alpha = tl.exp2(m_i - m_new)
+            acc = acc * alpha[:, None]
+            l_i = l_i * alpha
+            m_i = m_new
+        p = tl.exp2(scores - m_i[:, None])
+        l_i = l_i + tl.sum(p, 1)
+        acc = acc + tl.dot(p.to(dot_ty), v.to(dot_ty))
+    else:
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(dot_ty), v.to(dot_ty))
+        m_i = m_new
+    return acc, m_i, l_i
 
 
 @triton.jit
@@ -70,23 +94,13 @@ def _split_q_fp8(q, qk_ty: tl.constexpr):
 
 
 @triton.jit
-def _softmax_step_qk8(q_hi, q_lo, acc, m_i, l_i, k, v, valid, qk_scale, dot_ty: tl.constexpr):
-    """FP8 cache: scores = qk_scale (q_hi.K + q_lo.K), two E4M3 x E4M3 dots into ONE accumulator on the raw
-    cache tile (the tensor cores read K straight from shared memory: no conversion, no round trip);
-    qk_scale [H_PAD] carries the per-head q scale. P V stays in fp16 (V converted)."""
-    kt = tl.trans(k.to(tl.float32)) if dot_ty == tl.float32 else tl.trans(k)  # fp32: CPU interpreter
-    scores = tl.dot(q_lo, kt, tl.dot(q_hi, kt)) * qk_scale[:, None]
-    return _online_softmax(scores, acc, m_i, l_i, v, valid, dot_ty)
-
-
-@triton.jit
 def _mfa_decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, k_scale_ptr, v_scale_ptr, out_ptr, part_o_ptr,
                        part_lse_ptr, q8_ptr, sm_scale_log2, tokens_per_split, num_splits,
                        stride_qb, stride_qh, stride_kb, stride_kt, stride_vb, stride_vt, stride_bt,
                        stride_ob, stride_oh,
                        H: tl.constexpr, H_PAD: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
                        BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, DIRECT: tl.constexpr,
-                       DOT: tl.constexpr, QK8: tl.constexpr):
+                       DOT: tl.constexpr, QK8: tl.constexpr, LAZY: tl.constexpr):
     """Program (split s, sequence b): online softmax over tokens [s * tps, (s + 1) * tps) of b.
 
     CHUNK > 0: the block-table entries of CHUNK tokens are loaded once per chunk into registers, so the
@@ -107,18 +121,19 @@ def _mfa_decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, k_scale_ptr, v_s
     d = tl.arange(0, D)
     q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + h[:, None] * stride_qh + d[None, :],
                 mask=h[:, None] < H, other=0.0)  # [H_PAD, D]
-    if QK8:
+    if QK8:  # from here on q is the hi part of the split q
         qk_ty: tl.constexpr = tl.float32 if DOT == 0 else kc_ptr.dtype.element_ty
-        q_hi, q_lo, q_scale = _split_q_fp8(q.to(tl.float32), qk_ty)
+        q, q_lo, q_scale = _split_q_fp8(q.to(tl.float32), qk_ty)
         if QK8 == 2:  # round trip through the program's scratch: a LOADED dot operand stays in shared memory
             hd = (b.to(tl.int64) * num_splits + s) * 2 * H_PAD * D + h[:, None] * D + d[None, :]
-            tl.store(q8_ptr + hd, q_hi)
+            tl.store(q8_ptr + hd, q)
             tl.store(q8_ptr + H_PAD * D + hd, q_lo)
             tl.debug_barrier()  # the CTA's global writes are visible to all its threads after the barrier
-            q_hi = tl.load(q8_ptr + hd)
+            q = tl.load(q8_ptr + hd)
             q_lo = tl.load(q8_ptr + H_PAD * D + hd)
     else:
         q = q.to(dot_ty)
+        q_lo = q  # unused
     qk_scale = sm_scale_log2 * tl.load(k_scale_ptr)  # log2-domain scores, FP8 K scale folded in
     if QK8:
         qk_scale = qk_scale * q_scale  # [H_PAD]: per-head scale of the split q
@@ -132,10 +147,7 @@ def _mfa_decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, k_scale_ptr, v_s
             valid = tok < end
             k = load_paged_rows(kc_ptr, bt_row, tok, valid, stride_kb, stride_kt, PAGE, D)
             v = load_paged_rows(vc_ptr, bt_row, tok, valid, stride_vb, stride_vt, PAGE, D)
-            if QK8:
-                acc, m_i, l_i = _softmax_step_qk8(q_hi, q_lo, acc, m_i, l_i, k, v, valid, qk_scale, dot_ty)
-            else:
-                acc, m_i, l_i = _softmax_step(q, acc, m_i, l_i, k, v, valid, qk_scale, dot_ty)
+            acc, m_i, l_i = _softmax_step(q, q_lo, acc, m_i, l_i, k, v, valid, qk_scale, dot_ty, QK8, LAZY)
     else:
         cp = tl.arange(0, CHUNK // PAGE)
         for c0 in range(start, end, CHUNK):  # c0 is page-aligned: tokens_per_split % CHUNK == 0
@@ -148,11 +160,8 @@ def _mfa_decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, k_scale_ptr, v_s
                 page = tl.sum(tl.where(pick, pages[None, :], 0), 1)  # [BLOCK_N] register "gather"
                 k = load_page_rows(kc_ptr, page, tok, valid, stride_kb, stride_kt, PAGE, D)
                 v = load_page_rows(vc_ptr, page, tok, valid, stride_vb, stride_vt, PAGE, D)
-                if QK8:
-                    acc, m_i, l_i = _softmax_step_qk8(q_hi, q_lo, acc, m_i, l_i, k, v, valid, qk_scale,
-                                                      dot_ty)
-                else:
-                    acc, m_i, l_i = _softmax_step(q, acc, m_i, l_i, k, v, valid, qk_scale, dot_ty)
+                acc, m_i, l_i = _softmax_step(q, q_lo, acc, m_i, l_i, k, v, valid, qk_scale, dot_ty, QK8,
+                                              LAZY)
     l_i = tl.where(l_i > 0, l_i, 1.0)  # an empty split: o = 0 and lse = -inf, i.e. weight 0 in the merge
     o = acc * (tl.load(v_scale_ptr) / l_i)[:, None]
     if DIRECT:
@@ -199,12 +208,13 @@ class DecodePlan:
     chunk: int  # tokens whose page ids are loaded at once (0: per tile); divides tokens_per_split
     page: int
     qk_fp8: int = 0  # FP8 cache: q K^T as E4M3 dots of q split into hi + lo; 1 q in registers, 2 via scratch
+    lazy: int = 0  # > 0: rescale acc only when a row max grew by more than `lazy` (log2); see _online_softmax
 
 
-# (block_n, num_warps, num_stages, chunk_max, qk_fp8) for head_dim >= 128 on the GPU, by KV bytes per
+# (block_n, num_warps, num_stages, chunk_max, qk_fp8, lazy) for head_dim >= 128 on the GPU, by KV bytes per
 # value: the launches the committed H200 run picked (results/mfa_attention_h200.json "launch"; NOTES_mfa.md).
-_GPU_LAUNCH = {2: (32, 4, 4, 512, 0), 1: (32, 4, 3, 512, 0)}
-_CPU_LAUNCH = (32, 4, 2, 128, 0)
+_GPU_LAUNCH = {2: (32, 4, 4, 512, 0, 0), 1: (32, 4, 3, 512, 0, 0)}
+_CPU_LAUNCH = (32, 4, 2, 128, 0, 0)
 MAX_SPLITS = 512
 SMEM_PER_SM = 227 * 1024
 SPLIT_COST_TOKENS = 128  # a split's q load + fp32 partial write + merge read, in cached-token equivalents
@@ -241,7 +251,7 @@ def plan_decode(batch: int, max_seq_len: int, head_dim: int, device: torch.devic
                 kv_dtype: torch.dtype = torch.bfloat16, page: int = 64, heads: int = 64,
                 num_splits: int | None = None, block_n: int | None = None, num_warps: int | None = None,
                 num_stages: int | None = None, chunk_max: int | None = None, qk_fp8: int | None = None,
-                min_split_tokens: int = 256) -> DecodePlan:
+                lazy: int | None = None, min_split_tokens: int = 256) -> DecodePlan:
     """Launch parameters (tuned table) and the split of the sequence (`_pick_splits`), in one place."""
     on_gpu = device.type == "cuda"
     kv_bytes = torch.empty(0, dtype=kv_dtype).element_size()
@@ -249,6 +259,7 @@ def plan_decode(batch: int, max_seq_len: int, head_dim: int, device: torch.devic
     block_n, num_warps, num_stages = block_n or tuned[0], num_warps or tuned[1], num_stages or tuned[2]
     chunk_max = tuned[3] if chunk_max is None else chunk_max
     qk_fp8 = int(tuned[4] if qk_fp8 is None else qk_fp8) if kv_bytes == 1 else 0
+    lazy = tuned[5] if lazy is None else lazy
     granule = max(block_n, page) if chunk_max else block_n  # splits start on a page when chunking
     if num_splits is None:
         sms = torch.cuda.get_device_properties(device).multi_processor_count if on_gpu else 4
@@ -259,7 +270,7 @@ def plan_decode(batch: int, max_seq_len: int, head_dim: int, device: torch.devic
     tokens = _split_tokens(max_seq_len, num_splits, granule)
     return DecodePlan(num_splits=triton.cdiv(max_seq_len, tokens), tokens_per_split=tokens, block_n=block_n,
                       num_warps=num_warps, num_stages=num_stages, chunk=_chunk(tokens, granule, chunk_max),
-                      page=page, qk_fp8=qk_fp8)
+                      page=page, qk_fp8=qk_fp8, lazy=lazy)
 
 
 def _check_decode(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor,
@@ -309,7 +320,7 @@ def mfa_decode(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor, 
         block_table.stride(0), out.stride(0), out.stride(1),
         H=H, H_PAD=h_pad, D=D, PAGE=cache.block_size,
         BLOCK_N=plan.block_n, CHUNK=plan.chunk, DIRECT=direct, DOT=dot_kind(cache),
-        QK8=qk8, num_warps=plan.num_warps, num_stages=plan.num_stages)
+        QK8=qk8, LAZY=plan.lazy, num_warps=plan.num_warps, num_stages=plan.num_stages)
     if not direct:
         s_pad = triton.next_power_of_2(plan.num_splits)
         d_block = min(D, max(16, 8192 // s_pad))  # a [S_PAD, D_BLOCK] fp32 tile of <= 32 KiB
