@@ -19,6 +19,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -153,30 +154,57 @@ def _sdpa_decode(pools: Pools, batch: int, ctx: int, reps: int, gen: torch.Gener
     return dict(time_us=us, tb_s=(kv_bytes + 2 * batch * H * D * 2) / us / 1e6)
 
 
-def launch_kw(t: tuple[int, int, int, int]) -> dict:
-    """(block_n, num_warps, num_stages, chunk_max) -> plan_decode keyword arguments."""
-    return dict(block_n=t[0], num_warps=t[1], num_stages=t[2], chunk_max=t[3])
+LAUNCH_FIELDS = ("block_n", "num_warps", "num_stages", "chunk_max", "qk_fp8", "lazy")
+# In-run candidates per KV dtype, (block_n, num_warps, num_stages, chunk_max, qk_fp8, lazy); the first of
+# each is the library default (mfa_decode._GPU_LAUNCH). Predictions: benchmarks/NOTES_mfa.md, v4.
+CANDIDATES = {"bf16": [(32, 4, 4, 512, 0, 0), (32, 4, 3, 512, 0, 0), (32, 4, 4, 512, 0, 8)],
+              "fp8": [(32, 4, 3, 512, 0, 0), (32, 4, 3, 512, 2, 0), (32, 4, 3, 512, 2, 8),
+                      (32, 4, 4, 512, 2, 8), (64, 4, 2, 512, 2, 8)]}
+TUNE_SHAPES = ((256, 4096), (32, 4096), (1, 32768))
+
+
+def launch_kw(t: tuple[int, ...]) -> dict:
+    """(block_n, num_warps, num_stages, chunk_max[, qk_fp8, lazy]) -> plan_decode keyword arguments."""
+    return dict(zip(LAUNCH_FIELDS, t, strict=False))
+
+
+def try_candidate(pools: Pools, fp8: bool, t: tuple, reps: int, gen: torch.Generator) -> dict:
+    """Times and errors of one launch on TUNE_SHAPES; `error` set if it fails to run or misses 1e-2."""
+    out: dict = dict(launch=launch_kw(t), times_us=[], rel_errs=[])
+    for b, c in TUNE_SHAPES:
+        try:
+            row = decode_point(pools, b, c, fp8, 64, reps, gen, launch_kw(t))
+        except Exception as e:  # compile failure (shared memory, registers), launch error: skip, never stop
+            out["error"] = f"{type(e).__name__}: {e}"[:300]
+            return out
+        out["times_us"].append(row["time_us"])
+        out["rel_errs"].append(row["rel_err"])
+        if not row["rel_err"] <= 1e-2:  # NaN fails too
+            out["error"] = f"wrong: rel err {row['rel_err']:.2e} vs float64 at B={b} L={c}"
+            return out
+    out["total_us"] = sum(out["times_us"])
+    return out
 
 
 def pick_launch(pools: Pools, reps: int, gen: torch.Generator, log) -> dict:
-    """Per KV dtype, the launch (block_n, warps, stages, chunk) with the least total time on three shapes.
-
-    The candidates are the front-runners of the --quick pass; the winner is used for the whole sweep and
-    recorded in the JSON with every candidate's times.
-    """
-    candidates = {False: [(16, 4, 4, 512), (32, 4, 3, 512), (32, 4, 4, 512)],
-                  True: [(32, 4, 3, 512), (16, 4, 4, 512), (64, 4, 3, 512), (32, 4, 4, 512)]}
+    """Per KV dtype, the correct launch with the least total time on TUNE_SHAPES (fresh random inputs,
+    each shape checked against float64 before a candidate may win). The winner runs the whole sweep; the
+    JSON keeps every candidate's times, errors and the default's time for comparison."""
     chosen = {}
-    for fp8, launches in candidates.items():
-        totals = {}
+    for kv, launches in CANDIDATES.items():
+        tried = []
         for t in launches:
-            times = [decode_point(pools, b, c, fp8, 64, reps, gen, launch_kw(t))["time_us"]
-                     for b, c in ((256, 4096), (32, 4096), (1, 32768))]
-            totals[t] = times
-            log(f"tune {'fp8' if fp8 else 'bf16'} {t}: {[round(x, 1) for x in times]} us")
-        best = min(totals, key=lambda t: sum(totals[t]))
-        chosen["fp8" if fp8 else "bf16"] = dict(launch=launch_kw(best),
-                                                candidates={str(k): v for k, v in totals.items()})
+            r = try_candidate(pools, kv == "fp8", t, reps, gen)
+            tried.append(r)
+            log(f"tune {kv} {t}: {[round(x, 1) for x in r['times_us']]} us"
+                + (f"  SKIPPED ({r['error']})" if "error" in r else ""))
+        ok = [r for r in tried if "error" not in r]
+        best = min(ok, key=lambda r: r["total_us"]) if ok else dict(launch=None)
+        default = tried[0].get("total_us")
+        chosen[kv] = dict(launch=best["launch"], candidates=tried, default_total_us=default,
+                          gain_vs_default=default / best["total_us"] if ok and default else None)
+        gain = chosen[kv]["gain_vs_default"]
+        log(f"tune {kv}: winner {best['launch']}" + (f", {gain:.2f}x the default" if gain else ""))
     return chosen
 
 
@@ -187,7 +215,13 @@ def decode_sweep(pools: Pools, shapes, pages, reps, gen, log, launch: dict | Non
         for page in pages:
             for fp8 in (False, True):
                 kw = launch["fp8" if fp8 else "bf16"]["launch"] if launch else None
-                row = decode_point(pools, batch, ctx, fp8, page, reps, gen, kw)
+                try:
+                    row = decode_point(pools, batch, ctx, fp8, page, reps, gen, kw)
+                except Exception as e:  # the in-run winner failing at a shape it was not tuned on
+                    log(f"decode B={batch} L={ctx} page {page} launch {kw} failed ({type(e).__name__}: "
+                        f"{str(e)[:200]}); library default instead")
+                    row = decode_point(pools, batch, ctx, fp8, page, reps, gen, None)
+                    row["launch_fallback"] = f"{type(e).__name__}: {str(e)[:200]}"
                 speedup = base["time_us"] / row["time_us"] if base["time_us"] else None
                 row.update(sdpa_time_us=base["time_us"], sdpa_tb_s=base["tb_s"], speedup_vs_sdpa=speedup,
                            sdpa_error=base.get("error"))
@@ -245,7 +279,7 @@ def sdpa_prefill(qt: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.
 def quick(pools: Pools, reps: int, gen: torch.Generator, log) -> dict:
     """Decode launch variants on a few shapes, split policies on the split-bound ones, prefill variants."""
     rows = []
-    # (block_n, num_warps, num_stages, chunk_max); chunk_max 0 = page ids gathered per tile
+    # (block_n, num_warps, num_stages, chunk_max); chunk_max 0 = page ids gathered per tile (v1/v2 history)
     bf16 = [(32, 4, 3, 0), (32, 4, 3, 512), (32, 4, 4, 512), (16, 4, 3, 512), (16, 4, 4, 512),
             (64, 4, 2, 512), (64, 8, 3, 512), (32, 8, 3, 512), (32, 4, 3, 2048)]
     fp8 = [(64, 4, 3, 0), (64, 4, 3, 512), (64, 4, 2, 512), (32, 4, 3, 512), (32, 4, 4, 512),
@@ -369,7 +403,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--page", type=int, default=64, help="KV page (block) size in tokens")
     args = ap.parse_args()
-    log = lambda s: print(s, file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    log = lambda s: print(f"[{time.perf_counter() - start:6.1f} s] {s}", file=sys.stderr, flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     result: dict = dict(machine=machine(), heads=H, head_dim=D, reps=args.reps)
     if args.tests:
@@ -384,14 +419,17 @@ def main() -> None:
         result["quick"] = quick(pools, args.reps, gen, log)
         (args.out / "mfa_attention_quick.json").write_text(json.dumps(result, indent=1))
         return
+    t0 = time.perf_counter()
     result["launch"] = launch = pick_launch(pools, args.reps, gen, log)
+    result["launch_tune_s"] = time.perf_counter() - t0
     shapes = [(b, c) for b in BATCHES for c in CONTEXTS]
     decode = decode_sweep(pools, shapes, [args.page], args.reps, gen, log, launch)
     decode += decode_sweep(pools, [(1, 32768), (32, 4096), (256, 4096)], [16], args.reps, gen, log, launch)
     result["decode"] = decode
     (args.out / "mfa_attention_h200.json").write_text(json.dumps(result, indent=1))  # kept if prefill fails
     prefill = [prefill_point(pools, n, args.page, args.reps, gen) for n in PREFILL]
-    result.update(decode=decode, prefill=prefill, bars=bars(decode, prefill, copy))
+    result.update(decode=decode, prefill=prefill, bars=bars(decode, prefill, copy),
+                  elapsed_s=time.perf_counter() - start)
     (args.out / "mfa_attention_h200.json").write_text(json.dumps(result, indent=1))
     plot(args.out / "mfa_attention_h200.png", decode, prefill, copy)
     summary(result, log)
@@ -402,6 +440,14 @@ def summary(result: dict, log) -> None:
     misses = [b for b in result["bars"] if not b["passed"]]
     total = len(result["bars"])
     print(f"copy {result['copy_tb_s']:.2f} TB/s; bars passed {total - len(misses)}/{total}")
+    for kv, pick in result["launch"].items():  # the lead copies these into mfa_decode._GPU_LAUNCH
+        launch = pick["launch"] and tuple(pick["launch"][f] for f in LAUNCH_FIELDS)
+        print(f"launch {kv}: {launch} ({pick['gain_vs_default'] or float('nan'):.2f}x the default on "
+              f"{len(TUNE_SHAPES)} shapes)")
+    shown = ((256, 4096), (128, 32768), (32, 4096), (1, 32768))
+    ratio = {(r["batch"], r["context"], r["page"]): r.get("time_over_bf16") for r in result["decode"]}
+    print("fp8 / bf16 time: " + ", ".join(f"{b}x{c // 1024}K p{p} {v:.2f}" for (b, c, p), v in ratio.items()
+                                         if v and (b, c) in shown))
     for r in result["prefill"]:
         print(f"prefill {r['tokens']:6d}: {r['tflop_s']:6.0f} TFLOP/s vs SDPA {r['sdpa_tflop_s']:6.0f} "
               f"(x{r['ratio_vs_sdpa']:.2f}) err {r['rel_err']:.1e}")

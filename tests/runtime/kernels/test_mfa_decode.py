@@ -36,7 +36,7 @@ def test_decode_matches_reference(dtype, page, num_splits):
 
 
 @pytest.mark.parametrize("qk_fp8, lazy", [(1, 0), (2, 0), (2, 8)], ids=["regs", "scratch", "lazy"])
-@pytest.mark.parametrize("page, num_splits", [(16, 1), (64, None), (32, 3)])
+@pytest.mark.parametrize("page, num_splits", [(16, 1), (32, 3)])
 def test_decode_qk_fp8_matches_reference(page, num_splits, qk_fp8, lazy):
     """FP8 cache, q K^T as E4M3 dots of q split into hi + lo (on the CPU the split is exact E4M3 values,
     the dots fp32): within bf16's tolerance, where hi alone would be 2-5% off."""
@@ -45,8 +45,7 @@ def test_decode_qk_fp8_matches_reference(page, num_splits, qk_fp8, lazy):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, FP8_DTYPE], ids=["bf16", "fp8"])
-@pytest.mark.parametrize("lazy", [1, 8])
-def test_decode_lazy_rescale(dtype, lazy):
+def test_decode_lazy_rescale(dtype, lazy=8):
     """Lazy rescaling on scores whose max keeps jumping along the sequence (by more and by less than the
     threshold) and grows past what the dot type holds without rescaling (2^128 for the CPU's fp32 dots,
     2^16 for fp16 P on the GPU): same result as the eager online softmax and the float64 reference."""
