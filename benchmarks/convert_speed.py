@@ -4,13 +4,15 @@
         -> benchmarks/results/convert_speed_cpu.json
 
 Synthesizes step3-small (BF16, ~0.8 GB) once with `step3 synth`, then, in turn (order rotated every
-repeat): `cp -r SRC`, the library call `hf_to_afd(SRC, --ffn-ranks 2)` in this process, and the CLI
-`step3 convert` as a subprocess (which adds ~2 s of interpreter + torch import). Each run starts
+repeat): `cp -r SRC`, the library call `hf_to_afd(SRC, --ffn-ranks 2)` in this process (with one torch
+thread, as `step3 convert` runs it), and the CLI `step3 convert` as a subprocess, as a user runs it
+(interpreter start and the torch import included; measured apart as `cli_startup`). Each run starts
 after a `sync` and is timed twice: when it returns ("page cache": the source is warm, since caches
 cannot be dropped here, and the output sits in memory) and after the `sync` that follows
 ("durable": the bytes are on the disk); its CPU seconds are recorded too. Reported: all times,
 medians, ratios to cp, and the CPU cost of one sha256 pass over the checkpoint (the floor that a
-checksummed copy pays on top of `cp`).
+checksummed copy pays on top of `cp`). The machine is shared: the run waits (up to --wait-load s) for the
+1-minute load average to fall below --max-load, and records it before, during and after.
 Peak RSS comes from `/usr/bin/time -v` around the CLI, for step3-small and step3-tiny (RSS must not
 grow with the checkpoint) and for a bare import of the CLI (the interpreter + torch floor).
 """
@@ -67,6 +69,30 @@ def peak_rss_kb(cmd: list[str]) -> int:
     return int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
 
 
+def wait_for_quiet(max_load: float, wait_s: float) -> float:
+    """Wait until the 1-minute load average is below `max_load` (other jobs would steal the 2 cores and
+    skew the ratios), at most `wait_s` seconds; returns the load at the start."""
+    deadline = time.monotonic() + wait_s
+    while os.getloadavg()[0] >= max_load and time.monotonic() < deadline:
+        time.sleep(10)
+    return os.getloadavg()[0]
+
+
+def cli_startup(repeats: int) -> dict:
+    """Seconds before `step3 convert` moves a byte: `--help` (interpreter + CLI), and importing the
+    conversion library (torch included), each the median of `repeats` runs."""
+    def run(cmd: list[str]) -> float:
+        start = time.perf_counter()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        return time.perf_counter() - start
+
+    out = {}
+    for name, cmd in (("convert_help_s", [*CLI, "convert", "--help"]),
+                      ("import_converters_convert_s", [sys.executable, "-c", "import converters.convert"])):
+        out[name] = round(statistics.median(run(cmd) for _ in range(repeats)), 3)
+    return out
+
+
 def checkpoint_facts(path: Path) -> dict:
     from converters.hf import HFCheckpoint
 
@@ -98,6 +124,19 @@ def synth(out: Path, preset: str) -> Path:
     return out
 
 
+def _library(src: Path, dst: Path, ffn_ranks: int) -> None:
+    import torch
+
+    from converters.convert import hf_to_afd
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as step3cli/convert.py does
+    try:
+        hf_to_afd(src, dst, ffn_ranks=ffn_ranks)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _median_table(runs: dict[str, list[tuple[float, float, float]]]) -> dict:
     out = {}
     for name, times in runs.items():
@@ -120,23 +159,28 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--ffn-ranks", type=int, default=2)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/convert_speed_cpu.json")
+    ap.add_argument("--max-load", type=float, default=1.5, help="start when the 1-min load is below this")
+    ap.add_argument("--wait-load", type=float, default=300, help="seconds to wait for that, at most")
     args = ap.parse_args()
-    from converters.convert import hf_to_afd
 
     args.work.mkdir(parents=True, exist_ok=True)
     src, tiny = synth(args.work / "small", "step3-small"), synth(args.work / "tiny", "step3-tiny")
     dst = args.work / "out"
     cli = [*CLI, "convert", str(src), str(dst), "--ffn-ranks", str(args.ffn_ranks)]
     kinds = {"cp": lambda: subprocess.run(["cp", "-r", str(src), str(dst)], check=True),
-             "convert_library": lambda: hf_to_afd(src, dst, ffn_ranks=args.ffn_ranks),
+             "convert_library": lambda: _library(src, dst, args.ffn_ranks),
              "convert_cli": lambda: subprocess.run(cli, check=True, stdout=subprocess.DEVNULL)}
     runs: dict[str, list[tuple[float, float, float]]] = {k: [] for k in kinds}
-    load_before = os.getloadavg()
+    _library(src, dst, args.ffn_ranks)  # warm-up: imports, and the output's first allocation
+    shutil.rmtree(dst, ignore_errors=True)
+    waited_for = wait_for_quiet(args.max_load, args.wait_load)
+    load_before, load_during = os.getloadavg(), []
     for i in range(args.repeats):
         order = list(kinds)[i % 3:] + list(kinds)[:i % 3]
         for name in order:
             shutil.rmtree(dst, ignore_errors=True)
             runs[name].append(timed(kinds[name]))
+        load_during.append(round(os.getloadavg()[0], 2))
     shutil.rmtree(dst, ignore_errors=True)
     load_after = os.getloadavg()
     small_kb = peak_rss_kb(cli)
@@ -149,6 +193,8 @@ def main() -> None:
     result = {
         "what": "step3 convert (HF -> AFD) vs cp -r of the same checkpoint, alternated in one run",
         "machine": machine(), "load_average_before": load_before, "load_average_after": load_after,
+        "load_1min_after_each_repeat": load_during, "load_1min_when_started": round(waited_for, 2),
+        "max_load_wanted": args.max_load, "cli_startup": cli_startup(args.repeats),
         "checkpoint": {"preset": "step3-small", "dtype": "BF16", **facts}, "ffn_ranks": args.ffn_ranks,
         "repeats": args.repeats, "times": _median_table(runs),
         "sha256_all_files_one_core_cpu_s": round(sha256_floor(src), 3),
@@ -164,6 +210,7 @@ def main() -> None:
         r = t[name]
         print(f"{name:18}{r['median_page_cache_s']:>14}{r.get('ratio_to_cp_page_cache', ''):>7}"
               f"{r['median_durable_s']:>11}{r.get('ratio_to_cp_durable', ''):>7}{r['median_cpu_s']:>8}")
+    print(f"CLI startup: {result['cli_startup']}; load (1 min) per repeat: {load_during}")
     print(f"sha256 of every source file, one core: {result['sha256_all_files_one_core_cpu_s']} CPU s")
     print(f"peak RSS: small {small_kb / 1e3:.0f} MB, tiny {rss['convert_step3_tiny_kb'] / 1e3:.0f} MB, "
           f"import only "
