@@ -157,7 +157,7 @@ def _sdpa_decode(pools: Pools, batch: int, ctx: int, reps: int, gen: torch.Gener
 LAUNCH_FIELDS = ("block_n", "num_warps", "num_stages", "chunk_max", "qk_fp8", "lazy")
 # In-run candidates per KV dtype, (block_n, num_warps, num_stages, chunk_max, qk_fp8, lazy); the first of
 # each is the library default (mfa_decode._GPU_LAUNCH). Predictions: benchmarks/NOTES_mfa.md, v4.
-CANDIDATES = {"bf16": [(32, 4, 4, 512, 0, 0), (32, 4, 3, 512, 0, 0), (32, 4, 4, 512, 0, 8)],
+CANDIDATES = {"bf16": [(32, 4, 4, 512, 0, 0), (32, 4, 4, 512, 0, 8), (16, 4, 4, 512, 0, 8)],
               "fp8": [(32, 4, 3, 512, 0, 0), (32, 4, 3, 512, 2, 0), (32, 4, 3, 512, 2, 8),
                       (32, 4, 4, 512, 2, 8), (64, 4, 2, 512, 2, 8)]}
 TUNE_SHAPES = ((256, 4096), (32, 4096), (1, 32768))
@@ -182,14 +182,14 @@ def try_candidate(pools: Pools, fp8: bool, t: tuple, reps: int, gen: torch.Gener
         if not row["rel_err"] <= 1e-2:  # NaN fails too
             out["error"] = f"wrong: rel err {row['rel_err']:.2e} vs float64 at B={b} L={c}"
             return out
-    out["total_us"] = sum(out["times_us"])
     return out
 
 
 def pick_launch(pools: Pools, reps: int, gen: torch.Generator, log) -> dict:
-    """Per KV dtype, the correct launch with the least total time on TUNE_SHAPES (fresh random inputs,
-    each shape checked against float64 before a candidate may win). The winner runs the whole sweep; the
-    JSON keeps every candidate's times, errors and the default's time for comparison."""
+    """Per KV dtype, the correct launch with the best geometric-mean time on TUNE_SHAPES relative to the
+    fastest per shape (so the 20 us shapes weigh as much as the 300 us one; fresh random inputs, each shape
+    checked against float64 before a candidate may win). The winner runs the whole sweep; the JSON keeps
+    every candidate's times and errors, and the winner's geometric-mean speed-up over the default."""
     chosen = {}
     for kv, launches in CANDIDATES.items():
         tried = []
@@ -199,11 +199,14 @@ def pick_launch(pools: Pools, reps: int, gen: torch.Generator, log) -> dict:
             log(f"tune {kv} {t}: {[round(x, 1) for x in r['times_us']]} us"
                 + (f"  SKIPPED ({r['error']})" if "error" in r else ""))
         ok = [r for r in tried if "error" not in r]
-        best = min(ok, key=lambda r: r["total_us"]) if ok else dict(launch=None)
-        default = tried[0].get("total_us")
-        chosen[kv] = dict(launch=best["launch"], candidates=tried, default_total_us=default,
-                          gain_vs_default=default / best["total_us"] if ok and default else None)
-        gain = chosen[kv]["gain_vs_default"]
+        fastest = [min(r["times_us"][i] for r in ok) for i in range(len(TUNE_SHAPES))] if ok else []
+        for r in ok:  # mean log2 of time / fastest time per shape: 0 for a candidate fastest everywhere
+            ratios = [t / f for t, f in zip(r["times_us"], fastest, strict=True)]
+            r["score"] = statistics.fmean(math.log2(x) for x in ratios)
+        best = min(ok, key=lambda r: r["score"]) if ok else dict(launch=None)
+        default = tried[0].get("score")
+        gain = 2 ** (default - best["score"]) if ok and default is not None else None
+        chosen[kv] = dict(launch=best["launch"], candidates=tried, gain_vs_default=gain)
         log(f"tune {kv}: winner {best['launch']}" + (f", {gain:.2f}x the default" if gain else ""))
     return chosen
 
@@ -442,8 +445,8 @@ def summary(result: dict, log) -> None:
     print(f"copy {result['copy_tb_s']:.2f} TB/s; bars passed {total - len(misses)}/{total}")
     for kv, pick in result["launch"].items():  # the lead copies these into mfa_decode._GPU_LAUNCH
         launch = pick["launch"] and tuple(pick["launch"][f] for f in LAUNCH_FIELDS)
-        print(f"launch {kv}: {launch} ({pick['gain_vs_default'] or float('nan'):.2f}x the default on "
-              f"{len(TUNE_SHAPES)} shapes)")
+        print(f"launch {kv}: {launch} ({pick['gain_vs_default'] or float('nan'):.2f}x the default, geometric "
+              f"mean over {len(TUNE_SHAPES)} shapes)")
     shown = ((256, 4096), (128, 32768), (32, 4096), (1, 32768))
     ratio = {(r["batch"], r["context"], r["page"]): r.get("time_over_bf16") for r in result["decode"]}
     print("fp8 / bf16 time: " + ", ".join(f"{b}x{c // 1024}K p{p} {v:.2f}" for (b, c, p), v in ratio.items()
