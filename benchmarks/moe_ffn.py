@@ -54,9 +54,10 @@ LINEAR_SHAPES = {"dense gate/up 18432x7168": (18432, 7168), "dense down 7168x184
 # current default, then the spill-free 8-warp tiles): the full run times each, checks it on fresh
 # inputs, keeps the fastest correct one, and records them all. Past TUNE_DEADLINE_S into the run only
 # the first two of a token count are timed, so the run stays within ~200 s even when compiles are slow.
-# The cuBLAS backend lost at every size in run 4 (CPU-launch bound) and is no longer timed.
+# Dropped after run 4: the cuBLAS backend (lost at every size, CPU-launch bound), m16s2 at 128 and
+# m16s3 at 512 tokens (each lost to its neighbour by 2% and 19%).
 LARGE = ["m64w8i", "m64w8id", "m64w8s4i", "m64w8", "m128w8"]
-TUNE = {128: ["m16s3", "m16s3i", "m16s2"], 512: ["m64w4", "m64w8i", "m32s3", "m64w8", "m16s3"],
+TUNE = {128: ["m16s3", "m16s3i"], 512: ["m64w4", "m64w8i", "m32s3"],
         2048: ["m64w4s4", *LARGE, "m64w4"], 4096: ["m64w4s4", *LARGE, "m64w4"],
         8192: ["m64w4", *LARGE, "m64w4s4"]}
 TUNE_TOL = 3e-2  # a candidate must meet the bar's error against the format-exact reference to win
