@@ -35,8 +35,8 @@ def test_decode_matches_reference(dtype, page, num_splits):
     assert err < TOL_BF16
 
 
-@pytest.mark.parametrize("qk_fp8, lazy", [(1, 0), (2, 0), (2, 8)], ids=["regs", "scratch", "lazy"])
-@pytest.mark.parametrize("page, num_splits", [(16, 1), (32, 3)])
+@pytest.mark.parametrize("page, num_splits, qk_fp8, lazy", [(16, 1, 1, 0), (32, 3, 2, 0), (64, None, 2, 8)],
+                         ids=["regs-direct", "scratch-split3", "scratch-lazy-auto"])
 def test_decode_qk_fp8_matches_reference(page, num_splits, qk_fp8, lazy):
     """FP8 cache, q K^T as E4M3 dots of q split into hi + lo (on the CPU the split is exact E4M3 values,
     the dots fp32): within bf16's tolerance, where hi alone would be 2-5% off."""
@@ -63,8 +63,9 @@ def test_decode_lazy_rescale(dtype, lazy=8):
     assert rel_err(lazy_out, ref) < TOL_FP32 and rel_err(lazy_out, eager) < TOL_FP32
 
 
-@pytest.mark.parametrize("qk_fp8, lazy", [(0, 0), (2, 8)], ids=["fp16-dots", "qk-fp8-lazy"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, FP8_DTYPE], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("dtype, qk_fp8, lazy",
+                         [(torch.bfloat16, 0, 0), (FP8_DTYPE, 0, 0), (FP8_DTYPE, 2, 8)],
+                         ids=["bf16", "fp8", "fp8-qk8-lazy"])
 def test_decode_step3_shape(dtype, qk_fp8, lazy):
     """The real model's 64 heads x 256 with the launcher's own plan (the tuned GPU launch on a GPU)."""
     gen = torch.Generator().manual_seed(64)
