@@ -110,7 +110,7 @@ def test_fused_moe_even_shapes_every_tuning_candidate(name):
     """Widths multiples of 128 (the unmasked EVEN K loop), each candidate benchmarks/moe_ffn.py times.
 
     T = 32 and 512-wide experts give every integer argument the 16-divisibility it has at Step-3's
-    dims, so on a GPU these compiles are the ones the benchmark then finds in Triton's cache.
+    dims (the same specialization), so on a GPU the benchmark can reuse these compiles from Triton's cache.
     """
     gen = torch.Generator().manual_seed(19)
     (g, gs), (u, us), (d, ds) = (fp8_weight(s, gen) for s in ((E, 512, 512), (E, 512, 512), (E, 512, 512)))
