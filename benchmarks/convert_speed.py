@@ -12,7 +12,8 @@ cannot be dropped here, and the output sits in memory) and after the `sync` that
 ("durable": the bytes are on the disk); its CPU seconds are recorded too. Reported: all times,
 medians, ratios to cp, and the CPU cost of one sha256 pass over the checkpoint (the floor that a
 checksummed copy pays on top of `cp`). The machine is shared: the run waits (up to --wait-load s) for the
-1-minute load average to fall below --max-load, and records it before, during and after.
+1-minute load average to fall below --max-load (before the first repeat, and a while before each
+other), and records it before, after each repeat, and after.
 Peak RSS comes from `/usr/bin/time -v` around the CLI, for step3-small and step3-tiny (RSS must not
 grow with the checkpoint) and for a bare import of the CLI (the interpreter + torch floor).
 """
@@ -176,6 +177,8 @@ def main() -> None:
     waited_for = wait_for_quiet(args.max_load, args.wait_load)
     load_before, load_during = os.getloadavg(), []
     for i in range(args.repeats):
+        if i:
+            wait_for_quiet(args.max_load, args.wait_load / args.repeats)  # and between repeats
         order = list(kinds)[i % 3:] + list(kinds)[:i % 3]
         for name in order:
             shutil.rmtree(dst, ignore_errors=True)
