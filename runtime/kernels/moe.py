@@ -115,6 +115,9 @@ MOE_CANDIDATES = {
     "m32s3": MoeConfig(32, 1, 4, 3, 128, 4, 3),
     "m64w4": MoeConfig(64, 8, 4, 3, 128, 4, 3),
     "m64w4s4": MoeConfig(64, 8, 4, 4, 128, 4, 4),
+    # 2 stages: 82 KB of buffers and 255 registers (no spills) let TWO independent 4-warp CTAs share an
+    # SM (run 4's 3-stage tile: one), so one CTA's promotion can overlap the other's wgmma
+    "m64w4s2": MoeConfig(64, 8, 4, 2, 128, 4, 2),
     "m64w8": MoeConfig(64, 8, 8, 3, 128, 4, 3),
     "m64w8s4": MoeConfig(64, 8, 8, 4, 128, 4, 4),
     "m128w8": MoeConfig(128, 8, 8, 3, 128, 8, 3),
