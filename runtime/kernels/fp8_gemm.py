@@ -3,8 +3,9 @@
     C[m, n] = sum_kb (A_q[m, kb] @ B_q[e, n, kb]^T) * a_scale[m, kb] * b_scale[e, n // 128, kb]
 with A quantized per 1x128 group (act_quant.py) and B per 128x128 block (quant/fp8.py). BLOCK_K is
 128, so every K step is one scale group: its FP8 tensor-core product is scaled and added to an fp32
-accumulator; the weight scales of a tile's columns come as a [BLOCK_N] vector. With scale
-pointers absent (HAS_SCALES False) the same kernel multiplies BF16/FP32 operands.
+accumulator; the weight scale of a tile's columns is one scalar per K step (a [BLOCK_N] vector for
+tiles wider than a 128-block). With scale pointers absent (HAS_SCALES False) the same kernel
+multiplies BF16/FP32 operands.
 
 Grouped mode (the MoE) follows vLLM's fused_moe: `rows` lists the (token, slot) pairs sorted by
 expert, each expert's run padded to BLOCK_M with the sentinel `num_pairs`; `block_expert[i]` names
@@ -13,6 +14,10 @@ the expert of M-block i (-1: past the end, the program exits). Options, fused in
   SWIGLU     a second weight (up) in the same program: out = silu(A B^T) * (A B2^T).
   QUANT_OUT  quantize the output per 1x128 group in the epilogue (BLOCK_N == 128) -> FP8 + scale.
   WEIGHTED   multiply row p by topk_weights[p] and store it at row p of C ([T*TOPK, N]).
+  INTERLEAVE with SWIGLU: gate and up as one dot over interleaved columns (one wgmma chain per step).
+  EVEN       K and N divide the tiles: no masks in the K loop (set by the launcher).
+Compiled for sm_90 (Triton 3.6 and 3.9, ptxas -v): wgmma with E4M3 operands, 16-byte cp.async
+pipelined num_stages - 1 deep; registers and spills per tile in benchmarks/NOTES_ffn.md (run 5).
 Traffic per launch: programs run in groups of GROUP_M M-blocks sweeping the N tiles together
 (Triton's grouped ordering), so a weight tile comes from HBM about once per group of M-blocks that
 need it (once per expert when an expert has <= GROUP_M blocks), and A rows are reused from L2.
