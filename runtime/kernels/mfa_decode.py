@@ -100,12 +100,14 @@ def _mfa_decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, k_scale_ptr, v_s
                        stride_ob, stride_oh,
                        H: tl.constexpr, H_PAD: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
                        BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, DIRECT: tl.constexpr,
-                       DOT: tl.constexpr, QK8: tl.constexpr, LAZY: tl.constexpr):
+                       DOT: tl.constexpr, QK8: tl.constexpr, LAZY: tl.constexpr, TILE_PAGE: tl.constexpr):
     """Program (split s, sequence b): online softmax over tokens [s * tps, (s + 1) * tps) of b.
 
     CHUNK > 0: the block-table entries of CHUNK tokens are loaded once per chunk into registers, so the
     K/V addresses of the inner loop depend on no load and Triton's pipeliner can prefetch K/V tiles
     num_stages - 1 ahead; CHUNK == 0 gathers each tile's page ids with the tile (a load-to-load chain).
+    TILE_PAGE (needs CHUNK > 0, BLOCK_N <= PAGE; tiles never straddle a page): the tile's page id is one
+    scalar, so the K/V row addresses are affine (base + row * stride), not per-row 64-bit products.
     QK8 (FP8 cache only): q split once into E4M3 hi + lo (`_split_q_fp8`), q K^T as two FP8 dots; 1 keeps
     hi, lo in registers (Triton reloads them from shared memory every tile: 16 ldmatrix per warp), 2 passes
     them through a global scratch q8 [B, S, 2, H_PAD, D] so the tensor cores read them from shared memory.
@@ -156,8 +158,11 @@ def _mfa_decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, k_scale_ptr, v_s
             for n in range(c0, c_end, BLOCK_N):
                 tok = n + tl.arange(0, BLOCK_N)
                 valid = tok < c_end
-                pick = ((tok - c0) // PAGE)[:, None] == cp[None, :]
-                page = tl.sum(tl.where(pick, pages[None, :], 0), 1)  # [BLOCK_N] register "gather"
+                if TILE_PAGE:  # BLOCK_N <= PAGE: the whole tile lies in one page, picked once as a scalar
+                    page = tl.sum(tl.where(cp == (n - c0) // PAGE, pages, 0), 0) + tl.zeros_like(tok)
+                else:
+                    pick = ((tok - c0) // PAGE)[:, None] == cp[None, :]
+                    page = tl.sum(tl.where(pick, pages[None, :], 0), 1)  # [BLOCK_N] register "gather"
                 k = load_page_rows(kc_ptr, page, tok, valid, stride_kb, stride_kt, PAGE, D)
                 v = load_page_rows(vc_ptr, page, tok, valid, stride_vb, stride_vt, PAGE, D)
                 acc, m_i, l_i = _softmax_step(q, q_lo, acc, m_i, l_i, k, v, valid, qk_scale, dot_ty, QK8,
@@ -209,12 +214,13 @@ class DecodePlan:
     page: int
     qk_fp8: int = 0  # FP8 cache: q K^T as E4M3 dots of q split into hi + lo; 1 q in registers, 2 via scratch
     lazy: int = 0  # > 0: rescale acc only when a row max grew by more than `lazy` (log2); see _online_softmax
+    tile_page: bool = False  # chunked and block_n <= page: one scalar page id per tile (affine addresses)
 
 
-# (block_n, num_warps, num_stages, chunk_max, qk_fp8, lazy) for head_dim >= 128 on the GPU, by KV bytes per
-# value: the launches the committed H200 run picked (results/mfa_attention_h200.json "launch"; NOTES_mfa.md).
-_GPU_LAUNCH = {2: (32, 4, 4, 512, 0, 0), 1: (32, 4, 3, 512, 0, 0)}
-_CPU_LAUNCH = (32, 4, 2, 128, 0, 0)
+# (block_n, num_warps, num_stages, chunk_max, qk_fp8, lazy, tile_page) for head_dim >= 128 on the GPU, by KV
+# bytes per value: the launches the committed H200 run picked (results/mfa_attention_h200.json "launch").
+_GPU_LAUNCH = {2: (32, 4, 4, 512, 0, 0, False), 1: (32, 4, 3, 512, 0, 0, False)}
+_CPU_LAUNCH = (32, 4, 2, 128, 0, 0, False)
 MAX_SPLITS = 512
 SMEM_PER_SM = 227 * 1024
 SPLIT_COST_TOKENS = 128  # a split's q load + fp32 partial write + merge read, in cached-token equivalents
@@ -251,7 +257,8 @@ def plan_decode(batch: int, max_seq_len: int, head_dim: int, device: torch.devic
                 kv_dtype: torch.dtype = torch.bfloat16, page: int = 64, heads: int = 64,
                 num_splits: int | None = None, block_n: int | None = None, num_warps: int | None = None,
                 num_stages: int | None = None, chunk_max: int | None = None, qk_fp8: int | None = None,
-                lazy: int | None = None, min_split_tokens: int = 256) -> DecodePlan:
+                lazy: int | None = None, tile_page: bool | None = None,
+                min_split_tokens: int = 256) -> DecodePlan:
     """Launch parameters (tuned table) and the split of the sequence (`_pick_splits`), in one place."""
     on_gpu = device.type == "cuda"
     kv_bytes = torch.empty(0, dtype=kv_dtype).element_size()
@@ -260,6 +267,7 @@ def plan_decode(batch: int, max_seq_len: int, head_dim: int, device: torch.devic
     chunk_max = tuned[3] if chunk_max is None else chunk_max
     qk_fp8 = int(tuned[4] if qk_fp8 is None else qk_fp8) if kv_bytes == 1 else 0
     lazy = tuned[5] if lazy is None else lazy
+    tile_page = bool(tuned[6] if tile_page is None else tile_page) and chunk_max > 0 and block_n <= page
     granule = max(block_n, page) if chunk_max else block_n  # splits start on a page when chunking
     if num_splits is None:
         sms = torch.cuda.get_device_properties(device).multi_processor_count if on_gpu else 4
@@ -270,7 +278,7 @@ def plan_decode(batch: int, max_seq_len: int, head_dim: int, device: torch.devic
     tokens = _split_tokens(max_seq_len, num_splits, granule)
     return DecodePlan(num_splits=triton.cdiv(max_seq_len, tokens), tokens_per_split=tokens, block_n=block_n,
                       num_warps=num_warps, num_stages=num_stages, chunk=_chunk(tokens, granule, chunk_max),
-                      page=page, qk_fp8=qk_fp8, lazy=lazy)
+                      page=page, qk_fp8=qk_fp8, lazy=lazy, tile_page=tile_page)
 
 
 def _check_decode(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor,
@@ -320,7 +328,8 @@ def mfa_decode(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor, 
         block_table.stride(0), out.stride(0), out.stride(1),
         H=H, H_PAD=h_pad, D=D, PAGE=cache.block_size,
         BLOCK_N=plan.block_n, CHUNK=plan.chunk, DIRECT=direct, DOT=dot_kind(cache),
-        QK8=qk8, LAZY=plan.lazy, num_warps=plan.num_warps, num_stages=plan.num_stages)
+        QK8=qk8, LAZY=plan.lazy, TILE_PAGE=plan.tile_page and plan.chunk > 0 and plan.block_n <= plan.page,
+        num_warps=plan.num_warps, num_stages=plan.num_stages)
     if not direct:
         s_pad = triton.next_power_of_2(plan.num_splits)
         d_block = min(D, max(16, 8192 // s_pad))  # a [S_PAD, D_BLOCK] fp32 tile of <= 32 KiB

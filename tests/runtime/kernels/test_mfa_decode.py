@@ -14,14 +14,16 @@ from runtime.model import reference
 TOL_BF16, TOL_FP32 = 1e-2, (1e-2 if DEVICE.type == "cuda" else 1e-5)
 
 
-def _run(heads, head_dim, page, dtype, q_dtype, num_splits, seed, count=7, qk_fp8=0, lazy=0, q_gain=1.0):
+def _run(heads, head_dim, page, dtype, q_dtype, num_splits, seed, count=7, qk_fp8=0, lazy=0, tile_page=False,
+         q_gain=1.0):
     gen = torch.Generator().manual_seed(seed)
     lengths = boundary_lengths(page, count, gen, longest=5 * page)
     cache, block_table, seq_lens = random_paged_cache(lengths, head_dim, page, dtype, gen)
     q = (torch.randn(len(lengths), heads, head_dim, generator=gen) * q_gain).to(q_dtype).to(DEVICE)
     plan = plan_decode(len(lengths), max(lengths), head_dim, DEVICE, dtype, page, num_splits=num_splits,
                        block_n=None if num_splits is None else 16, chunk_max=0 if num_splits == 1 else None,
-                       qk_fp8=qk_fp8, lazy=lazy, min_split_tokens=16)
+                       qk_fp8=qk_fp8, lazy=lazy, tile_page=tile_page, min_split_tokens=16)
+    assert plan.tile_page == (tile_page and plan.chunk > 0 and plan.block_n <= page)
     out = mfa_decode(q, cache, block_table, seq_lens, max_seq_len=max(lengths), plan=plan)
     assert out.shape == q.shape and out.dtype == q.dtype
     return rel_err(out, mfa_decode_ref(q, cache, block_table, seq_lens))
@@ -33,6 +35,22 @@ def _run(heads, head_dim, page, dtype, q_dtype, num_splits, seed, count=7, qk_fp
 def test_decode_matches_reference(dtype, page, num_splits):
     err = _run(4, 64, page, dtype, torch.bfloat16, num_splits, seed=page + (num_splits or 0))
     assert err < TOL_BF16
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, FP8_DTYPE], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("page, block_n", [(16, 16), (64, 32)])
+def test_decode_tile_page(dtype, page, block_n):
+    """One scalar page id per tile: chunks of several shuffled pages (tokens_per_split 4 x page, chunk
+    up to 128 tokens), lengths ending mid-tile, mid-page and on split boundaries."""
+    gen = torch.Generator().manual_seed(page + block_n)
+    lengths = [1, page, page + 1, 3 * page - 1, 8 * page, 8 * page - 5, 4 * page + 1]
+    cache, block_table, seq_lens = random_paged_cache(lengths, 64, page, dtype, gen)
+    q = torch.randn(len(lengths), 4, 64, generator=gen).to(torch.bfloat16).to(DEVICE)
+    plan = plan_decode(len(lengths), 8 * page, 64, DEVICE, dtype, page, num_splits=2, block_n=block_n,
+                       chunk_max=128, tile_page=True)
+    assert plan.tile_page and plan.tokens_per_split == 4 * page and plan.chunk // page >= 2
+    out = mfa_decode(q, cache, block_table, seq_lens, plan=plan)
+    assert rel_err(out, mfa_decode_ref(q, cache, block_table, seq_lens)) < TOL_BF16
 
 
 @pytest.mark.parametrize("page, num_splits, qk_fp8, lazy", [(16, 1, 1, 0), (32, 3, 2, 0), (64, None, 2, 8)],
@@ -63,6 +81,21 @@ def test_decode_lazy_rescale(dtype, lazy=8):
     assert rel_err(lazy_out, ref) < TOL_FP32 and rel_err(lazy_out, eager) < TOL_FP32
 
 
+def test_decode_qk_fp8_per_head_scale():
+    """Heads whose q spans 1e-3..1e5 (beyond fp16) keep their accuracy: the split scales q per head."""
+    gen = torch.Generator().manual_seed(5)
+    cache, block_table, seq_lens = random_paged_cache([40, 129, 1], 64, 32, FP8_DTYPE, gen)
+    gains = torch.tensor([1e-3, 1.0, 30.0, 1e5]).view(1, 4, 1)
+    q = (torch.randn(3, 4, 64, generator=gen) * gains).to(torch.bfloat16).to(DEVICE)
+    plan = plan_decode(3, 129, 64, DEVICE, FP8_DTYPE, 32, num_splits=2, qk_fp8=2)
+    assert plan.qk_fp8 == 2 and plan.num_splits == 2
+    out = mfa_decode(q, cache, block_table, seq_lens, plan=plan)
+    ref = mfa_decode_ref(q, cache, block_table, seq_lens)
+    for h in range(4):  # per head: a large head's error must not hide a small head's
+        assert rel_err(out[:, h], ref[:, h]) < TOL_BF16, h
+    assert plan_decode(3, 129, 64, DEVICE, torch.bfloat16, 32, qk_fp8=2).qk_fp8 == 0  # BF16: no split
+
+
 @pytest.mark.parametrize("dtype, qk_fp8, lazy",
                          [(torch.bfloat16, 0, 0), (FP8_DTYPE, 0, 0), (FP8_DTYPE, 2, 8)],
                          ids=["bf16", "fp8", "fp8-qk8-lazy"])
@@ -71,7 +104,8 @@ def test_decode_step3_shape(dtype, qk_fp8, lazy):
     gen = torch.Generator().manual_seed(64)
     cache, block_table, seq_lens = random_paged_cache([300, 1, 129], 256, 64, dtype, gen)
     q = torch.randn(3, 64, 256, generator=gen).to(torch.bfloat16).to(DEVICE)
-    plan = plan_decode(3, 300, 256, DEVICE, dtype, 64, 64, qk_fp8=qk_fp8, lazy=lazy) if lazy else None
+    plan = (plan_decode(3, 300, 256, DEVICE, dtype, 64, 64, qk_fp8=qk_fp8, lazy=lazy, tile_page=True)
+            if lazy else None)
     out = mfa_decode(q, cache, block_table, seq_lens, plan=plan)
     assert rel_err(out, mfa_decode_ref(q, cache, block_table, seq_lens)) < TOL_BF16
 
