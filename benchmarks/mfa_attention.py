@@ -154,17 +154,17 @@ def _sdpa_decode(pools: Pools, batch: int, ctx: int, reps: int, gen: torch.Gener
     return dict(time_us=us, tb_s=(kv_bytes + 2 * batch * H * D * 2) / us / 1e6)
 
 
-LAUNCH_FIELDS = ("block_n", "num_warps", "num_stages", "chunk_max", "qk_fp8", "lazy")
-# In-run candidates per KV dtype, (block_n, num_warps, num_stages, chunk_max, qk_fp8, lazy); the first of
-# each is the library default (mfa_decode._GPU_LAUNCH). Predictions: benchmarks/NOTES_mfa.md, v4.
-CANDIDATES = {"bf16": [(32, 4, 4, 512, 0, 0), (32, 4, 4, 512, 0, 8), (16, 4, 4, 512, 0, 8)],
-              "fp8": [(32, 4, 3, 512, 0, 0), (32, 4, 3, 512, 2, 0), (32, 4, 3, 512, 2, 8),
-                      (32, 4, 4, 512, 2, 8), (64, 4, 2, 512, 2, 8)]}
+LAUNCH_FIELDS = ("block_n", "num_warps", "num_stages", "chunk_max", "qk_fp8", "lazy", "tile_page")
+# In-run candidates per KV dtype, in LAUNCH_FIELDS order; the first of each is the library default
+# (mfa_decode._GPU_LAUNCH). What each one changes and its prediction: benchmarks/NOTES_mfa.md, v4.
+CANDIDATES = {"bf16": [(32, 4, 4, 512, 0, 0, 0), (32, 4, 4, 512, 0, 0, 1), (32, 4, 4, 512, 0, 8, 1)],
+              "fp8": [(32, 4, 3, 512, 0, 0, 0), (32, 4, 3, 512, 2, 0, 1), (32, 4, 3, 512, 2, 8, 1),
+                      (64, 4, 2, 512, 2, 8, 1)]}
 TUNE_SHAPES = ((256, 4096), (32, 4096), (1, 32768))
 
 
 def launch_kw(t: tuple[int, ...]) -> dict:
-    """(block_n, num_warps, num_stages, chunk_max[, qk_fp8, lazy]) -> plan_decode keyword arguments."""
+    """(block_n, num_warps, num_stages, chunk_max[, qk_fp8, lazy, tile_page]) -> plan_decode keywords."""
     return dict(zip(LAUNCH_FIELDS, t, strict=False))
 
 
