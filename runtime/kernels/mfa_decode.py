@@ -43,7 +43,10 @@ def _softmax_step(q, q_lo, acc, m_i, l_i, k, v, valid, qk_scale, dot_ty: tl.cons
     read K straight from shared memory: no conversion, no round trip); qk_scale [H_PAD] carries the
     per-head q scale. P V stays in fp16 (V converted). Otherwise q_lo is unused."""
     if QK8:
-        kt = tl.trans(k.to(tl.float32)) if dot_ty == tl.float32 else tl.trans(k)  # fp32: CPU interpreter
+        if dot_ty == tl.float32:  # noqa: SIM108 (a static if, safe on every Triton) CPU: fp32 dots
+            kt = tl.trans(k.to(tl.float32))
+        else:
+            kt = tl.trans(k)
         scores = tl.dot(q_lo, kt, tl.dot(q, kt)) * qk_scale[:, None]
     else:
         scores = tl.dot(q, tl.trans(k.to(dot_ty))) * qk_scale  # [H_PAD, BLOCK_N], log2 domain
@@ -51,7 +54,7 @@ def _softmax_step(q, q_lo, acc, m_i, l_i, k, v, valid, qk_scale, dot_ty: tl.cons
 
 
 @triton.jit
-def _online_softmax(scores, acc, m_i, l_i, v, valid, dot_ty: tl.constexpr, LAZY: tl.constexpr = 0):
+def _online_softmax(scores, acc, m_i, l_i, v, valid, dot_ty: tl.constexpr, LAZY: tl.constexpr):
     """Fold log2-domain scores [H_PAD, BLOCK_N] and V [BLOCK_N, D] into (acc, m_i, l_i).
 
     LAZY > 0: the reference max m_i (and acc, l_i with it) moves only when some row's max grew by more than

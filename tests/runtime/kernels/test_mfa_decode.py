@@ -71,7 +71,8 @@ def test_decode_lazy_rescale(dtype, lazy=8):
     lengths = [1, 33, 200, 64]
     cache, block_table, seq_lens = random_paged_cache(lengths, 64, 16, dtype, gen)
     gain = 3.0 if DEVICE.type == "cuda" else 40.0  # log2 growth of the max: ~30 on the GPU, ~200 on the CPU
-    q = torch.randn(len(lengths), 4, 64, generator=gen).to(DEVICE) * gain  # fp32 q: fp32 dots on the CPU
+    # fp32 q (fp32 dots on the CPU) holding bf16 values: exact in the GPU's bf16 / fp16 dots too
+    q = (torch.randn(len(lengths), 4, 64, generator=gen) * gain).to(torch.bfloat16).float().to(DEVICE)
     ramp = torch.linspace(0.05, 2.0, cache.k.shape[0], device=DEVICE)[:, None, None]  # key norm per block
     cache.k.copy_((cache.k.float() * ramp).clamp(-448, 448).to(dtype))
     plans = [plan_decode(len(lengths), 200, 64, DEVICE, dtype, 16, num_splits=2, block_n=16, lazy=z)
