@@ -157,9 +157,9 @@ def _sdpa_decode(pools: Pools, batch: int, ctx: int, reps: int, gen: torch.Gener
 LAUNCH_FIELDS = ("block_n", "num_warps", "num_stages", "chunk_max", "qk_fp8", "lazy", "tile_page")
 # In-run candidates per KV dtype, in LAUNCH_FIELDS order; the first of each is the library default
 # (mfa_decode._GPU_LAUNCH). What each one changes and its prediction: benchmarks/NOTES_mfa.md, v4.
-CANDIDATES = {"bf16": [(32, 4, 4, 512, 0, 0, 0), (32, 4, 4, 512, 0, 0, 1), (32, 4, 4, 512, 0, 8, 1)],
-              "fp8": [(32, 4, 3, 512, 0, 0, 0), (32, 4, 3, 512, 2, 0, 1), (32, 4, 3, 512, 2, 8, 1),
-                      (64, 4, 2, 512, 2, 8, 1)]}
+CANDIDATES = {"bf16": [(32, 4, 4, 512, 0, 0, 0), (32, 4, 4, 512, 0, 0, 2), (32, 4, 4, 512, 0, 8, 2)],
+              "fp8": [(32, 4, 3, 512, 0, 0, 0), (32, 4, 3, 512, 2, 0, 2), (32, 4, 3, 512, 2, 8, 2),
+                      (64, 4, 2, 512, 2, 8, 2)]}
 TUNE_SHAPES = ((256, 4096), (32, 4096), (1, 32768))
 
 

@@ -110,7 +110,8 @@ def _mfa_decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, k_scale_ptr, v_s
     K/V addresses of the inner loop depend on no load and Triton's pipeliner can prefetch K/V tiles
     num_stages - 1 ahead; CHUNK == 0 gathers each tile's page ids with the tile (a load-to-load chain).
     TILE_PAGE (needs CHUNK > 0, BLOCK_N <= PAGE; tiles never straddle a page): the tile's page id is one
-    scalar, so the K/V row addresses are affine (base + row * stride), not per-row 64-bit products.
+    scalar, so the K/V row addresses are affine (base + row * stride), not per-row 64-bit products; 2 also
+    runs the full tiles without masks and peels the sequence's one partial tile.
     QK8 (FP8 cache only): q split once into E4M3 hi + lo (`_split_q_fp8`), q K^T as two FP8 dots; 1 keeps
     hi, lo in registers (Triton reloads them from shared memory every tile: 16 ldmatrix per warp), 2 passes
     them through a global scratch q8 [B, S, 2, H_PAD, D] so the tensor cores read them from shared memory.
@@ -155,17 +156,29 @@ def _mfa_decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, k_scale_ptr, v_s
             acc, m_i, l_i = _softmax_step(q, q_lo, acc, m_i, l_i, k, v, valid, qk_scale, dot_ty, QK8, LAZY)
     else:
         cp = tl.arange(0, CHUNK // PAGE)
-        for c0 in range(start, end, CHUNK):  # c0 is page-aligned: tokens_per_split % CHUNK == 0
-            c_end = tl.minimum(c0 + CHUNK, end)
+        full = end  # tiles of [start, full) need no mask when TILE_PAGE == 2; the partial one is peeled
+        if TILE_PAGE == 2:
+            full = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
+        for c0 in range(start, full, CHUNK):  # c0 is page-aligned: tokens_per_split % CHUNK == 0
+            c_end = tl.minimum(c0 + CHUNK, full)
             pages = tl.load(bt_row + c0 // PAGE + cp, mask=c0 + cp * PAGE < c_end, other=0)  # [CHUNK / PAGE]
             for n in range(c0, c_end, BLOCK_N):
                 tok = n + tl.arange(0, BLOCK_N)
-                valid = tok < c_end
+                valid = tl.full([BLOCK_N], True, tl.int1) if TILE_PAGE == 2 else tok < c_end  # 2: masks fold
                 if TILE_PAGE:  # BLOCK_N <= PAGE: the whole tile lies in one page, picked once as a scalar
                     page = tl.sum(tl.where(cp == (n - c0) // PAGE, pages, 0), 0) + tl.zeros_like(tok)
                 else:
                     pick = ((tok - c0) // PAGE)[:, None] == cp[None, :]
                     page = tl.sum(tl.where(pick, pages[None, :], 0), 1)  # [BLOCK_N] register "gather"
+                k = load_page_rows(kc_ptr, page, tok, valid, stride_kb, stride_kt, PAGE, D)
+                v = load_page_rows(vc_ptr, page, tok, valid, stride_vb, stride_vt, PAGE, D)
+                acc, m_i, l_i = _softmax_step(q, q_lo, acc, m_i, l_i, k, v, valid, qk_scale, dot_ty, QK8,
+                                              LAZY)
+        if TILE_PAGE == 2:  # noqa: SIM102 (a static if around a runtime one)
+            if full < end:  # the sequence's last, partial tile: masked, its page id read directly
+                tok = full + tl.arange(0, BLOCK_N)
+                valid = tok < end
+                page = tl.load(bt_row + full // PAGE) + tl.zeros_like(tok)
                 k = load_page_rows(kc_ptr, page, tok, valid, stride_kb, stride_kt, PAGE, D)
                 v = load_page_rows(vc_ptr, page, tok, valid, stride_vb, stride_vt, PAGE, D)
                 acc, m_i, l_i = _softmax_step(q, q_lo, acc, m_i, l_i, k, v, valid, qk_scale, dot_ty, QK8,
@@ -217,13 +230,13 @@ class DecodePlan:
     page: int
     qk_fp8: int = 0  # FP8 cache: q K^T as E4M3 dots of q split into hi + lo; 1 q in registers, 2 via scratch
     lazy: int = 0  # > 0: rescale acc only when a row max grew by more than `lazy` (log2); see _online_softmax
-    tile_page: bool = False  # chunked and block_n <= page: one scalar page id per tile (affine addresses)
+    tile_page: int = 0  # chunked, block_n <= page: 1 one scalar page id per tile, 2 also unmasked full tiles
 
 
 # (block_n, num_warps, num_stages, chunk_max, qk_fp8, lazy, tile_page) for head_dim >= 128 on the GPU, by KV
 # bytes per value: the launches the committed H200 run picked (results/mfa_attention_h200.json "launch").
-_GPU_LAUNCH = {2: (32, 4, 4, 512, 0, 0, False), 1: (32, 4, 3, 512, 0, 0, False)}
-_CPU_LAUNCH = (32, 4, 2, 128, 0, 0, False)
+_GPU_LAUNCH = {2: (32, 4, 4, 512, 0, 0, 0), 1: (32, 4, 3, 512, 0, 0, 0)}
+_CPU_LAUNCH = (32, 4, 2, 128, 0, 0, 0)
 MAX_SPLITS = 512
 SMEM_PER_SM = 227 * 1024
 SPLIT_COST_TOKENS = 128  # a split's q load + fp32 partial write + merge read, in cached-token equivalents
@@ -260,7 +273,7 @@ def plan_decode(batch: int, max_seq_len: int, head_dim: int, device: torch.devic
                 kv_dtype: torch.dtype = torch.bfloat16, page: int = 64, heads: int = 64,
                 num_splits: int | None = None, block_n: int | None = None, num_warps: int | None = None,
                 num_stages: int | None = None, chunk_max: int | None = None, qk_fp8: int | None = None,
-                lazy: int | None = None, tile_page: bool | None = None,
+                lazy: int | None = None, tile_page: int | None = None,
                 min_split_tokens: int = 256) -> DecodePlan:
     """Launch parameters (tuned table) and the split of the sequence (`_pick_splits`), in one place."""
     on_gpu = device.type == "cuda"
@@ -270,7 +283,7 @@ def plan_decode(batch: int, max_seq_len: int, head_dim: int, device: torch.devic
     chunk_max = tuned[3] if chunk_max is None else chunk_max
     qk_fp8 = int(tuned[4] if qk_fp8 is None else qk_fp8) if kv_bytes == 1 else 0
     lazy = tuned[5] if lazy is None else lazy
-    tile_page = bool(tuned[6] if tile_page is None else tile_page) and chunk_max > 0 and block_n <= page
+    tile_page = int(tuned[6] if tile_page is None else tile_page) if chunk_max > 0 and block_n <= page else 0
     granule = max(block_n, page) if chunk_max else block_n  # splits start on a page when chunking
     if num_splits is None:
         sms = torch.cuda.get_device_properties(device).multi_processor_count if on_gpu else 4
@@ -321,6 +334,7 @@ def mfa_decode(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor, 
     part_o = out if direct else torch.empty((B, plan.num_splits, H, D), dtype=torch.float32, device=q.device)
     part_lse = out if direct else torch.empty((B, plan.num_splits, H), dtype=torch.float32, device=q.device)
     qk8 = plan.qk_fp8 if cache.is_fp8 else 0
+    tile_page = plan.tile_page if plan.chunk > 0 and plan.block_n <= plan.page else 0
     h_pad = max(16, triton.next_power_of_2(H))
     q8 = (torch.empty(B * plan.num_splits * 2 * h_pad * D, device=q.device,
                       dtype=cache.k.dtype if dot_kind(cache) else torch.float32) if qk8 == 2 else out)
@@ -331,7 +345,7 @@ def mfa_decode(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor, 
         block_table.stride(0), out.stride(0), out.stride(1),
         H=H, H_PAD=h_pad, D=D, PAGE=cache.block_size,
         BLOCK_N=plan.block_n, CHUNK=plan.chunk, DIRECT=direct, DOT=dot_kind(cache),
-        QK8=qk8, LAZY=plan.lazy, TILE_PAGE=plan.tile_page and plan.chunk > 0 and plan.block_n <= plan.page,
+        QK8=qk8, LAZY=plan.lazy, TILE_PAGE=tile_page,
         num_warps=plan.num_warps, num_stages=plan.num_stages)
     if not direct:
         s_pad = triton.next_power_of_2(plan.num_splits)

@@ -14,7 +14,7 @@ from runtime.model import reference
 TOL_BF16, TOL_FP32 = 1e-2, (1e-2 if DEVICE.type == "cuda" else 1e-5)
 
 
-def _run(heads, head_dim, page, dtype, q_dtype, num_splits, seed, count=7, qk_fp8=0, lazy=0, tile_page=False,
+def _run(heads, head_dim, page, dtype, q_dtype, num_splits, seed, count=7, qk_fp8=0, lazy=0, tile_page=0,
          q_gain=1.0):
     gen = torch.Generator().manual_seed(seed)
     lengths = boundary_lengths(page, count, gen, longest=5 * page)
@@ -23,7 +23,7 @@ def _run(heads, head_dim, page, dtype, q_dtype, num_splits, seed, count=7, qk_fp
     plan = plan_decode(len(lengths), max(lengths), head_dim, DEVICE, dtype, page, num_splits=num_splits,
                        block_n=None if num_splits is None else 16, chunk_max=0 if num_splits == 1 else None,
                        qk_fp8=qk_fp8, lazy=lazy, tile_page=tile_page, min_split_tokens=16)
-    assert plan.tile_page == (tile_page and plan.chunk > 0 and plan.block_n <= page)
+    assert plan.tile_page == (tile_page if plan.chunk > 0 and plan.block_n <= page else 0)
     out = mfa_decode(q, cache, block_table, seq_lens, max_seq_len=max(lengths), plan=plan)
     assert out.shape == q.shape and out.dtype == q.dtype
     return rel_err(out, mfa_decode_ref(q, cache, block_table, seq_lens))
@@ -38,17 +38,18 @@ def test_decode_matches_reference(dtype, page, num_splits):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, FP8_DTYPE], ids=["bf16", "fp8"])
-@pytest.mark.parametrize("page, block_n", [(16, 16), (64, 32)])
-def test_decode_tile_page(dtype, page, block_n):
-    """One scalar page id per tile: chunks of several shuffled pages (tokens_per_split 4 x page, chunk
-    up to 128 tokens), lengths ending mid-tile, mid-page and on split boundaries."""
+@pytest.mark.parametrize("page, block_n, tile_page", [(16, 16, 1), (64, 32, 2), (16, 16, 2)])
+def test_decode_tile_page(dtype, page, block_n, tile_page):
+    """One scalar page id per tile (2: full tiles unmasked, the partial one peeled): chunks of several
+    shuffled pages (tokens_per_split 4 x page, chunk up to 128 tokens), lengths ending mid-tile, mid-page,
+    on split boundaries, and shorter than a split's start (empty splits)."""
     gen = torch.Generator().manual_seed(page + block_n)
     lengths = [1, page, page + 1, 3 * page - 1, 8 * page, 8 * page - 5, 4 * page + 1]
     cache, block_table, seq_lens = random_paged_cache(lengths, 64, page, dtype, gen)
     q = torch.randn(len(lengths), 4, 64, generator=gen).to(torch.bfloat16).to(DEVICE)
     plan = plan_decode(len(lengths), 8 * page, 64, DEVICE, dtype, page, num_splits=2, block_n=block_n,
-                       chunk_max=128, tile_page=True)
-    assert plan.tile_page and plan.tokens_per_split == 4 * page and plan.chunk // page >= 2
+                       chunk_max=128, tile_page=tile_page)
+    assert plan.tile_page == tile_page and plan.tokens_per_split == 4 * page and plan.chunk // page >= 2
     out = mfa_decode(q, cache, block_table, seq_lens, plan=plan)
     assert rel_err(out, mfa_decode_ref(q, cache, block_table, seq_lens)) < TOL_BF16
 
@@ -105,7 +106,7 @@ def test_decode_step3_shape(dtype, qk_fp8, lazy):
     gen = torch.Generator().manual_seed(64)
     cache, block_table, seq_lens = random_paged_cache([300, 1, 129], 256, 64, dtype, gen)
     q = torch.randn(3, 64, 256, generator=gen).to(torch.bfloat16).to(DEVICE)
-    plan = (plan_decode(3, 300, 256, DEVICE, dtype, 64, 64, qk_fp8=qk_fp8, lazy=lazy, tile_page=True)
+    plan = (plan_decode(3, 300, 256, DEVICE, dtype, 64, 64, qk_fp8=qk_fp8, lazy=lazy, tile_page=2)
             if lazy else None)
     out = mfa_decode(q, cache, block_table, seq_lens, plan=plan)
     assert rel_err(out, mfa_decode_ref(q, cache, block_table, seq_lens)) < TOL_BF16
