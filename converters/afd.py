@@ -5,6 +5,7 @@ FFN rank loads; `read(key)` reads one AFD tensor. `hf_view()` presents the layou
 checkpoint interface (`.config`, `.names()`, `.info()`, `.get(name)`, `.get_weight(name, dtype)`):
 `get` reassembles a full HF tensor from its slices (expert ranges, TP slices) exactly, so the
 reference model, `convert --to hf` and `verify` read a layout like the checkpoint it came from.
+`read_array` / `get_array` give the same bits as numpy arrays: `convert --to hf` needs no torch.
 """
 
 from __future__ import annotations
@@ -14,16 +15,20 @@ from dataclasses import dataclass
 from math import prod
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
 from converters.config import Step3Config
 from converters.errors import CheckpointError, Step3Error
 from converters.layout import FORMAT, MANIFEST, VERSION, Piece
 from converters.names import is_scale_name, scale_name
-from converters.slices import read_tensor
-from converters.writer import JOURNAL, TORCH_DTYPES
-from quant.fp8 import FP8_DTYPE, dequantize_fp8
+from converters.safetensors_io import DTYPE_BYTES
+from converters.slices import BITS, as_tensor, read_array
+from converters.writer import JOURNAL
+
+if TYPE_CHECKING:
+    import torch
 
 
 def is_afd_layout(path: str | Path) -> bool:
@@ -93,9 +98,12 @@ class AFDLayout:
     def pieces_of(self, part: str) -> list[Piece]:
         return [p for p in self.pieces.values() if self.part_of(p) == part]
 
-    def read(self, key: str) -> torch.Tensor:
+    def read_array(self, key: str) -> np.ndarray:
         p = self.pieces[key]
-        return read_tensor(self.path / p.file, p.source)
+        return read_array(self.path / p.file, p.source)
+
+    def read(self, key: str) -> torch.Tensor:
+        return as_tensor(self.read_array(key), self.pieces[key].dtype)
 
     def hf_view(self) -> HFView:
         return HFView(self)
@@ -160,22 +168,30 @@ class HFView:
             shape[dim] = pieces[-1].slice[0][2]
         return HFInfo(name, pieces[0].dtype, tuple(shape), pieces[0].file)
 
-    def get(self, name: str) -> torch.Tensor:
-        """The full HF tensor, bit for bit: its pieces copied into place along their cut dim."""
+    def get_array(self, name: str) -> np.ndarray:
+        """The full HF tensor's bits: its pieces copied into place along their cut dim, one at a time."""
         dim, pieces = self._cut(name)
         if dim is None:
-            return self.layout.read(pieces[0].key)
+            return self.layout.read_array(pieces[0].key)
         info = self.info(name)
-        full = torch.empty(info.shape, dtype=TORCH_DTYPES[info.dtype])
-        raw = full.view(torch.uint8) if full.dtype.itemsize == 1 else full  # copy_ lacks some fp8 kernels
+        full = np.empty(info.shape, dtype=BITS[DTYPE_BYTES[info.dtype]])
+        index = [slice(None)] * full.ndim
         for p in pieces:
-            _, start, stop = p.slice[0]
-            part = self.layout.read(p.key)
-            raw.narrow(dim, start, stop - start).copy_(part.view(raw.dtype))
+            index[dim] = slice(*p.slice[0][1:])
+            full[tuple(index)] = self.layout.read_array(p.key)
         return full
 
-    def get_weight(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """`name` in `dtype`, dequantized from block FP8 when stored with a `_scale_inv`."""
+    def get(self, name: str) -> torch.Tensor:
+        """The full HF tensor, bit for bit."""
+        return as_tensor(self.get_array(name), self.info(name).dtype)
+
+    def get_weight(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """`name` in `dtype` (default float32), dequantized from block FP8 when stored with a `_scale_inv`."""
+        import torch
+
+        from quant.fp8 import FP8_DTYPE, dequantize_fp8
+
+        dtype = dtype or torch.float32
         t = self.get(name)
         if t.dtype != FP8_DTYPE:
             return t.to(dtype)

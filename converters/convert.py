@@ -3,6 +3,7 @@
 Both directions only plan: which tensor (or slice) goes to which file, which files are copied, and
 the JSON written last. converters/writer.py does the writing (atomic files, checksums, resume, disk
 space, bounded memory), converters/slices.py the reading (one tensor or slice at a time, no mmap).
+Neither imports torch: converting only moves bytes (numpy arrays of raw bits, or byte ranges).
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from converters.names import scale_name, spec_table
 from converters.slices import read_piece
 from converters.writer import (
     PARTIAL,
-    TORCH_DTYPES,
     CopyFile,
     OutputPlan,
     SafetensorsFile,
@@ -86,7 +86,7 @@ def _fingerprint(direction: str, src: Path, files: list[Path], options: str) -> 
 def _data_files(pieces: list[Piece], open_source: Callable[[Piece], Callable]) -> list[SafetensorsFile]:
     by_file: dict[str, list[TensorOut]] = {}
     for p in pieces:
-        out = TensorOut(p.source, TORCH_DTYPES[p.dtype], p.shape, open_source(p))
+        out = TensorOut(p.source, p.dtype, p.shape, open_source(p))
         by_file.setdefault(p.file, []).append(out)
     return [SafetensorsFile(f, tuple(ts), {"format": "pt"}) for f, ts in by_file.items()]
 
@@ -160,7 +160,7 @@ def afd_to_hf(src: str | Path, out: str | Path, *, shard_size: int = DEFAULT_SHA
     layout = AFDLayout(src)
     view = layout.hf_view()
     pieces = _hf_shards(view, shard_size)
-    files = _data_files(pieces, lambda p: partial(view.get, p.source))
+    files = _data_files(pieces, lambda p: partial(view.get_array, p.source))
     copied = [rel for rel in layout.files if "/" not in rel and rel != CONFIG]
     copies = [CopyFile(rel, src / rel) for rel in sorted(copied)]
     config_bytes = (src / CONFIG).read_bytes()

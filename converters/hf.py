@@ -14,9 +14,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors import SafetensorError, safe_open
 
 from converters.config import Step3Config
@@ -24,7 +23,9 @@ from converters.errors import CheckpointError, Step3Error
 from converters.hf_checks import expected_specs, is_vision_name, name_problems, tensor_problems
 from converters.names import is_scale_name, scale_name
 from converters.safetensors_io import ShardHeader, read_header
-from quant.fp8 import FP8_DTYPE, dequantize_fp8
+
+if TYPE_CHECKING:  # torch is imported by get() and get_weight() only: headers and validation need none
+    import torch
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -169,8 +170,13 @@ class HFCheckpoint:
         except (SafetensorError, OSError, RuntimeError, ValueError, TypeError) as e:
             raise CheckpointError(f"{self.path / info.file}: cannot read tensor {name}: {e}") from None
 
-    def get_weight(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """`name` in `dtype`, dequantized from block FP8 when stored with a `_scale_inv`."""
+    def get_weight(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """`name` in `dtype` (default float32), dequantized from block FP8 when stored with a `_scale_inv`."""
+        import torch
+
+        from quant.fp8 import FP8_DTYPE, dequantize_fp8
+
+        dtype = dtype or torch.float32
         t = self.get(name)
         if t.dtype != FP8_DTYPE:
             return t.to(dtype)

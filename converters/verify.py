@@ -16,14 +16,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from converters.afd import AFDLayout
 from converters.errors import CheckpointError
 from converters.hf import HFCheckpoint
 from converters.hf_checks import expected_specs, is_vision_name, name_problems, tensor_problems
 from converters.layout import CONFIG, MANIFEST, SourceTensor, plan_pieces
-from converters.slices import header_of, read_tensor
+from converters.slices import header_of, read_array
 from converters.writer import sha256_file
 
 ProgressFn = Callable[[int, int, str], None]
@@ -132,14 +132,13 @@ def _source_problems(layout: AFDLayout, src: Path, tick: Callable[[int, str], No
                 problems.append(f"{key}: its source {p.source} is not in {src}")
                 continue
             try:
-                mine = read_tensor(layout.path / p.file, p.source)
-                theirs = read_tensor(ckpt.path / ckpt.info(p.source).file, p.source, p.slice)
+                info = ckpt.info(p.source)
+                mine = read_array(layout.path / p.file, p.source)
+                theirs = read_array(ckpt.path / info.file, p.source, p.slice)
             except CheckpointError as e:
                 problems.append(f"{key}: {e}")
                 continue
-            same = mine.dtype == theirs.dtype and mine.shape == theirs.shape and torch.equal(
-                mine.reshape(-1).view(torch.uint8), theirs.reshape(-1).view(torch.uint8))
-            if not same:
+            if p.dtype != info.dtype or not np.array_equal(mine, theirs):  # bits, shapes included
                 problems.append(f"{key}: differs from {p.source}{[list(s) for s in p.slice] or ''} in {src}")
             tick(p.nbytes, key)
     return problems

@@ -53,10 +53,12 @@ from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
 from converters.errors import Step3Error
+from converters.safetensors_io import DTYPE_BYTES
 from converters.writer_io import CHUNK, FileHash, FileRange, copy_range, sha256_file, tensor_view
 from converters.writer_state import (
     JOURNAL,
@@ -72,34 +74,64 @@ from converters.writer_state import (
     still_valid,
 )
 
-# What callers import from here (the writer's whole interface lives in this one module name).
-__all__ = ["JOURNAL", "PARTIAL", "ST_DTYPES", "TORCH_DTYPES", "CopyFile", "FileRange", "FileRecord",
-           "OutputPlan", "SafetensorsFile", "TensorOut", "WriteResult", "json_bytes", "record_of",
-           "sha256_file", "tensor_view", "write_output"]
+if TYPE_CHECKING:  # torch is imported only where a torch tensor or dtype is handled: converting needs none
+    import torch
 
-# torch dtype <-> safetensors header dtype
-ST_DTYPES: dict[torch.dtype, str] = {
-    torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.int32: "I32",
-    torch.int64: "I64", torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32",
-    torch.float64: "F64", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
-}
-TORCH_DTYPES: dict[str, torch.dtype] = {v: k for k, v in ST_DTYPES.items()}
+    Produced = torch.Tensor | np.ndarray | FileRange  # a producer's result: see TensorOut
+
+# What callers import from here (the writer's whole interface lives in this one module name).
+__all__ = ["JOURNAL", "PARTIAL", "CopyFile", "FileRange", "FileRecord", "OutputPlan", "SafetensorsFile",
+           "TensorOut", "WriteResult", "dtype_name", "json_bytes", "record_of", "sha256_file", "tensor_view",
+           "torch_dtype", "write_output"]
+
+# safetensors header dtype <-> torch dtype attribute name (torch.<name>)
+_TORCH_NAMES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "I32": "int32", "I64": "int64",
+                "F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64",
+                "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+_ST_NAMES = {v: k for k, v in _TORCH_NAMES.items()}
+
+
+def _st_name(dtype: str | torch.dtype) -> str:
+    return dtype if isinstance(dtype, str) else _ST_NAMES.get(str(dtype).removeprefix("torch."), str(dtype))
+
+
+def dtype_name(dtype: str | torch.dtype) -> str:
+    """The safetensors dtype string ("BF16", "F8_E4M3", ...) of a torch dtype or of such a string."""
+    name = _st_name(dtype)
+    if name not in _TORCH_NAMES:
+        raise Step3Error(f"dtype {dtype} cannot be stored in safetensors; use one of "
+                         f"{', '.join(_TORCH_NAMES)}")
+    return name
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype string (imports torch: only for callers that want tensors)."""
+    import torch
+
+    return getattr(torch, _TORCH_NAMES[dtype_name(name)])
+
 
 ProgressFn = Callable[[int, int, str], None]
 
 
 @dataclass(frozen=True)
 class TensorOut:
-    """One tensor of an output file: declared ahead (name, dtype, shape); produced when written."""
+    """One tensor of an output file: declared ahead (name, dtype, shape); produced when written.
+
+    `dtype` may be given as a torch dtype or a safetensors string; it is kept as the string. `produce`
+    returns a torch tensor, a numpy array of the raw bits (same shape and item size), or a FileRange."""
 
     name: str
-    dtype: torch.dtype
+    dtype: str
     shape: tuple[int, ...]
-    produce: Callable[[], torch.Tensor | FileRange] = field(compare=False, repr=False)
+    produce: Callable[[], Produced] = field(compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dtype", dtype_name(self.dtype))
 
     @property
     def nbytes(self) -> int:
-        return prod(self.shape) * self.dtype.itemsize
+        return prod(self.shape) * DTYPE_BYTES[self.dtype]
 
 
 @dataclass(frozen=True)
@@ -115,7 +147,7 @@ class SafetensorsFile:
         head: dict[str, object] = {"__metadata__": self.metadata} if self.metadata else {}
         offset = 0
         for t in self.tensors:
-            head[t.name] = {"dtype": ST_DTYPES[t.dtype], "shape": list(t.shape),
+            head[t.name] = {"dtype": t.dtype, "shape": list(t.shape),
                             "data_offsets": [offset, offset + t.nbytes]}
             offset += t.nbytes
         raw = json.dumps(head, separators=(",", ":")).encode()
@@ -167,14 +199,22 @@ class WriteResult:
 
 
 # ---- the run ---------------------------------------------------------------------------------------
-def _check_produced(spec: SafetensorsFile, t: TensorOut, data: torch.Tensor | FileRange) -> None:
-    ok = (data.nbytes == t.nbytes if isinstance(data, FileRange)
-          else data.dtype == t.dtype and tuple(data.shape) == tuple(t.shape))
-    if not ok:
-        got = (f"{data.nbytes} bytes" if isinstance(data, FileRange)
-               else f"{ST_DTYPES.get(data.dtype, data.dtype)} {list(data.shape)}")
-        raise Step3Error(f"{t.name}: expected {ST_DTYPES[t.dtype]} {list(t.shape)} for {spec.path}, "
-                         f"got {got}; the source changed while writing? Re-run with --force.")
+def _produced_as(data: Produced) -> str:
+    """What a producer returned, in the terms of a TensorOut: 'BF16 [4, 8]', '2-byte items [4, 8]', ..."""
+    if isinstance(data, FileRange):
+        return f"{data.nbytes} bytes"
+    if isinstance(data, np.ndarray):  # raw bits: only the item size is known
+        return f"{data.itemsize}-byte items {list(data.shape)}"
+    return f"{_st_name(data.dtype)} {list(data.shape)}"
+
+
+def _check_produced(spec: SafetensorsFile, t: TensorOut, data: Produced) -> None:
+    want = (f"{t.nbytes} bytes" if isinstance(data, FileRange)
+            else f"{DTYPE_BYTES[t.dtype]}-byte items {list(t.shape)}" if isinstance(data, np.ndarray)
+            else f"{t.dtype} {list(t.shape)}")
+    if _produced_as(data) != want:
+        raise Step3Error(f"{t.name}: expected {t.dtype} {list(t.shape)} for {spec.path}, "
+                         f"got {_produced_as(data)}; the source changed while writing? Re-run with --force.")
 
 
 def _write_safetensors(dst: Path, spec: SafetensorsFile, tick: Callable[[int], None],

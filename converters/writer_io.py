@@ -20,11 +20,14 @@ from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
-import torch
+import numpy as np
 
 from converters.errors import Step3Error
+
+if TYPE_CHECKING:
+    import torch
 
 CHUNK = 16 << 20  # bytes per copy/write/hash call, and per mapping window while hashing
 KERNEL_COPY = hasattr(os, "copy_file_range")
@@ -40,10 +43,14 @@ class FileRange:
     nbytes: int
 
 
-def tensor_view(t: torch.Tensor) -> memoryview:
-    """The raw little-endian bytes of a CPU tensor, without a copy when it is already contiguous."""
-    t = t.detach().cpu().contiguous().reshape(-1)
-    return memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+def tensor_view(t: torch.Tensor | np.ndarray) -> memoryview:
+    """The raw little-endian bytes of a torch tensor or numpy array, without a copy when contiguous."""
+    if not isinstance(t, np.ndarray):
+        import torch  # already loaded: `t` is a torch tensor
+
+        t = t.detach().cpu().contiguous().reshape(-1)
+        t = t.view(torch.uint8).numpy() if t.numel() else np.empty(0, np.uint8)
+    return memoryview(np.ascontiguousarray(t).reshape(-1).view(np.uint8))
 
 
 def sha256_file(path: Path) -> str:

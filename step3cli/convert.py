@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -16,7 +14,7 @@ from rich.table import Table
 from converters.errors import Step3Error
 from step3cli.render import byte_progress, err, human_bytes, out
 
-if TYPE_CHECKING:  # the library (and torch) is imported when the command runs: `--help` stays fast
+if TYPE_CHECKING:  # the library (and numpy) is imported when the command runs: `--help` stays fast
     from converters.convert import ConvertResult
 
 DEFAULT_SHARD_SIZE = "4GB"  # converters.convert.DEFAULT_SHARD_SIZE (a test keeps the two equal)
@@ -37,20 +35,6 @@ def parse_size(text: str, flag: str = "--shard-size") -> int:
     if not m or unit not in _UNITS or float(m.group(1)) * _UNITS[unit] < 1:
         raise Step3Error(f"{flag}: cannot read {text!r} as a size; use e.g. 4GB, 500MB, 1GiB or a byte count")
     return int(float(m.group(1)) * _UNITS[unit])
-
-
-@contextmanager
-def _one_torch_thread() -> Iterator[None]:
-    """Converting moves bytes: torch's intra-op (OpenMP) threads would only spin after each slice copy and
-    take a core from the sha256 threads (13% of the CPU time of a step3-small conversion on 2 cores)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _summary(r: ConvertResult) -> tuple[Table, str]:
@@ -106,7 +90,7 @@ def convert(
     from converters.convert import afd_to_hf, hf_to_afd
 
     size = parse_size(shard_size)
-    with byte_progress("converting") as progress, _one_torch_thread():
+    with byte_progress("converting") as progress:
         if to is Target.hf:
             result = afd_to_hf(src, dst, shard_size=size, resume=resume, force=force, progress=progress)
         else:

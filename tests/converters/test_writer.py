@@ -7,6 +7,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -172,3 +173,22 @@ def test_file_range_producers_copy_exact_bytes(tmp_path, monkeypatch, kernel_cop
     with pytest.raises(Step3Error, match=r"v: expected F32 \[21, 30\].*got 2400 bytes"):
         write_output(tmp_path / "out2", OutputPlan((SafetensorsFile("b.safetensors", (bad,)),),
                                                    lambda r: [], "fr", ()))
+
+
+def test_numpy_bit_producers_and_string_dtypes(tmp_path):
+    """Converting hands the writer raw bits as numpy arrays (no torch), declared with safetensors dtype
+    strings; a torch dtype declares the same tensor, and a wrong item size or shape is refused."""
+    w = torch.randn(6, 10, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    bits = w.view(torch.int16).numpy().view(np.uint16)[:, 2:7]  # a strided column slice, as for down_proj
+    out = TensorOut("w", "BF16", (6, 5), lambda: bits)
+    assert TensorOut("w", torch.bfloat16, (6, 5), lambda: bits) == out and out.nbytes == 60
+    plan = OutputPlan((SafetensorsFile("a.safetensors", (out,)),), lambda r: [], "np", ())
+    write_output(tmp_path / "out", plan)
+    assert torch.equal(load_file(tmp_path / "out/a.safetensors")["w"].view(torch.int16),
+                       w[:, 2:7].view(torch.int16))
+    for dtype, shape in (("F32", (6, 5)), ("BF16", (5, 6))):
+        bad = SafetensorsFile("b.safetensors", (TensorOut("w", dtype, shape, lambda: bits),))
+        with pytest.raises(Step3Error, match=rf"w: expected {dtype} .*got 2-byte items \[6, 5\]"):
+            write_output(tmp_path / f"bad-{dtype}", OutputPlan((bad,), lambda r: [], "np", ()))
+    with pytest.raises(Step3Error, match="complex64 cannot be stored in safetensors"):
+        TensorOut("z", torch.complex64, (1,), lambda: bits)
