@@ -4,9 +4,9 @@
         -> benchmarks/results/convert_speed_cpu.json
 
 Synthesizes step3-small (BF16, ~0.8 GB) once with `step3 synth`, then, in turn (order rotated every
-repeat): `cp -r SRC`, the library call `hf_to_afd(SRC, --ffn-ranks 2)` in this process (with one torch
-thread, as `step3 convert` runs it), and the CLI `step3 convert` as a subprocess, as a user runs it
-(interpreter start and the torch import included; measured apart as `cli_startup`). Each run starts
+repeat): `cp -r SRC`, the library call `hf_to_afd(SRC, --ffn-ranks 2)` in this process, and the CLI
+`step3 convert` as a subprocess, as a user runs it (interpreter start and imports included, torch not
+among them; measured apart as `cli_startup`). Each run starts
 after a `sync` and is timed twice: when it returns ("page cache": the source is warm, since caches
 cannot be dropped here, and the output sits in memory) and after the `sync` that follows
 ("durable": the bytes are on the disk); its CPU seconds are recorded too. Reported: all times,
@@ -15,7 +15,7 @@ checksummed copy pays on top of `cp`). The machine is shared: the run waits (up 
 1-minute load average to fall below --max-load (before the first repeat, and a while before each
 other), and records it before, after each repeat, and after.
 Peak RSS comes from `/usr/bin/time -v` around the CLI, for step3-small and step3-tiny (RSS must not
-grow with the checkpoint) and for a bare import of the CLI (the interpreter + torch floor).
+grow with the checkpoint) and for a bare import of the CLI and the converter (the interpreter floor).
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def wait_for_quiet(max_load: float, wait_s: float) -> float:
 
 def cli_startup(repeats: int) -> dict:
     """Seconds before `step3 convert` moves a byte: `--help` (interpreter + CLI), and importing the
-    conversion library (torch included), each the median of `repeats` runs."""
+    conversion library (numpy, not torch), each the median of `repeats` runs."""
     def run(cmd: list[str]) -> float:
         start = time.perf_counter()
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
@@ -126,16 +126,9 @@ def synth(out: Path, preset: str) -> Path:
 
 
 def _library(src: Path, dst: Path, ffn_ranks: int) -> None:
-    import torch
-
     from converters.convert import hf_to_afd
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as step3cli/convert.py does
-    try:
-        hf_to_afd(src, dst, ffn_ranks=ffn_ranks)
-    finally:
-        torch.set_num_threads(threads)
+    hf_to_afd(src, dst, ffn_ranks=ffn_ranks)
 
 
 def _median_table(runs: dict[str, list[tuple[float, float, float]]]) -> dict:
