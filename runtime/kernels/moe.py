@@ -131,8 +131,8 @@ MOE_CANDIDATES = {
     "m64w8id": MoeConfig(64, 8, 8, 3, 256, 8, 3, interleave=True),
 }
 # default per mean (token, slot) pairs per expert: (upper bound, candidate name), first match wins.
-# H200 run 4's winners; benchmarks/moe_ffn.py prints the line to paste here from its in-run winners.
-DEFAULT_MOE_TILES = ((16, "m16s3"), (64, "m64w4"), (384, "m64w4s4"), (float("inf"), "m64w4"))
+# H200 run 5's in-run winners (benchmarks/results/moe_ffn_h200.json); benchmarks/moe_ffn.py prints this line.
+DEFAULT_MOE_TILES = ((16, "m16s3i"), (64, "m64w8i"), (192, "m64w8s4i"), (float("inf"), "m64w8i"))
 
 
 def default_moe_config(tokens: int, top_k: int, num_experts: int) -> MoeConfig:
