@@ -13,6 +13,7 @@ Roles decide where a tensor goes in the AFD layout (DESIGN.md):
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from math import prod
 from typing import TYPE_CHECKING, Literal
@@ -153,6 +154,22 @@ def tensor_specs(cfg: Step3Config, vision: bool | None = None) -> list[TensorSpe
 
 def spec_table(cfg: Step3Config, vision: bool | None = None) -> dict[str, TensorSpec]:
     return {s.name: s for s in tensor_specs(cfg, vision)}
+
+
+def name_matcher(pattern: str | None, flag: str) -> Callable[[str], bool]:
+    """A predicate on tensor names from a user's regex (searched anywhere in the name); no pattern: none.
+
+    `flag` names the option the pattern came from, so a bad regex is reported against it.
+    """
+    from converters.errors import Step3Error
+
+    if not pattern:
+        return lambda name: False
+    try:
+        regex = re.compile(pattern)
+    except re.error as e:
+        raise Step3Error(f"{flag} {pattern!r}: not a valid regular expression ({e})") from None
+    return lambda name: regex.search(name) is not None
 
 
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")

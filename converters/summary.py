@@ -8,7 +8,6 @@ function `Path -> Source | None` placed before `_read_hf`, which claims any dire
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from math import prod
@@ -19,7 +18,7 @@ from converters.afd import AFDLayout, is_afd_layout
 from converters.config import PRESETS, Step3Config
 from converters.errors import CheckpointError, ConfigError, Step3Error
 from converters.hf import HFCheckpoint
-from converters.names import is_scale_name, tensor_specs
+from converters.names import is_scale_name, name_matcher, tensor_specs
 from quant.record import read_quantization
 
 
@@ -134,22 +133,11 @@ def count_params(source: Source) -> dict[str, int]:
     return params
 
 
-def tensor_filter(pattern: str | None) -> Callable[[str], bool]:
-    """A predicate on tensor names from a --tensors regex (searched anywhere in the name)."""
-    if pattern is None:
-        return lambda name: False
-    try:
-        regex = re.compile(pattern)
-    except re.error as e:
-        raise Step3Error(f"--tensors {pattern!r}: not a valid regular expression ({e})") from None
-    return lambda name: regex.search(name) is not None
-
-
 def summarize(target: str | Path, context: int = 4096, tensors: str | None = None) -> Summary:
     """Everything `step3 inspect` shows; header-only for checkpoints. `tensors`: a regex over names."""
     if context <= 0:
         raise Step3Error(f"--context must be a positive number of tokens, got {context}")
-    keep = tensor_filter(tensors)
+    keep = name_matcher(tensors, "--tensors")
     source = open_source(target)
     cfg = source.config
     per_token = {d: cfg.kv_bytes_per_token(d) for d in ("bf16", "fp8")}

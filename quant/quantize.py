@@ -17,7 +17,6 @@ independent and TP cuts are block-aligned.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from converters.convert import DEFAULT_SHARD_SIZE, _data_files, _fingerprint
 from converters.errors import CheckpointError, Step3Error
 from converters.hf import INDEX_FILE
 from converters.layout import CONFIG, MANIFEST, Piece, SourceTensor, build_manifest, plan_pieces, shard_pieces
-from converters.names import SCALE_SUFFIX, is_scale_name, scale_name, spec_table
+from converters.names import SCALE_SUFFIX, is_scale_name, name_matcher, scale_name, spec_table
 from converters.slices import read_tensor
 from converters.writer import (
     CopyFile,
@@ -82,16 +81,6 @@ def _mode(source: QuantSource, o: QuantizeOptions) -> str:
     if source.is_fp8:
         return "requantize" if o.requantize else "passthrough"
     return "quantize"
-
-
-def _skip_filter(pattern: str | None):
-    if not pattern:
-        return lambda name: False
-    try:
-        regex = re.compile(pattern)
-    except re.error as e:
-        raise Step3Error(f"--skip {pattern!r}: not a valid regular expression ({e})") from None
-    return lambda name: regex.search(name) is not None
 
 
 def _actions(source: QuantSource, mode: str, skip) -> tuple[dict[str, str], list[str]]:
@@ -239,7 +228,7 @@ def quantize_checkpoint(src: str | Path, out: str | Path, options: QuantizeOptio
     mode = _mode(source, options)
     backend = resolve_backend(options.backend) if mode in ("quantize", "requantize") else None
     device = resolve_device(options.device)
-    actions, skipped = _actions(source, mode, _skip_filter(options.skip))
+    actions, skipped = _actions(source, mode, name_matcher(options.skip, "--skip"))
     report = QuantReport(mode, backend, skipped=skipped)
     run = _Pass(source, actions, backend, device, report)
     pieces = _place(source, _out_tensors(source, actions), options.shard_size)

@@ -20,7 +20,8 @@ from runtime.bench.planner import Efficiency, PlanSetup, best_plans, compare_wit
 from step3cli import bench_render
 from step3cli.render import err
 
-app = typer.Typer(name="bench", help="Benchmarks: the paper's decode-cost model and AFD planner (no GPU needed).",
+app = typer.Typer(name="bench",
+                  help="Benchmarks: the paper's decode-cost model and AFD planner (no GPU needed).",
                   no_args_is_help=True, rich_markup_mode="rich")
 
 KV_WIDTH = {"fp8": 1, "bf16": 2}
