@@ -154,17 +154,16 @@ def _sdpa_decode(pools: Pools, batch: int, ctx: int, reps: int, gen: torch.Gener
     return dict(time_us=us, tb_s=(kv_bytes + 2 * batch * H * D * 2) / us / 1e6)
 
 
-LAUNCH_FIELDS = ("block_n", "num_warps", "num_stages", "chunk_max", "qk_fp8", "lazy", "tile_page")
+LAUNCH_FIELDS = ("block_n", "num_warps", "num_stages", "chunk_max", "tile_page")
 # In-run candidates per KV dtype, in LAUNCH_FIELDS order; the first of each is the library default
-# (mfa_decode._GPU_LAUNCH). What each one changes and its prediction: benchmarks/NOTES_mfa.md, v4.
-CANDIDATES = {"bf16": [(32, 4, 4, 512, 0, 0, 0), (32, 4, 4, 512, 0, 0, 2), (32, 4, 4, 512, 0, 8, 2)],
-              "fp8": [(32, 4, 3, 512, 0, 0, 0), (32, 4, 3, 512, 2, 0, 2), (32, 4, 3, 512, 2, 8, 2),
-                      (64, 4, 2, 512, 2, 8, 2)]}
+# (mfa_decode._GPU_LAUNCH), the second the same launch with the other tile_page (NOTES_mfa.md, v4 and run 4).
+CANDIDATES = {"bf16": [(32, 4, 4, 512, 2), (32, 4, 4, 512, 0)],
+              "fp8": [(32, 4, 3, 512, 0), (32, 4, 3, 512, 2)]}
 TUNE_SHAPES = ((256, 4096), (32, 4096), (1, 32768))
 
 
 def launch_kw(t: tuple[int, ...]) -> dict:
-    """(block_n, num_warps, num_stages, chunk_max[, qk_fp8, lazy, tile_page]) -> plan_decode keywords."""
+    """(block_n, num_warps, num_stages, chunk_max[, tile_page]) -> plan_decode keywords."""
     return dict(zip(LAUNCH_FIELDS, t, strict=False))
 
 

@@ -27,83 +27,32 @@ from runtime.kernels.kv_cache import (
     gather_kv_ref,
     load_page_rows,
     load_paged_rows,
-    round_to_e4m3,
 )
 
 LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _softmax_step(q, q_lo, acc, m_i, l_i, k, v, valid, qk_scale, dot_ty: tl.constexpr, QK8: tl.constexpr,
-                  LAZY: tl.constexpr):
-    """One online-softmax step of the [H_PAD, D] head tile against K, V [BLOCK_N, D] (invalid rows masked).
-
-    QK8: q is the E4M3 hi part and q_lo the lo part of the split q (`_split_q_fp8`); scores = qk_scale
-    (q_hi.K + q_lo.K), two E4M3 x E4M3 dots into ONE accumulator on the raw cache tile (the tensor cores
-    read K straight from shared memory: no conversion, no round trip); qk_scale [H_PAD] carries the
-    per-head q scale. P V stays in fp16 (V converted). Otherwise q_lo is unused."""
-    if QK8:
-        if dot_ty == tl.float32:  # noqa: SIM108 (a static if, safe on every Triton) CPU: fp32 dots
-            kt = tl.trans(k.to(tl.float32))
-        else:
-            kt = tl.trans(k)
-        scores = tl.dot(q_lo, kt, tl.dot(q, kt)) * qk_scale[:, None]
-    else:
-        scores = tl.dot(q, tl.trans(k.to(dot_ty))) * qk_scale  # [H_PAD, BLOCK_N], log2 domain
-    return _online_softmax(scores, acc, m_i, l_i, v, valid, dot_ty, LAZY)
-
-
-@triton.jit
-def _online_softmax(scores, acc, m_i, l_i, v, valid, dot_ty: tl.constexpr, LAZY: tl.constexpr):
-    """Fold log2-domain scores [H_PAD, BLOCK_N] and V [BLOCK_N, D] into (acc, m_i, l_i).
-
-    LAZY > 0: the reference max m_i (and acc, l_i with it) moves only when some row's max grew by more than
-    LAZY (log2 units), so most tiles skip the [H_PAD, D] rescale; p = 2^(s - m_i) stays <= 2^LAZY."""
+def _softmax_step(q, acc, m_i, l_i, k, v, valid, qk_scale, dot_ty: tl.constexpr):
+    """One online-softmax step of the [H_PAD, D] head tile against K, V [BLOCK_N, D] (invalid rows masked)."""
+    scores = tl.dot(q, tl.trans(k.to(dot_ty))) * qk_scale  # [H_PAD, BLOCK_N], log2 domain
     scores = tl.where(valid[None, :], scores, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(scores, 1))
-    if LAZY:
-        if tl.max(tl.where(m_new > m_i, m_new - m_i, 0.0), 0) > LAZY:  # one scalar test per tile
-            alpha = tl.exp2(m_i - m_new)
-            acc = acc * alpha[:, None]
-            l_i = l_i * alpha
-            m_i = m_new
-        p = tl.exp2(scores - m_i[:, None])
-        l_i = l_i + tl.sum(p, 1)
-        acc = acc + tl.dot(p.to(dot_ty), v.to(dot_ty))
-    else:
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(scores - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(dot_ty), v.to(dot_ty))
-        m_i = m_new
-    return acc, m_i, l_i
-
-
-@triton.jit
-def _split_q_fp8(q, qk_ty: tl.constexpr):
-    """q [H_PAD, D] fp32 -> (hi, lo, s) with q ~= s (hi + lo): hi = e4m3(q / s), lo = e4m3(q / s - hi), in
-    qk_ty (E4M3, or fp32 holding E4M3 values for the CPU interpreter, whose own cast mis-rounds), s [H_PAD] =
-    max|q_h| / 448 per head. |q/s - hi| <= |q/s| / 16 <= 28 fits E4M3; hi alone carries 3 mantissa bits
-    (2-5% error on scores), hi + lo about 7, near bf16's 8."""
-    s = tl.maximum(tl.max(tl.abs(q), 1), 1e-30) / 448.0
-    x = q / s[:, None]
-    if qk_ty == tl.float32:
-        hi = round_to_e4m3(x)
-        lo = round_to_e4m3(x - hi)
-    else:  # one cvt per value pair on the GPU (round to nearest even)
-        hi = x.to(qk_ty)
-        lo = (x - hi.to(tl.float32)).to(qk_ty)
-    return hi, lo, s
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(scores - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(dot_ty), v.to(dot_ty))
+    return acc, m_new, l_i
 
 
 @triton.jit
 def _mfa_decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, k_scale_ptr, v_scale_ptr, out_ptr, part_o_ptr,
-                       part_lse_ptr, q8_ptr, sm_scale_log2, tokens_per_split, num_splits,
+                       part_lse_ptr, sm_scale_log2, tokens_per_split, num_splits,
                        stride_qb, stride_qh, stride_kb, stride_kt, stride_vb, stride_vt, stride_bt,
                        stride_ob, stride_oh,
                        H: tl.constexpr, H_PAD: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
                        BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, DIRECT: tl.constexpr,
-                       DOT: tl.constexpr, QK8: tl.constexpr, LAZY: tl.constexpr, TILE_PAGE: tl.constexpr):
+                       DOT: tl.constexpr, TILE_PAGE: tl.constexpr):
     """Program (split s, sequence b): online softmax over tokens [s * tps, (s + 1) * tps) of b.
 
     CHUNK > 0: the block-table entries of CHUNK tokens are loaded once per chunk into registers, so the
@@ -112,9 +61,6 @@ def _mfa_decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, k_scale_ptr, v_s
     TILE_PAGE (needs CHUNK > 0, BLOCK_N <= PAGE; tiles never straddle a page): the tile's page id is one
     scalar, so the K/V row addresses are affine (base + row * stride), not per-row 64-bit products; 2 also
     runs the full tiles without masks and peels the sequence's one partial tile.
-    QK8 (FP8 cache only): q split once into E4M3 hi + lo (`_split_q_fp8`), q K^T as two FP8 dots; 1 keeps
-    hi, lo in registers (Triton reloads them from shared memory every tile: 16 ldmatrix per warp), 2 passes
-    them through a global scratch q8 [B, S, 2, H_PAD, D] so the tensor cores read them from shared memory.
     """
     s = tl.program_id(0)
     b = tl.program_id(1)
@@ -126,23 +72,8 @@ def _mfa_decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, k_scale_ptr, v_s
     h = tl.arange(0, H_PAD)
     d = tl.arange(0, D)
     q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + h[:, None] * stride_qh + d[None, :],
-                mask=h[:, None] < H, other=0.0)  # [H_PAD, D]
-    if QK8:  # from here on q is the hi part of the split q
-        qk_ty: tl.constexpr = tl.float32 if DOT == 0 else kc_ptr.dtype.element_ty
-        q, q_lo, q_scale = _split_q_fp8(q.to(tl.float32), qk_ty)
-        if QK8 == 2:  # round trip through the program's scratch: a LOADED dot operand stays in shared memory
-            hd = (b.to(tl.int64) * num_splits + s) * 2 * H_PAD * D + h[:, None] * D + d[None, :]
-            tl.store(q8_ptr + hd, q)
-            tl.store(q8_ptr + H_PAD * D + hd, q_lo)
-            tl.debug_barrier()  # the CTA's global writes are visible to all its threads after the barrier
-            q = tl.load(q8_ptr + hd)
-            q_lo = tl.load(q8_ptr + H_PAD * D + hd)
-    else:
-        q = q.to(dot_ty)
-        q_lo = q  # unused
+                mask=h[:, None] < H, other=0.0).to(dot_ty)  # [H_PAD, D]
     qk_scale = sm_scale_log2 * tl.load(k_scale_ptr)  # log2-domain scores, FP8 K scale folded in
-    if QK8:
-        qk_scale = qk_scale * q_scale  # [H_PAD]: per-head scale of the split q
     bt_row = bt_ptr + b.to(tl.int64) * stride_bt
     m_i = tl.full([H_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([H_PAD], tl.float32)
@@ -153,7 +84,7 @@ def _mfa_decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, k_scale_ptr, v_s
             valid = tok < end
             k = load_paged_rows(kc_ptr, bt_row, tok, valid, stride_kb, stride_kt, PAGE, D)
             v = load_paged_rows(vc_ptr, bt_row, tok, valid, stride_vb, stride_vt, PAGE, D)
-            acc, m_i, l_i = _softmax_step(q, q_lo, acc, m_i, l_i, k, v, valid, qk_scale, dot_ty, QK8, LAZY)
+            acc, m_i, l_i = _softmax_step(q, acc, m_i, l_i, k, v, valid, qk_scale, dot_ty)
     else:
         cp = tl.arange(0, CHUNK // PAGE)
         full = end  # tiles of [start, full) need no mask when TILE_PAGE == 2; the partial one is peeled
@@ -172,8 +103,7 @@ def _mfa_decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, k_scale_ptr, v_s
                     page = tl.sum(tl.where(pick, pages[None, :], 0), 1)  # [BLOCK_N] register "gather"
                 k = load_page_rows(kc_ptr, page, tok, valid, stride_kb, stride_kt, PAGE, D)
                 v = load_page_rows(vc_ptr, page, tok, valid, stride_vb, stride_vt, PAGE, D)
-                acc, m_i, l_i = _softmax_step(q, q_lo, acc, m_i, l_i, k, v, valid, qk_scale, dot_ty, QK8,
-                                              LAZY)
+                acc, m_i, l_i = _softmax_step(q, acc, m_i, l_i, k, v, valid, qk_scale, dot_ty)
         if TILE_PAGE == 2:  # noqa: SIM102 (a static if around a runtime one)
             if full < end:  # the sequence's last, partial tile: masked, its page id read directly
                 tok = full + tl.arange(0, BLOCK_N)
@@ -181,8 +111,7 @@ def _mfa_decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, k_scale_ptr, v_s
                 page = tl.load(bt_row + full // PAGE) + tl.zeros_like(tok)
                 k = load_page_rows(kc_ptr, page, tok, valid, stride_kb, stride_kt, PAGE, D)
                 v = load_page_rows(vc_ptr, page, tok, valid, stride_vb, stride_vt, PAGE, D)
-                acc, m_i, l_i = _softmax_step(q, q_lo, acc, m_i, l_i, k, v, valid, qk_scale, dot_ty, QK8,
-                                              LAZY)
+                acc, m_i, l_i = _softmax_step(q, acc, m_i, l_i, k, v, valid, qk_scale, dot_ty)
     l_i = tl.where(l_i > 0, l_i, 1.0)  # an empty split: o = 0 and lse = -inf, i.e. weight 0 in the merge
     o = acc * (tl.load(v_scale_ptr) / l_i)[:, None]
     if DIRECT:
@@ -228,15 +157,13 @@ class DecodePlan:
     num_stages: int
     chunk: int  # tokens whose page ids are loaded at once (0: per tile); divides tokens_per_split
     page: int
-    qk_fp8: int = 0  # FP8 cache: q K^T as E4M3 dots of q split into hi + lo; 1 q in registers, 2 via scratch
-    lazy: int = 0  # > 0: rescale acc only when a row max grew by more than `lazy` (log2); see _online_softmax
     tile_page: int = 0  # chunked, block_n <= page: 1 one scalar page id per tile, 2 also unmasked full tiles
 
 
-# (block_n, num_warps, num_stages, chunk_max, qk_fp8, lazy, tile_page) for head_dim >= 128 on the GPU, by KV
-# bytes per value: the launches the committed H200 run picked (results/mfa_attention_h200.json "launch").
-_GPU_LAUNCH = {2: (32, 4, 4, 512, 0, 0, 0), 1: (32, 4, 3, 512, 0, 0, 0)}
-_CPU_LAUNCH = (32, 4, 2, 128, 0, 0, 0)
+# (block_n, num_warps, num_stages, chunk_max, tile_page) for head_dim >= 128 on the GPU, by KV bytes per
+# value: the launches the committed H200 run picked (results/mfa_attention_h200.json "launch"; NOTES_mfa.md).
+_GPU_LAUNCH = {2: (32, 4, 4, 512, 2), 1: (32, 4, 3, 512, 0)}
+_CPU_LAUNCH = (32, 4, 2, 128, 0)
 MAX_SPLITS = 512
 SMEM_PER_SM = 227 * 1024
 SPLIT_COST_TOKENS = 128  # a split's q load + fp32 partial write + merge read, in cached-token equivalents
@@ -272,8 +199,7 @@ def _pick_splits(batch: int, max_seq_len: int, slots: int, granule: int, max_spl
 def plan_decode(batch: int, max_seq_len: int, head_dim: int, device: torch.device,
                 kv_dtype: torch.dtype = torch.bfloat16, page: int = 64, heads: int = 64,
                 num_splits: int | None = None, block_n: int | None = None, num_warps: int | None = None,
-                num_stages: int | None = None, chunk_max: int | None = None, qk_fp8: int | None = None,
-                lazy: int | None = None, tile_page: int | None = None,
+                num_stages: int | None = None, chunk_max: int | None = None, tile_page: int | None = None,
                 min_split_tokens: int = 256) -> DecodePlan:
     """Launch parameters (tuned table) and the split of the sequence (`_pick_splits`), in one place."""
     on_gpu = device.type == "cuda"
@@ -281,9 +207,7 @@ def plan_decode(batch: int, max_seq_len: int, head_dim: int, device: torch.devic
     tuned = _GPU_LAUNCH[kv_bytes] if on_gpu and head_dim >= 128 else _CPU_LAUNCH
     block_n, num_warps, num_stages = block_n or tuned[0], num_warps or tuned[1], num_stages or tuned[2]
     chunk_max = tuned[3] if chunk_max is None else chunk_max
-    qk_fp8 = int(tuned[4] if qk_fp8 is None else qk_fp8) if kv_bytes == 1 else 0
-    lazy = tuned[5] if lazy is None else lazy
-    tile_page = int(tuned[6] if tile_page is None else tile_page) if chunk_max > 0 and block_n <= page else 0
+    tile_page = int(tuned[4] if tile_page is None else tile_page) if chunk_max > 0 and block_n <= page else 0
     granule = max(block_n, page) if chunk_max else block_n  # splits start on a page when chunking
     if num_splits is None:
         sms = torch.cuda.get_device_properties(device).multi_processor_count if on_gpu else 4
@@ -294,7 +218,7 @@ def plan_decode(batch: int, max_seq_len: int, head_dim: int, device: torch.devic
     tokens = _split_tokens(max_seq_len, num_splits, granule)
     return DecodePlan(num_splits=triton.cdiv(max_seq_len, tokens), tokens_per_split=tokens, block_n=block_n,
                       num_warps=num_warps, num_stages=num_stages, chunk=_chunk(tokens, granule, chunk_max),
-                      page=page, qk_fp8=qk_fp8, lazy=lazy, tile_page=tile_page)
+                      page=page, tile_page=tile_page)
 
 
 def _check_decode(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor,
@@ -333,20 +257,15 @@ def mfa_decode(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor, 
     direct = plan.num_splits == 1
     part_o = out if direct else torch.empty((B, plan.num_splits, H, D), dtype=torch.float32, device=q.device)
     part_lse = out if direct else torch.empty((B, plan.num_splits, H), dtype=torch.float32, device=q.device)
-    qk8 = plan.qk_fp8 if cache.is_fp8 else 0
     tile_page = plan.tile_page if plan.chunk > 0 and plan.block_n <= plan.page else 0
-    h_pad = max(16, triton.next_power_of_2(H))
-    q8 = (torch.empty(B * plan.num_splits * 2 * h_pad * D, device=q.device,
-                      dtype=cache.k.dtype if dot_kind(cache) else torch.float32) if qk8 == 2 else out)
     _mfa_decode_kernel[(plan.num_splits, B)](
-        q, cache.k, cache.v, block_table, seq_lens, cache.k_scale, cache.v_scale, out, part_o, part_lse, q8,
+        q, cache.k, cache.v, block_table, seq_lens, cache.k_scale, cache.v_scale, out, part_o, part_lse,
         D ** -0.5 * LOG2E, plan.tokens_per_split, plan.num_splits,
         q.stride(0), q.stride(1), cache.k.stride(0), cache.k.stride(1), cache.v.stride(0), cache.v.stride(1),
         block_table.stride(0), out.stride(0), out.stride(1),
-        H=H, H_PAD=h_pad, D=D, PAGE=cache.block_size,
+        H=H, H_PAD=max(16, triton.next_power_of_2(H)), D=D, PAGE=cache.block_size,
         BLOCK_N=plan.block_n, CHUNK=plan.chunk, DIRECT=direct, DOT=dot_kind(cache),
-        QK8=qk8, LAZY=plan.lazy, TILE_PAGE=tile_page,
-        num_warps=plan.num_warps, num_stages=plan.num_stages)
+        TILE_PAGE=tile_page, num_warps=plan.num_warps, num_stages=plan.num_stages)
     if not direct:
         s_pad = triton.next_power_of_2(plan.num_splits)
         d_block = min(D, max(16, 8192 // s_pad))  # a [S_PAD, D_BLOCK] fp32 tile of <= 32 KiB
