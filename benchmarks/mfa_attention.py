@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import statistics
 import subprocess
 import sys
@@ -24,10 +23,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from benchmarks.common import capture_graph, event_median_ms, gpu_versions  # noqa: E402
 from runtime.kernels.kv_cache import FP8_DTYPE, PagedKVCache  # noqa: E402
 from runtime.kernels.mfa_decode import mfa_decode, mfa_decode_ref, plan_decode  # noqa: E402
 from runtime.kernels.mfa_prefill import mfa_prefill, mfa_prefill_ref  # noqa: E402
@@ -41,23 +40,9 @@ PREFILL = (1024, 2048, 4096, 8192, 16384)
 # ---- timing --------------------------------------------------------------------------------------
 def time_graph(fn: Callable[[], object], reps: int, calls: int = 1) -> float:
     """Median microseconds of one of `calls` calls that fn makes, over `reps` CUDA-graph replays."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()  # compile + warm up outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    graph = capture_graph(fn)
     graph.replay()
-    event = lambda: torch.cuda.Event(enable_timing=True)
-    events = [(event(), event()) for _ in range(reps)]
-    for start, end in events:
-        start.record()
-        graph.replay()
-        end.record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in events) * 1e3 / calls
+    return event_median_ms(graph.replay, reps) * 1e3 / calls
 
 
 def copy_bandwidth(reps: int) -> dict:
@@ -70,14 +55,7 @@ def copy_bandwidth(reps: int) -> dict:
     for _ in range(200):
         dst.copy_(src)
     graph_us = time_graph(lambda: dst.copy_(src), reps)
-    event = lambda: torch.cuda.Event(enable_timing=True)
-    events = [(event(), event()) for _ in range(reps)]
-    for start, end in events:
-        start.record()
-        dst.copy_(src)
-        end.record()
-    torch.cuda.synchronize()
-    plain_us = statistics.median(s.elapsed_time(e) for s, e in events) * 1e3
+    plain_us = event_median_ms(lambda: dst.copy_(src), reps) * 1e3
     tbs = {k: 4 * src.numel() / us / 1e6 for k, us in (("graph", graph_us), ("plain", plain_us))}
     return dict(tb_s=max(tbs.values()), graph_tb_s=tbs["graph"], plain_tb_s=tbs["plain"])
 
@@ -393,8 +371,7 @@ def run_tests() -> dict:
 def machine() -> dict:
     p = torch.cuda.get_device_properties(0)
     return dict(gpu=p.name, sms=p.multi_processor_count, memory_gib=round(p.total_memory / 2**30, 1),
-                torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
-                python=platform.python_version())
+                **gpu_versions())
 
 
 def main() -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from pathlib import Path
 import torch
 import triton
 
+from benchmarks.common import capture_graph, event_median_ms, gpu_versions
 from quant.fp8 import FP8_DTYPE, dequantize_fp8
 from runtime.kernels.act_quant import Fp8Act, act_quant
 from runtime.kernels.fp8_linear import fp8_linear, scaled_mm, scaled_mm_weight_scale
@@ -67,15 +67,7 @@ TUNE_DEADLINE_S = 150  # seconds into the run; what follows the tuning takes ~35
 # ---- measuring --------------------------------------------------------------------------------
 def time_graph_ms(fn: Callable[[], object], reps: int) -> float:
     """Median milliseconds of one CUDA-graph replay of fn (no Python/launch overhead in the time)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()  # compile and warm up outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return time_ms(graph.replay, reps)
+    return time_ms(capture_graph(fn).replay, reps)
 
 
 def time_ms(fn: Callable[[], object], reps: int) -> float:
@@ -83,14 +75,7 @@ def time_ms(fn: Callable[[], object], reps: int) -> float:
     for _ in range(2):
         fn()
     torch.cuda.synchronize()
-    event = lambda: torch.cuda.Event(enable_timing=True)
-    pairs = [(event(), event()) for _ in range(reps)]
-    for start, end in pairs:
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in pairs)
+    return event_median_ms(fn, reps)
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -305,8 +290,7 @@ def plot(result: dict, path: Path) -> None:
 
 def environment() -> dict:
     p = torch.cuda.get_device_properties(0)
-    return dict(gpu=p.name, sms=p.multi_processor_count, torch=torch.__version__, triton=triton.__version__,
-                cuda=torch.version.cuda, python=platform.python_version(), host=platform.node())
+    return dict(gpu=p.name, sms=p.multi_processor_count, **gpu_versions(), host=platform.node())
 
 
 def try_candidate(T, name, gen, experts, shared, rate, bw, reps) -> dict:

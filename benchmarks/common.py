@@ -1,0 +1,44 @@
+"""Timing and version helpers shared by the GPU benchmarks (mfa_attention.py, moe_ffn.py).
+
+Each script keeps its own JSON layout; only the measuring is shared, so both time kernels the same way.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+from collections.abc import Callable
+
+import torch
+import triton
+
+
+def capture_graph(fn: Callable[[], object]) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of fn, after one call on a side stream (compiles and warms up outside the capture)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+def event_median_ms(fn: Callable[[], object], reps: int) -> float:
+    """Median milliseconds of one call of fn over `reps` calls, each between two CUDA events (no warm-up)."""
+    event = lambda: torch.cuda.Event(enable_timing=True)
+    pairs = [(event(), event()) for _ in range(reps)]
+    for start, end in pairs:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in pairs)
+
+
+def gpu_versions() -> dict:
+    """The software a GPU result depends on, for the machine block of each result JSON."""
+    return dict(torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
+                python=platform.python_version())
