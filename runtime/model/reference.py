@@ -15,14 +15,13 @@ The pieces are plain functions on tensors so kernel tests can use them as their 
     routed_experts(x [N, H], weights, ids, gate_proj [E, Ie, H], up_proj, down_proj [E, H, Ie]) -> [N, H]
     moe(x [N, H], router, gate_proj, up_proj, down_proj, top_k, norm_expert_weight)  -> [N, H] (routed only)
 The modules below hold the parameters under exactly the HF checkpoint names (converters/names.py), so
-loading is one loop over the tensor table.
+loading (sources in runtime/model/loading.py) is one loop over the tensor table.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -30,8 +29,8 @@ from torch import nn
 
 from converters.config import Step3Config
 from converters.errors import CheckpointError, Step3Error
-from converters.names import is_scale_name, scale_name, text_tensor_specs
-from quant.fp8 import FP8_DTYPE, dequantize_fp8
+from converters.names import text_tensor_specs
+from runtime.model.loading import TensorDict, WeightSource, open_weights
 
 ProgressFn = Callable[[int, int, str], None]  # (done_bytes, total_bytes, label), as step3cli/render renders
 
@@ -248,43 +247,6 @@ class Decoder(nn.Module):
         for layer in self.layers:
             x = layer(x, positions, cache)
         return self.norm(x)
-
-
-# ---- where weights come from -------------------------------------------------------------------
-class WeightSource(Protocol):
-    """What `_load` reads: an HF checkpoint (converters.hf.HFCheckpoint), an AFD layout, or a dict."""
-
-    config: Step3Config
-
-    def names(self) -> list[str]: ...
-
-    def get_weight(self, name: str, dtype: torch.dtype) -> torch.Tensor: ...
-
-
-class TensorDict:
-    """A plain {name: tensor} mapping as a WeightSource; FP8 weights with a `_scale_inv` are dequantized."""
-
-    def __init__(self, tensors: Mapping[str, torch.Tensor], config: Step3Config | None = None):
-        self.tensors, self.config, self.path = tensors, config, "<tensors>"
-
-    def names(self) -> list[str]:
-        return [n for n in self.tensors if not is_scale_name(n)]
-
-    def get_weight(self, name: str, dtype: torch.dtype) -> torch.Tensor:
-        w = self.tensors[name]
-        if w.dtype == FP8_DTYPE:
-            if scale_name(name) not in self.tensors:
-                raise CheckpointError(f"{name} is FP8 but {scale_name(name)} is missing; cannot dequantize")
-            return dequantize_fp8(w, self.tensors[scale_name(name)], dtype=dtype)
-        return w.to(dtype)
-
-
-def open_weights(path: str | Path) -> WeightSource:
-    """The weight source for a checkpoint directory (one line per supported layout)."""
-    from converters.afd import AFDLayout, is_afd_layout
-    from converters.hf import HFCheckpoint
-
-    return AFDLayout(path).hf_view() if is_afd_layout(path) else HFCheckpoint(path)
 
 
 # ---- the model ---------------------------------------------------------------------------------
