@@ -74,8 +74,9 @@ def source_tensors(ckpt: HFCheckpoint) -> list[SourceTensor]:
     return out
 
 
-def _fingerprint(direction: str, src: Path, files: list[Path], options: str) -> str:
-    """The inputs and options of a run: --resume refuses to continue a run made from other ones."""
+def run_fingerprint(direction: str, src: Path, files: list[Path], options: str) -> str:
+    """The inputs (name, size, mtime of each of `files`) and options of a run, for OutputPlan.fingerprint:
+    --resume refuses to continue a run made from other inputs or options. Shared with step3 quantize."""
     h = hashlib.sha256()
     for f in sorted(files):
         st = f.stat()
@@ -83,7 +84,9 @@ def _fingerprint(direction: str, src: Path, files: list[Path], options: str) -> 
     return f"{direction} {src.resolve()} {options} sources={h.hexdigest()[:16]}"
 
 
-def _data_files(pieces: list[Piece], open_source: Callable[[Piece], Callable]) -> list[SafetensorsFile]:
+def data_files(pieces: list[Piece], open_source: Callable[[Piece], Callable]) -> list[SafetensorsFile]:
+    """Group planned pieces by output file, in order; `open_source(piece)` gives each tensor's producer.
+    Shared with step3 quantize, so both commands write the same files for the same placement."""
     by_file: dict[str, list[TensorOut]] = {}
     for p in pieces:
         out = TensorOut(p.source, p.dtype, p.shape, open_source(p))
@@ -129,7 +132,7 @@ def hf_to_afd(src: str | Path, out: str | Path, *, ffn_ranks: int, attn_ranks: i
         config = json.loads(config_bytes)
         quantization = quantization_of(config, ckpt.is_fp8)
         copies = [CopyFile(n, src / n) for n in extra_files(src, (CONFIG, INDEX_FILE))]
-        files = _data_files(pieces, lambda p: partial(read_piece, shard_of[p.source], p.source, p.slice))
+        files = data_files(pieces, lambda p: partial(read_piece, shard_of[p.source], p.source, p.slice))
 
         def final(records):
             recs = {k: v.to_json() for k, v in records.items()} | {CONFIG: record_of(config_bytes).to_json()}
@@ -137,7 +140,7 @@ def hf_to_afd(src: str | Path, out: str | Path, *, ffn_ranks: int, attn_ranks: i
             return [(CONFIG, config_bytes), (MANIFEST, json_bytes(manifest))]
 
         options = f"ffn_ranks={ffn_ranks} attn_ranks={attn_ranks} shard_size={shard_size}"
-        fingerprint = _fingerprint("hf->afd", src, [*set(shard_of.values()), src / CONFIG], options)
+        fingerprint = run_fingerprint("hf->afd", src, [*set(shard_of.values()), src / CONFIG], options)
         plan = OutputPlan((*files, *copies), final, fingerprint, (CONFIG, MANIFEST))
         result = write_output(out, plan, resume=resume, force=force, progress=progress)
     return ConvertResult(out, "hf->afd", result, *_tally(result))
@@ -160,7 +163,7 @@ def afd_to_hf(src: str | Path, out: str | Path, *, shard_size: int = DEFAULT_SHA
     layout = AFDLayout(src)
     view = layout.hf_view()
     pieces = _hf_shards(view, shard_size)
-    files = _data_files(pieces, lambda p: partial(view.get_array, p.source))
+    files = data_files(pieces, lambda p: partial(view.get_array, p.source))
     copied = [rel for rel in layout.files if "/" not in rel and rel != CONFIG]
     copies = [CopyFile(rel, src / rel) for rel in sorted(copied)]
     config_bytes = (src / CONFIG).read_bytes()
@@ -171,7 +174,7 @@ def afd_to_hf(src: str | Path, out: str | Path, *, shard_size: int = DEFAULT_SHA
         return [(CONFIG, config_bytes), (INDEX_FILE, json_bytes(index))]
 
     layout_files = [src / MANIFEST, *(src / rel for rel in layout.files)]
-    fingerprint = _fingerprint("afd->hf", src, layout_files, f"shard_size={shard_size}")
+    fingerprint = run_fingerprint("afd->hf", src, layout_files, f"shard_size={shard_size}")
     plan = OutputPlan((*files, *copies), final, fingerprint, (CONFIG, INDEX_FILE))
     result = write_output(out, plan, resume=resume, force=force, progress=progress)
     return ConvertResult(out, "afd->hf", result, *_tally(result))

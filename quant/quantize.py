@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from converters.convert import DEFAULT_SHARD_SIZE, _data_files, _fingerprint
+from converters.convert import DEFAULT_SHARD_SIZE, data_files, run_fingerprint
 from converters.errors import CheckpointError, Step3Error
 from converters.hf import INDEX_FILE
 from converters.layout import CONFIG, MANIFEST, Piece, SourceTensor, build_manifest, plan_pieces, shard_pieces
@@ -233,11 +233,11 @@ def quantize_checkpoint(src: str | Path, out: str | Path, options: QuantizeOptio
     run = _Pass(source, actions, backend, device, report)
     pieces = _place(source, _out_tensors(source, actions), options.shard_size)
     run.count_bytes(pieces)
-    files = _data_files(pieces, run.producer)
+    files = data_files(pieces, run.producer)
     copies = [CopyFile(rel, src / rel) for rel in source.copies]
     final, names = _finals(source, pieces, mode, backend, options, report, run, out)
     opts = f"mode={mode} skip={options.skip} kv={options.kv_cache} shard_size={options.shard_size}"
-    fingerprint = _fingerprint(f"quantize {source.kind}", src, source.inputs, opts)
+    fingerprint = run_fingerprint(f"quantize {source.kind}", src, source.inputs, opts)
     plan = OutputPlan((*files, *copies), final, fingerprint, names)
     result = write_output(out, plan, resume=resume, force=force, progress=progress)
     if options.check:
