@@ -81,8 +81,8 @@ if TYPE_CHECKING:  # torch is imported only where a torch tensor or dtype is han
 
 # What callers import from here (the writer's whole interface lives in this one module name).
 __all__ = ["JOURNAL", "PARTIAL", "CopyFile", "FileRange", "FileRecord", "OutputPlan", "SafetensorsFile",
-           "TensorOut", "WriteResult", "dtype_name", "json_bytes", "record_of", "sha256_file", "tensor_view",
-           "torch_dtype", "write_output"]
+           "TensorOut", "WriteResult", "atomic_write", "dtype_name", "json_bytes", "record_of", "sha256_file",
+           "tensor_view", "torch_dtype", "write_output"]
 
 # safetensors header dtype <-> torch dtype attribute name (torch.<name>)
 _TORCH_NAMES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "I32": "int32", "I64": "int64",

@@ -71,6 +71,7 @@ class Journal:
 
 
 def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through `<path>.partial` and a rename: readers never see half a file."""
     tmp = path.with_name(path.name + PARTIAL)
     with disk_errors(path):
         tmp.write_bytes(data)

@@ -16,7 +16,6 @@ independent and TP cuts are block-aligned.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from converters.writer import (
     OutputPlan,
     ProgressFn,
     WriteResult,
+    atomic_write,
     json_bytes,
     record_of,
     write_output,
@@ -242,7 +242,5 @@ def quantize_checkpoint(src: str | Path, out: str | Path, options: QuantizeOptio
     result = write_output(out, plan, resume=resume, force=force, progress=progress)
     if options.check:
         report.check = check_quantized(src, out, device=str(device)).to_json()
-        tmp = out / (REPORT_FILE + ".partial")
-        tmp.write_bytes(json_bytes(report.to_json()))
-        os.replace(tmp, out / REPORT_FILE)
+        atomic_write(out / REPORT_FILE, json_bytes(report.to_json()))
     return QuantizeResult(src, out, source.kind, mode, backend, result, report)
