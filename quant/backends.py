@@ -14,7 +14,6 @@ import torch
 from converters.errors import Step3Error
 from quant.fp8 import BLOCK, FP8_DTYPE, quantize_fp8, scale_grid_shape
 
-BackendName = Literal["auto", "torch", "te"]
 BACKENDS = ("auto", "torch", "te")
 
 
