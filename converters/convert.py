@@ -25,10 +25,10 @@ from converters.layout import (
     SourceTensor,
     build_manifest,
     check_ranks,
+    ordered_tensors,
     plan_pieces,
     shard_pieces,
 )
-from converters.names import scale_name, spec_table
 from converters.slices import read_piece
 from converters.writer import (
     PARTIAL,
@@ -65,13 +65,8 @@ def extra_files(src: Path, skip: tuple[str, ...]) -> list[str]:
 
 def source_tensors(ckpt: HFCheckpoint) -> list[SourceTensor]:
     """The checkpoint's tensors in naming-table order, each FP8 scale right after its weight."""
-    out = []
-    for name in spec_table(ckpt.config, vision=ckpt.has_vision):
-        for n in (name, scale_name(name)):
-            if n in ckpt.weight_map:
-                info = ckpt.info(n)
-                out.append(SourceTensor(n, info.dtype, info.shape))
-    return out
+    facts = {n: (i.dtype, i.shape) for n in ckpt.weight_map for i in [ckpt.info(n)]}
+    return ordered_tensors(ckpt.config, ckpt.has_vision, facts)
 
 
 def run_fingerprint(direction: str, src: Path, files: list[Path], options: str) -> str:

@@ -20,7 +20,7 @@ from math import prod
 
 from converters.config import Step3Config
 from converters.errors import CheckpointError, Step3Error
-from converters.names import FP8_BLOCK, SCALE_SUFFIX, is_scale_name, spec_table
+from converters.names import FP8_BLOCK, SCALE_SUFFIX, is_scale_name, scale_name, spec_table
 from converters.safetensors_io import DTYPE_BYTES
 from converters.slices import sliced_shape
 
@@ -58,6 +58,18 @@ class SourceTensor:
     name: str
     dtype: str
     shape: tuple[int, ...]
+
+
+def ordered_tensors(cfg: Step3Config, vision: bool,
+                    info: Mapping[str, tuple[str, tuple[int, ...]]]) -> list[SourceTensor]:
+    """SourceTensors of the names in `info` (name -> (dtype, shape)) in naming-table order, each FP8
+    scale right after its weight: the order every plan (convert, quantize) places tensors in."""
+    out = []
+    for name in spec_table(cfg, vision=vision):
+        for n in (name, scale_name(name)):
+            if n in info:
+                out.append(SourceTensor(n, *info[n]))
+    return out
 
 
 def ffn_key(rank: int, name: str) -> str:

@@ -21,8 +21,8 @@ from converters.afd import AFDLayout, is_afd_layout
 from converters.config import Step3Config
 from converters.convert import extra_files
 from converters.hf import INDEX_FILE, HFCheckpoint
-from converters.layout import CONFIG, MANIFEST, SourceTensor
-from converters.names import is_scale_name, scale_name, spec_table
+from converters.layout import CONFIG, MANIFEST, SourceTensor, ordered_tensors
+from converters.names import is_scale_name
 from converters.safetensors_io import DTYPE_BYTES
 from converters.slices import read_tensor
 from quant.report import REPORT_FILE
@@ -63,16 +63,6 @@ class QuantSource:
     @property
     def is_fp8(self) -> bool:
         return any(is_scale_name(t.name) for t in self.tensors)
-
-
-def ordered_tensors(cfg: Step3Config, vision: bool, info: dict[str, tuple[str, tuple[int, ...]]]) -> list:
-    """SourceTensors of the names in `info` in naming-table order, each FP8 scale right after its weight."""
-    out = []
-    for name in spec_table(cfg, vision=vision):
-        for n in (name, scale_name(name)):
-            if n in info:
-                out.append(SourceTensor(n, *info[n]))
-    return out
 
 
 def _open_hf(path: Path) -> QuantSource:
