@@ -21,10 +21,9 @@ import triton
 import triton.language as tl
 
 from converters.errors import Step3Error
+from quant.fp8 import FP8_DTYPE, FP8_MAX
 from runtime.kernels.rope import rope_rotate
 
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0
 CACHE_DTYPES = (torch.bfloat16, FP8_DTYPE)
 
 
