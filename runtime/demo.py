@@ -22,11 +22,10 @@ from converters.summary import summarize
 from converters.synth import synthesize
 from quant.check import check_quantized
 from runtime.chat import ChatTokenizer
-from runtime.model.reference import Step3Reference
+from runtime.model.reference import ProgressFn, Step3Reference
 
 PRESET = "step3-tiny"
 DEFAULT_PROMPT = "In one sentence: what does MFA attention share across heads?"
-ProgressFn = Callable[[int, int, str], None]
 
 
 @dataclass
