@@ -14,8 +14,8 @@ Launches (no host synchronization, so the whole layer can be captured in a CUDA 
   5. combine: sum over the k slots ([T, k, H] -> [T, H]).
 Traffic: each weight tile once from HBM per launch (M-blocks sharing it run together), x_q read k
 times (gathered), the FP8 intermediate written and read once, [T*k, H] partials written and read.
-For large batches `moe_ffn` can route the experts through cuBLAS instead (moe_cublas.py,
-MoeConfig.backend), chosen per batch size by `default_moe_config` from the H200 measurements.
+`moe_ffn` can also route the experts through cuBLAS (moe_cublas.py, MoeConfig.backend = "cublas"),
+but that lost at every size on the H200, so `default_moe_config` always picks the Triton path.
 """
 
 from __future__ import annotations
