@@ -7,6 +7,7 @@ Prints one line per case and a summary; writes the same as JSON. Cases with subn
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -72,4 +73,6 @@ def main(path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("out", help="the JSON file to write, e.g. benchmarks/results/te_fp8_equality.json")
+    main(ap.parse_args().out)
