@@ -141,13 +141,15 @@ def hf_to_afd(src: str | Path, out: str | Path, *, ffn_ranks: int, attn_ranks: i
     return ConvertResult(out, "hf->afd", result, *_tally(result))
 
 
-def _hf_shards(view, shard_size: int) -> list[Piece]:
-    """The HF checkpoint's tensors, whole, packed in order into model-0000i-of-0000N.safetensors."""
-    placed = []
-    for name in view.names():
-        info = view.info(name)
-        placed.append(("", Piece(name, "", name, info.dtype, info.shape, ())))
-    return shard_pieces(placed, shard_size)
+def hf_shards(tensors: list[SourceTensor], shard_size: int) -> list[Piece]:
+    """Tensors, whole, packed in order into model-0000i-of-0000N.safetensors (the HF checkpoint layout)."""
+    return shard_pieces([("", Piece(t.name, "", t.name, t.dtype, t.shape, ())) for t in tensors], shard_size)
+
+
+def hf_index(pieces: list[Piece]) -> dict:
+    """model.safetensors.index.json for whole-tensor pieces (see hf_shards)."""
+    return {"metadata": {"total_size": sum(p.nbytes for p in pieces)},
+            "weight_map": {p.source: p.file for p in pieces}}
 
 
 def afd_to_hf(src: str | Path, out: str | Path, *, shard_size: int = DEFAULT_SHARD_SIZE, resume: bool = False,
@@ -157,16 +159,15 @@ def afd_to_hf(src: str | Path, out: str | Path, *, shard_size: int = DEFAULT_SHA
     _distinct(src, out)
     layout = AFDLayout(src)
     view = layout.hf_view()
-    pieces = _hf_shards(view, shard_size)
+    tensors = [SourceTensor(n, i.dtype, i.shape) for n in view.names() for i in [view.info(n)]]
+    pieces = hf_shards(tensors, shard_size)
     files = data_files(pieces, lambda p: partial(view.get_array, p.source))
     copied = [rel for rel in layout.files if "/" not in rel and rel != CONFIG]
     copies = [CopyFile(rel, src / rel) for rel in sorted(copied)]
     config_bytes = (src / CONFIG).read_bytes()
-    total = sum(p.nbytes for p in pieces)
 
     def final(records):
-        index = {"metadata": {"total_size": total}, "weight_map": {p.source: p.file for p in pieces}}
-        return [(CONFIG, config_bytes), (INDEX_FILE, json_bytes(index))]
+        return [(CONFIG, config_bytes), (INDEX_FILE, json_bytes(hf_index(pieces)))]
 
     layout_files = [src / MANIFEST, *(src / rel for rel in layout.files)]
     fingerprint = run_fingerprint("afd->hf", src, layout_files, f"shard_size={shard_size}")

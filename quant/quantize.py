@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from converters.convert import DEFAULT_SHARD_SIZE, data_files, run_fingerprint
+from converters.convert import DEFAULT_SHARD_SIZE, data_files, hf_index, hf_shards, run_fingerprint
 from converters.errors import CheckpointError, Step3Error
 from converters.hf import INDEX_FILE
 from converters.layout import CONFIG, MANIFEST, Piece, SourceTensor, build_manifest, plan_pieces, shard_pieces
@@ -182,9 +182,8 @@ class _Pass:
 def _place(source: QuantSource, tensors: list[SourceTensor], shard_size: int) -> list[Piece]:
     """Output pieces and their files, as step3 convert would place them."""
     if source.kind == "hf":
-        placed = [("", Piece(t.name, "", t.name, t.dtype, t.shape, ())) for t in tensors]
-    else:
-        placed = plan_pieces(source.cfg, tensors, source.ffn_ranks, vision=source.has_vision)
+        return hf_shards(tensors, shard_size)
+    placed = plan_pieces(source.cfg, tensors, source.ffn_ranks, vision=source.has_vision)
     return shard_pieces(placed, shard_size)
 
 
@@ -205,9 +204,8 @@ def _finals(source: QuantSource, pieces: list[Piece], mode: str, backend: str | 
         config_bytes = json_bytes(config)
         report_bytes = json_bytes(report.to_json())
         if source.kind == "hf":
-            index = {"metadata": {"total_size": sum(p.nbytes for p in pieces)},
-                     "weight_map": {p.source: p.file for p in pieces}}
-            return [(INDEX_FILE, json_bytes(index)), (REPORT_FILE, report_bytes), (CONFIG, config_bytes)]
+            index_bytes = json_bytes(hf_index(pieces))
+            return [(INDEX_FILE, index_bytes), (REPORT_FILE, report_bytes), (CONFIG, config_bytes)]
         recs = {k: v.to_json() for k, v in records.items()} | {CONFIG: record_of(config_bytes).to_json()}
         manifest = build_manifest(config, source.cfg, source.attn_ranks, source.ffn_ranks,
                                   config.get("quantization_config"), pieces, recs)
