@@ -29,6 +29,7 @@ from converters.layout import (
     plan_pieces,
     shard_pieces,
 )
+from converters.names import FP8_QUANT_CONFIG
 from converters.slices import read_piece
 from converters.writer import (
     PARTIAL,
@@ -43,8 +44,6 @@ from converters.writer import (
 )
 
 DEFAULT_SHARD_SIZE = 4_000_000_000
-DEFAULT_FP8 = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-               "weight_block_size": [128, 128]}
 _NOT_COPIED = (".safetensors", PARTIAL, ".tmp", ".bin", ".pt", ".pth")
 
 
@@ -103,7 +102,7 @@ def quantization_of(config: dict, is_fp8: bool) -> dict | None:
     if not is_fp8:
         return None
     q = config.get("quantization_config") or config.get("text_config", {}).get("quantization_config")
-    return dict(q) if isinstance(q, dict) else dict(DEFAULT_FP8)
+    return dict(q) if isinstance(q, dict) else dict(FP8_QUANT_CONFIG)
 
 
 def _distinct(src: Path, out: Path) -> None:

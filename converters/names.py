@@ -25,6 +25,10 @@ Part = Literal["attention", "ffn", "vision"]
 Split = Literal["ep", "tp_out", "tp_in"]
 SCALE_SUFFIX = "_scale_inv"  # X.weight -> X.weight_scale_inv (step3-fp8 / DeepSeek-V3 block FP8)
 FP8_BLOCK = 128
+# config.json's quantization_config of a step3-fp8 checkpoint (convert assumes it when an FP8 checkpoint
+# has none; synth writes it; step3 quantize starts its record from it).
+FP8_QUANT_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                    "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}
 
 
 @dataclass(frozen=True)

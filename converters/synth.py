@@ -25,14 +25,12 @@ import torch
 
 from converters.config import TINY_VISION, Step3Config, VisionConfig
 from converters.errors import ConfigError
-from converters.names import TensorSpec, scale_name, scale_shape, tensor_specs
+from converters.hf import INDEX_FILE
+from converters.names import FP8_QUANT_CONFIG, TensorSpec, scale_name, scale_shape, tensor_specs
 from converters.tokenizer_synth import SynthTokenizer, build_tokenizer, generation_config, tokenizer_config
 from converters.writer import OutputPlan, ProgressFn, SafetensorsFile, TensorOut, json_bytes, write_output
 from quant.fp8 import FP8_DTYPE, quantize_fp8
 
-INDEX_NAME = "model.safetensors.index.json"
-FP8_QUANT_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                    "weight_block_size": [128, 128]}
 LOGIT_STD = 4.0  # std of the logits over the vocabulary for a unit-RMS final hidden state
 _RESIDUAL_OUTPUTS = ("o_proj.weight", "down_proj.weight", "out_proj.weight", "fc2.weight")
 # A mid-size tower for configs too wide for TINY_VISION (step3-small): a few MB, real layout.
@@ -151,7 +149,7 @@ def _output_plan(cfg: Step3Config, tok: SynthTokenizer, fp8: bool, shards: int, 
     hf = cfg.to_hf_dict()
     if fp8:
         hf["quantization_config"] = dict(FP8_QUANT_CONFIG)
-    finals = ((INDEX_NAME, json_bytes(index)), ("tokenizer.json", tok.tokenizer.to_str(pretty=True).encode()),
+    finals = ((INDEX_FILE, json_bytes(index)), ("tokenizer.json", tok.tokenizer.to_str(pretty=True).encode()),
               ("tokenizer_config.json", json_bytes(tokenizer_config(cfg, tok))),
               ("generation_config.json", json_bytes(generation_config(tok))),
               ("config.json", json_bytes(hf)))  # last: its presence marks a complete checkpoint

@@ -13,18 +13,17 @@ import json
 from pathlib import Path
 from typing import Any
 
+from converters.names import FP8_QUANT_CONFIG
 from quant.fp8 import BLOCK
 
 KV_CACHE_DTYPES = ("fp8", "bf16")
-BASE = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-        "weight_block_size": [BLOCK, BLOCK]}
 
 
 def quantization_record(*, backend: str | None, kv_cache: str, skip: str | None = None,
                         ignored: list[str] | None = None,
                         base: dict[str, Any] | None = None) -> dict[str, Any]:
     """`base` (an existing record, for pass-through) or the step3-fp8 fields, plus the step3 details."""
-    record = {k: v for k, v in (base or BASE).items() if k != "step3"}
+    record = {k: v for k, v in (base or FP8_QUANT_CONFIG).items() if k != "step3"}
     if ignored:
         record["ignored_layers"] = sorted(ignored)
     old = (base or {}).get("step3") or {}

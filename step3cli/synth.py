@@ -18,10 +18,10 @@ _SYNTH_PRESETS = [name for name in PRESETS if name != "step3"]
 
 def _facts(path: Path, preset: str, fp8: bool, seconds: float) -> dict:
     """What was written, read back from the files themselves (config.json and the index)."""
-    from converters.synth import INDEX_NAME
+    from converters.hf import INDEX_FILE
 
     cfg = Step3Config.from_pretrained(path)
-    index = json.loads((path / INDEX_NAME).read_text())
+    index = json.loads((path / INDEX_FILE).read_text())
     params = cfg.num_params()
     return {"out": str(path), "preset": preset, "dtype": "fp8" if fp8 else "bf16",
             "vision": cfg.vision is not None,

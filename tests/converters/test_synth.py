@@ -17,9 +17,9 @@ from tokenizers import Tokenizer
 
 from converters.config import PRESETS, TINY_VISION, Step3Config
 from converters.errors import ConfigError, Step3Error
-from converters.hf import HFCheckpoint
+from converters.hf import INDEX_FILE, HFCheckpoint
 from converters.names import scale_name, scale_shape, tensor_specs, vision_tensor_specs
-from converters.synth import INDEX_NAME, LOGIT_STD, plan_shards, synthesize, synthetic_vision_config
+from converters.synth import LOGIT_STD, plan_shards, synthesize, synthetic_vision_config
 from converters.tokenizer_synth import BOS, BOT, EOS, EOT, EXTRA_SPECIALS, IM_PATCH, THINK, build_tokenizer
 from quant.fp8 import FP8_DTYPE, dequantize_fp8
 from runtime.model.reference import Step3Reference
@@ -29,7 +29,7 @@ TINY = PRESETS["step3-tiny"]
 
 def read_all(ckpt: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint, in index order, read through the index."""
-    index = json.loads((ckpt / INDEX_NAME).read_text())
+    index = json.loads((ckpt / INDEX_FILE).read_text())
     out = {}
     for name, file in index["weight_map"].items():
         with safe_open(ckpt / file, "pt") as f:
@@ -74,7 +74,7 @@ def test_names_shapes_dtypes_match_table(request, which, fp8, vision):
 @pytest.mark.parametrize("which,shards", [("tiny_ckpt", 1), ("tiny_fp8_ckpt", 2)])
 def test_index_covers_every_tensor_and_total_size(request, which, shards):
     ckpt = request.getfixturevalue(which)
-    index = json.loads((ckpt / INDEX_NAME).read_text())
+    index = json.loads((ckpt / INDEX_FILE).read_text())
     files = sorted(set(index["weight_map"].values()))
     assert files == [f"model-{k:05d}-of-{shards:05d}.safetensors" for k in range(1, shards + 1)]
     assert sorted(p.name for p in ckpt.glob("*.safetensors")) == files
@@ -123,7 +123,7 @@ def test_same_seed_same_bytes_across_shard_counts(tiny_ckpt, make_ckpt):
     assert (one_more / "model-00001-of-00001.safetensors").read_bytes() == \
         (tiny_ckpt / "model-00001-of-00001.safetensors").read_bytes()
     for file in ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
-                 INDEX_NAME):
+                 INDEX_FILE):
         assert (one_more / file).read_bytes() == (tiny_ckpt / file).read_bytes(), file
 
 
