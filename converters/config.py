@@ -274,3 +274,9 @@ def load_config(path_or_preset: str | Path) -> Step3Config:
     if not path.exists():
         raise ConfigError(f"{path}: no such file or directory, and not a preset ({', '.join(PRESETS)})")
     return Step3Config.from_pretrained(path)
+
+
+def config_quantization(config: dict[str, Any]) -> dict[str, Any] | None:
+    """The record in an HF config dict (top level, or under text_config), or None."""
+    q = config.get("quantization_config") or (config.get("text_config") or {}).get("quantization_config")
+    return dict(q) if isinstance(q, dict) else None

@@ -16,6 +16,7 @@ from functools import partial
 from pathlib import Path
 
 from converters.afd import AFDLayout
+from converters.config import config_quantization
 from converters.errors import Step3Error
 from converters.hf import INDEX_FILE, HFCheckpoint
 from converters.layout import (
@@ -99,10 +100,11 @@ def _tally(result: WriteResult) -> tuple[dict[str, int], dict[str, int]]:
 
 
 def quantization_of(config: dict, is_fp8: bool) -> dict | None:
+    """The manifest's quantization record: config.json's, or the step3-fp8 default for an FP8 checkpoint
+    whose config.json has none; None for a BF16 checkpoint."""
     if not is_fp8:
         return None
-    q = config.get("quantization_config") or config.get("text_config", {}).get("quantization_config")
-    return dict(q) if isinstance(q, dict) else dict(FP8_QUANT_CONFIG)
+    return config_quantization(config) or dict(FP8_QUANT_CONFIG)
 
 
 def _distinct(src: Path, out: Path) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from converters.config import config_quantization
 from converters.convert import DEFAULT_SHARD_SIZE, data_files, hf_index, hf_shards, run_fingerprint
 from converters.errors import CheckpointError, Step3Error
 from converters.hf import INDEX_FILE
@@ -40,7 +41,7 @@ from converters.writer import (
 from quant.backends import quantize_weight, resolve_backend, resolve_device
 from quant.check import check_quantized
 from quant.fp8 import FP8_DTYPE, dequantize_fp8, scale_grid_shape
-from quant.record import KV_CACHE_DTYPES, config_quantization, quantization_record, with_quantization
+from quant.record import KV_CACHE_DTYPES, quantization_record, with_quantization
 from quant.report import REPORT_FILE, QuantReport
 from quant.sources import QuantSource, open_source
 

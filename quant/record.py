@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from converters.config import config_quantization
 from converters.names import FP8_QUANT_CONFIG
 from quant.fp8 import BLOCK
 
@@ -31,12 +32,6 @@ def quantization_record(*, backend: str | None, kv_cache: str, skip: str | None 
                        "backend": backend if backend is not None else old.get("backend"),
                        "kv_cache_dtype": kv_cache, "skip": skip if skip is not None else old.get("skip")}
     return record
-
-
-def config_quantization(config: dict[str, Any]) -> dict[str, Any] | None:
-    """The record in an HF config dict (top level, or under text_config), or None."""
-    q = config.get("quantization_config") or (config.get("text_config") or {}).get("quantization_config")
-    return dict(q) if isinstance(q, dict) else None
 
 
 def with_quantization(config: dict[str, Any], record: dict[str, Any] | None) -> dict[str, Any]:
