@@ -49,12 +49,6 @@ def _blocked(w: torch.Tensor, block: int) -> torch.Tensor:
     return w.reshape(*lead, rows // block, block, cols // block, block)
 
 
-def block_amax(w: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
-    """max|w| per block x block tile of the last two dims, fp32, shape [..., ceil(R/b), ceil(C/b)]."""
-    blocks = _blocked(_pad_to_blocks(w.float(), block), block)
-    return blocks.abs().amax(dim=(-3, -1))
-
-
 def scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
     """TE's compute_scale_from_amax (pow-2 off, epsilon 0): 448/amax, 1 for zero, FLT_MAX on overflow."""
     scale = torch.full_like(amax, FP8_MAX) / amax  # IEEE division; `448.0 / amax` rounds differently
