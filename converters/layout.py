@@ -147,11 +147,14 @@ def shard_pieces(placed: list[tuple[str, Piece]], shard_size: int) -> list[Piece
     """Pack each directory's pieces, in order, into files of at most `shard_size` bytes (a larger tensor
     gets a file of its own): `<dir>/model-00001-of-0000N.safetensors` (no `<dir>/` for dir "")."""
     by_dir: dict[str, list[list[Piece]]] = {}
+    filled: dict[str, int] = {}  # bytes in each directory's last file so far
     for d, p in placed:
         shards = by_dir.setdefault(d, [[]])
-        if shards[-1] and sum(x.nbytes for x in shards[-1]) + p.nbytes > shard_size:
+        if shards[-1] and filled[d] + p.nbytes > shard_size:
             shards.append([])
+            filled[d] = 0
         shards[-1].append(p)
+        filled[d] = filled.get(d, 0) + p.nbytes
     out = []
     for d, shards in by_dir.items():
         for i, shard in enumerate(shards):
