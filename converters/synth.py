@@ -26,6 +26,7 @@ import torch
 from converters.config import TINY_VISION, Step3Config, VisionConfig
 from converters.errors import ConfigError
 from converters.hf import INDEX_FILE
+from converters.layout import CONFIG
 from converters.names import FP8_QUANT_CONFIG, TensorSpec, scale_name, scale_shape, tensor_specs
 from converters.tokenizer_synth import SynthTokenizer, build_tokenizer, generation_config, tokenizer_config
 from converters.writer import OutputPlan, ProgressFn, SafetensorsFile, TensorOut, json_bytes, write_output
@@ -152,7 +153,7 @@ def _output_plan(cfg: Step3Config, tok: SynthTokenizer, fp8: bool, shards: int, 
     finals = ((INDEX_FILE, json_bytes(index)), ("tokenizer.json", tok.tokenizer.to_str(pretty=True).encode()),
               ("tokenizer_config.json", json_bytes(tokenizer_config(cfg, tok))),
               ("generation_config.json", json_bytes(generation_config(tok))),
-              ("config.json", json_bytes(hf)))  # last: its presence marks a complete checkpoint
+              (CONFIG, json_bytes(hf)))  # last: its presence marks a complete checkpoint
     fingerprint = f"synth seed={seed} fp8={fp8} shards={shards} config={json.dumps(hf, sort_keys=True)}"
     return OutputPlan(files, lambda records: finals, fingerprint, tuple(name for name, _ in finals))
 

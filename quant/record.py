@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from converters.config import config_quantization
+from converters.layout import CONFIG, MANIFEST
 from converters.names import FP8_QUANT_CONFIG
 from quant.fp8 import BLOCK
 
@@ -54,7 +55,7 @@ def kv_cache_dtype(record: dict[str, Any] | None) -> str:
 def read_quantization(path: str | Path) -> dict[str, Any] | None:
     """The record of a checkpoint directory (AFD manifest.json first, else config.json) or a config.json."""
     path = Path(path)
-    for file in ((path / "manifest.json", path / "config.json") if path.is_dir() else (path,)):
+    for file in ((path / MANIFEST, path / CONFIG) if path.is_dir() else (path,)):
         if not file.is_file():
             continue
         try:
@@ -63,7 +64,7 @@ def read_quantization(path: str | Path) -> dict[str, Any] | None:
             return None  # the readers of that file report what is wrong with it
         if not isinstance(data, dict):
             return None
-        if file.name == "manifest.json":
+        if file.name == MANIFEST:
             q = data.get("quantization")
             return dict(q) if isinstance(q, dict) else None
         return config_quantization(data)
