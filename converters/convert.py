@@ -36,6 +36,7 @@ from converters.writer import (
     PARTIAL,
     CopyFile,
     OutputPlan,
+    ProgressFn,
     SafetensorsFile,
     TensorOut,
     WriteResult,
@@ -114,7 +115,7 @@ def _distinct(src: Path, out: Path) -> None:
 
 def hf_to_afd(src: str | Path, out: str | Path, *, ffn_ranks: int, attn_ranks: int = 1,
               shard_size: int = DEFAULT_SHARD_SIZE, resume: bool = False, force: bool = False,
-              progress: Callable[[int, int, str], None] | None = None) -> ConvertResult:
+              progress: ProgressFn | None = None) -> ConvertResult:
     """Convert an HF Step-3 checkpoint (BF16 or block FP8, with or without vision) to an AFD layout."""
     src, out = Path(src), Path(out)
     _distinct(src, out)
@@ -154,7 +155,7 @@ def hf_index(pieces: list[Piece]) -> dict:
 
 
 def afd_to_hf(src: str | Path, out: str | Path, *, shard_size: int = DEFAULT_SHARD_SIZE, resume: bool = False,
-              force: bool = False, progress: Callable[[int, int, str], None] | None = None) -> ConvertResult:
+              force: bool = False, progress: ProgressFn | None = None) -> ConvertResult:
     """Rebuild the HF checkpoint from an AFD layout: same tensor names, dtypes and bytes, same config.json."""
     src, out = Path(src), Path(out)
     _distinct(src, out)

@@ -24,9 +24,7 @@ from converters.hf import HFCheckpoint
 from converters.hf_checks import expected_specs, is_vision_name, name_problems, tensor_problems
 from converters.layout import CONFIG, MANIFEST, SourceTensor, plan_pieces
 from converters.slices import header_of, read_array
-from converters.writer import sha256_file
-
-ProgressFn = Callable[[int, int, str], None]
+from converters.writer import ProgressFn, sha256_file
 
 
 @dataclass
