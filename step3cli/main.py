@@ -39,8 +39,7 @@ for module in COMMANDS:
 
 @app.callback()
 def _root() -> None:
-    # A callback keeps `step3 COMMAND ...` a command group even while only one command is registered.
-    pass
+    """A root callback keeps `step3 COMMAND ...` a command group, whatever COMMANDS holds."""
 
 
 def main() -> None:
