@@ -14,6 +14,9 @@ from typing import Any
 
 from converters.errors import ConfigError
 
+# Bytes per cached value for each KV-cache dtype the runtime supports (fp8 first: the deployment default).
+KV_CACHE_BYTES = {"fp8": 1, "bf16": 2}
+
 # HF spells it singular; SGLang reads the plural. Accept both.
 _ALIASES = {"max_position_embeddings": "max_position_embedding"}
 
@@ -229,7 +232,7 @@ class Step3Config:
 
     def kv_bytes_per_token(self, dtype: str = "bf16") -> int:
         """KV-cache bytes per token over all layers: one K and one V head of head_dim each."""
-        width = {"bf16": 2, "fp8": 1}.get(dtype)
+        width = KV_CACHE_BYTES.get(dtype)
         if width is None:
             raise ConfigError(f"unknown KV-cache dtype {dtype!r}; use 'bf16' or 'fp8'")
         return 2 * self.head_dim * self.num_attention_groups * width * self.num_hidden_layers

@@ -13,12 +13,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from converters.config import config_quantization
+from converters.config import KV_CACHE_BYTES, config_quantization
 from converters.layout import CONFIG, MANIFEST
 from converters.names import FP8_QUANT_CONFIG
 from quant.fp8 import BLOCK
 
-KV_CACHE_DTYPES = ("fp8", "bf16")
+KV_CACHE_DTYPES = tuple(KV_CACHE_BYTES)
 
 
 def quantization_record(*, backend: str | None, kv_cache: str, skip: str | None = None,

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from converters.config import load_config
+from converters.config import KV_CACHE_BYTES, load_config
 from converters.errors import Step3Error
 from runtime.bench import planner
 from runtime.bench.architectures import from_step3_config, get_model
@@ -24,7 +24,7 @@ app = typer.Typer(name="bench",
                   help="Benchmarks: the paper's decode-cost model and AFD planner (no GPU needed).",
                   no_args_is_help=True, rich_markup_mode="rich")
 
-KV_WIDTH = {"fp8": 1, "bf16": 2}
+KV_WIDTH = KV_CACHE_BYTES
 
 
 def register(root: typer.Typer) -> None:
