@@ -197,7 +197,7 @@ class HFView:
             return t.to(dtype)
         if scale_name(name) not in self._by_source:
             raise CheckpointError(f"{self.path}: {name} is FP8 but {scale_name(name)} is missing")
-        return dequantize_fp8(t, self.get(scale_name(name)), dtype=dtype)
+        return dequantize_fp8(t, self.get(scale_name(name)), dtype=dtype, name=name)
 
 
 

@@ -70,12 +70,12 @@ def quantize_fp8(w: torch.Tensor, block: int = BLOCK,
 
 
 def dequantize_fp8(q: torch.Tensor, scale_inv: torch.Tensor, block: int = BLOCK,
-                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                   dtype: torch.dtype = torch.float32, name: str = "tensor") -> torch.Tensor:
     """W = q * scale_inv[block] -> dtype. Shapes as `quantize_fp8` returns them."""
     rows, cols = q.shape[-2:]
     expected = scale_grid_shape(q.shape, block)
     if tuple(scale_inv.shape) != expected:
-        raise Step3Error(f"weight_scale_inv has shape {tuple(scale_inv.shape)}, expected {expected} "
+        raise Step3Error(f"{name}: weight_scale_inv has shape {tuple(scale_inv.shape)}, expected {expected} "
                          f"for an FP8 weight of shape {tuple(q.shape)} with {block}x{block} blocks")
     blocks = _blocked(_pad_to_blocks(q.float(), block), block)
     w = (blocks * scale_inv.float()[..., :, None, :, None]).reshape(

@@ -41,7 +41,7 @@ class TensorDict:
         if w.dtype == FP8_DTYPE:
             if scale_name(name) not in self.tensors:
                 raise CheckpointError(f"{name} is FP8 but {scale_name(name)} is missing; cannot dequantize")
-            return dequantize_fp8(w, self.tensors[scale_name(name)], dtype=dtype)
+            return dequantize_fp8(w, self.tensors[scale_name(name)], dtype=dtype, name=name)
         return w.to(dtype)
 
 

@@ -149,3 +149,9 @@ def test_dequantize_rejects_wrong_scale_shape():
     q, s = quantize_fp8(_random((300, 200), seed=9))
     with pytest.raises(Step3Error, match=r"expected \(3, 2\)"):
         dequantize_fp8(q, s[:, :1])
+
+
+def test_dequantize_names_the_tensor_whose_scale_grid_is_wrong():
+    q, scale_inv = quantize_fp8(torch.randn(300, 200, generator=torch.Generator().manual_seed(7)))
+    with pytest.raises(Step3Error, match=r"layers\.0\.mlp\.up_proj\.weight: weight_scale_inv has shape"):
+        dequantize_fp8(q, scale_inv[:, :1], name="model.layers.0.mlp.up_proj.weight")
