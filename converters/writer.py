@@ -8,8 +8,9 @@ last (`manifest.json`, or `config.json` + `model.safetensors.index.json`). `writ
 - refuses a non-empty OUT unless `resume` or `force` (force deletes only paths this plan or an
   earlier run recorded, never unrelated files);
 - deletes the final files first, so an interrupted run never looks complete;
-- writes each file to `<path>.partial`; helper threads hash it (read back from the page cache while
-  the next file is written) and only then is it renamed into place and journaled; the journal
+- writes each file to `<path>.partial`; a helper thread hashes it, reading back from the page cache
+  what has been written so far (also while the next file is written), and only once the hash is
+  known is it renamed into place and journaled; the journal
   (`.step3-write.json`: the plan's fingerprint and each finished file's bytes/sha256) lets `resume`
   skip files whose checksum still matches; a different fingerprint is refused;
 - checks free disk space before writing (needed vs free) and turns ENOSPC into a Step3Error that
@@ -17,7 +18,9 @@ last (`manifest.json`, or `config.json` + `model.safetensors.index.json`). `writ
 - streams: safetensors headers are built from the declared dtypes/shapes, then each tensor is
   produced, written and dropped, so memory holds one tensor (plus its producer's source) at a
   time, and the bytes are the same on every run. A producer may return a `FileRange` instead of a
-  tensor (bytes already laid out in a source file): those are copied in the kernel, like `cp`.
+  tensor (bytes already laid out in a source file): those are copied without passing through
+  Python objects (converters/writer_io.py: `copy_file_range` as `cp`, or a small buffer).
+  Producers are called in plan order (file by file), which `step3 quantize`'s one-slot cache needs.
 
 Guarantees are against process death (kill -9): files are not fsynced, so after a power loss run
 `step3 verify`, which re-checks every checksum.
@@ -53,13 +56,13 @@ from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 
 from converters.errors import Step3Error
 from converters.safetensors_io import DTYPE_BYTES
-from converters.writer_io import CHUNK, FileHash, FileRange, copy_range, sha256_file, tensor_view
+from converters.writer_io import FileHash, FileRange, copy_range, sha256_file, tensor_view, write_all
 from converters.writer_state import (
     JOURNAL,
     PARTIAL,
@@ -217,44 +220,22 @@ def _check_produced(spec: SafetensorsFile, t: TensorOut, data: Produced) -> None
                          f"got {_produced_as(data)}; the source changed while writing? Re-run with --force.")
 
 
-def _write_safetensors(dst: Path, spec: SafetensorsFile, tick: Callable[[int], None],
-                       pool: Executor) -> Future[str]:
-    """Header, then each tensor as it is produced (a tensor, or a byte range copied from its file), with
-    the sha256 computed beside the writes (writer_io.FileHash); returns the hash's future."""
-    header = spec.header()
-    digest = FileHash(pool, header)
-    try:
-        with open(dst, "wb", buffering=0) as f:
-            f.write(header)
-            for t in spec.tensors:
-                data = t.produce()
-                _check_produced(spec, t, data)
-                if isinstance(data, FileRange):
-                    digest.add_range(data)
-                    copy_range(f, data, tick)
-                    continue
-                view = tensor_view(data)
-                hashed = digest.add_bytes(view)
-                for i in range(0, len(view), CHUNK):
-                    f.write(view[i:i + CHUNK])
-                    tick(min(CHUNK, len(view) - i))
-                hashed.wait()  # one tensor alive at a time
-                del data, view
-    finally:
-        digest.close()
-    return digest.result
+def _write_safetensors(f: BinaryIO, spec: SafetensorsFile, wrote: Callable[[int], None]) -> None:
+    """Header, then each tensor as it is produced: a tensor's bytes are written and dropped before the
+    next is produced (one tensor alive at a time); a byte range is copied from its file."""
+    write_all(f, memoryview(spec.header()), wrote)
+    for t in spec.tensors:
+        data = t.produce()
+        _check_produced(spec, t, data)
+        if isinstance(data, FileRange):
+            copy_range(f, data, wrote)
+        else:
+            write_all(f, tensor_view(data), wrote)
+        del data
 
 
-def _copy_file(dst: Path, spec: CopyFile, tick: Callable[[int], None], pool: Executor) -> Future[str]:
-    digest = FileHash(pool, b"")
-    try:
-        with open(dst, "wb", buffering=0) as f:
-            r = FileRange(spec.source, 0, spec.nbytes)
-            digest.add_range(r)
-            copy_range(f, r, tick)
-    finally:
-        digest.close()
-    return digest.result
+def _copy_file(f: BinaryIO, spec: CopyFile, wrote: Callable[[int], None]) -> None:
+    copy_range(f, FileRange(spec.source, 0, spec.nbytes), wrote)
 
 
 def _write_body(out: Path, spec: SafetensorsFile | CopyFile, tick: Callable[[int], None],
@@ -262,15 +243,27 @@ def _write_body(out: Path, spec: SafetensorsFile | CopyFile, tick: Callable[[int
     """Write one planned file to its `.partial` name; returns that path (renamed once hashed) and the hash."""
     path = out / spec.path
     tmp = path.with_name(path.name + PARTIAL)
+    write = _copy_file if isinstance(spec, CopyFile) else _write_safetensors
     with disk_errors(path, spec.nbytes):
         path.parent.mkdir(parents=True, exist_ok=True)
-        write = _copy_file if isinstance(spec, CopyFile) else _write_safetensors
-        return tmp, write(tmp, spec, tick, pool)
+        with open(tmp, "wb", buffering=0) as f:
+            digest = FileHash(pool, tmp)
+
+            def wrote(n: int) -> None:
+                digest.wrote(n)
+                tick(n)
+
+            try:
+                write(f, spec, wrote)
+            finally:
+                digest.close()
+    return tmp, digest.result
 
 
 class _Hashing:
     """The files written but not yet hashed. A file is renamed into place and journaled only once its
-    sha256 is known, in plan order; at most THREADS files are in flight (one being written)."""
+    sha256 is known, in plan order; at most THREADS files are in flight (one being written), so the
+    hashes read bytes written recently enough to still be in the page cache."""
 
     THREADS = 2
 

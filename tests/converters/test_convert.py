@@ -170,13 +170,12 @@ def test_out_of_space_before_and_during_the_run(tiny_ckpt, tmp_path, monkeypatch
     monkeypatch.undo()
     real, calls = writer._write_safetensors, {"n": 0}
 
-    def disk_fills_up(dst, spec, *args):
+    def disk_fills_up(f, spec, *args):
         calls["n"] += 1
         if calls["n"] == 3:
-            with open(dst, "ab") as f:
-                f.write(b"x" * 100)  # half a file, then the disk is full
+            f.write(b"x" * 100)  # half a file, then the disk is full
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(dst, spec, *args)
+        return real(f, spec, *args)
 
     monkeypatch.setattr(writer, "_write_safetensors", disk_fills_up)
     with pytest.raises(Step3Error, match="out of disk space while writing .*--resume"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -130,11 +131,11 @@ def test_enospc_mid_run_is_a_clear_error_and_resume_completes(tmp_path, monkeypa
     real = writer._write_safetensors
     calls = {"n": 0}
 
-    def full_disk(dst, spec, *args):
+    def full_disk(f, spec, *args):
         calls["n"] += 1
         if calls["n"] == 2:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(dst, spec, *args)
+        return real(f, spec, *args)
 
     monkeypatch.setattr(writer, "_write_safetensors", full_disk)
     out = tmp_path / "out"
@@ -157,22 +158,80 @@ def test_free_space_is_checked_before_writing(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("kernel_copy", [True, False])
-def test_file_range_producers_copy_exact_bytes(tmp_path, monkeypatch, kernel_copy):
-    """A producer may hand back a byte range of another file (copy_file_range, or the read/write fallback)."""
+@pytest.mark.parametrize("same_page_offset", [True, False])
+def test_file_range_producers_copy_exact_bytes(tmp_path, monkeypatch, kernel_copy, same_page_offset):
+    """A producer may hand back a byte range of another file: copy_file_range when source and output
+    offsets share their place in a page, else (or without it) read + page-aligned writes."""
     monkeypatch.setattr(writer_io, "KERNEL_COPY", kernel_copy)
-    monkeypatch.setattr(writer_io, "CHUNK", 1000)  # several chunks (and mapping windows) per tensor
+    monkeypatch.setattr(writer_io, "CHUNK", 4096)  # several chunks and hash windows per tensor
+    monkeypatch.setattr(writer_io, "WINDOW", 8192)
+    kernel_calls = []
+    real_copy = writer_io.os.copy_file_range
+    monkeypatch.setattr(writer_io.os, "copy_file_range", lambda *a: kernel_calls.append(a) or real_copy(*a),
+                        raising=False)
+    w = torch.randn(200, 30, generator=torch.Generator().manual_seed(2))
+    rows = 10 * 30 * 4  # the range starts at row 10
+    out_t = TensorOut("w", torch.float32, (180, 30), lambda: None)
+    data_at = len(SafetensorsFile("a.safetensors", (out_t,)).header())  # where the tensor lands in the output
+    junk = (data_at - rows) % writer_io.PAGE + (0 if same_page_offset else 4)
     src = tmp_path / "blob.bin"
-    w = torch.randn(50, 30, generator=torch.Generator().manual_seed(2))
-    src.write_bytes(b"junk" + w.numpy().tobytes() + b"tail")
-    rows = writer.FileRange(src, 4 + 10 * 30 * 4, 20 * 30 * 4)  # rows 10..29
-    out_t = TensorOut("w", torch.float32, (20, 30), lambda: rows)
-    bad = TensorOut("v", torch.float32, (21, 30), lambda: rows)
-    plan = OutputPlan((SafetensorsFile("a.safetensors", (out_t,)),), lambda r: [], "fr", ())
-    write_output(tmp_path / "out", plan)
-    assert torch.equal(load_file(tmp_path / "out/a.safetensors")["w"], w[10:30])
-    with pytest.raises(Step3Error, match=r"v: expected F32 \[21, 30\].*got 2400 bytes"):
+    src.write_bytes(b"j" * junk + w.numpy().tobytes() + b"tail")
+    assert ((junk + rows) % writer_io.PAGE == data_at % writer_io.PAGE) == same_page_offset
+    r = writer.FileRange(src, junk + rows, 180 * 30 * 4)  # rows 10..189
+    out_t = TensorOut("w", torch.float32, (180, 30), lambda: r)
+    plan = OutputPlan((SafetensorsFile("a.safetensors", (out_t,)),), lambda _: [], "fr", ())
+    res = write_output(tmp_path / "out", plan)
+    written = (tmp_path / "out/a.safetensors").read_bytes()
+    assert torch.equal(load_file(tmp_path / "out/a.safetensors")["w"], w[10:190])
+    assert res.records["a.safetensors"].sha256 == hashlib.sha256(written).hexdigest()
+    assert bool(kernel_calls) == (kernel_copy and same_page_offset)
+    bad = TensorOut("v", torch.float32, (21, 30), lambda: r)
+    with pytest.raises(Step3Error, match=r"v: expected F32 \[21, 30\].*got 21600 bytes"):
         write_output(tmp_path / "out2", OutputPlan((SafetensorsFile("b.safetensors", (bad,)),),
-                                                   lambda r: [], "fr", ()))
+                                                   lambda _: [], "fr", ()))
+
+
+def test_aligned_chunks_cut_writes_at_chunk_boundaries_of_the_output(monkeypatch):
+    monkeypatch.setattr(writer_io, "CHUNK", 4096)
+    rng = np.random.default_rng(4)
+    for pos, nbytes in [(0, 0), (0, 4096), (5, 3), (4095, 2), *rng.integers(0, 20_000, (20, 2)).tolist()]:
+        chunks = list(writer_io.aligned_chunks(pos, nbytes))
+        assert [i for i, _ in chunks] == list(np.cumsum([0] + [n for _, n in chunks])[:-1])
+        assert sum(n for _, n in chunks) == nbytes and all(0 < n <= 4096 for _, n in chunks)
+        assert all((pos + i) % 4096 == 0 for i, _ in chunks[1:])
+
+
+def test_short_writes_are_continued(tmp_path):
+    """A raw write may write less than asked; write_all goes on until every byte is in the file."""
+    class Short:
+        def __init__(self, f):
+            self.f = f
+
+        def tell(self) -> int:
+            return self.f.tell()
+
+        def write(self, b) -> int:
+            return self.f.write(b[:7])
+
+    data = np.random.default_rng(5).integers(0, 256, 3000, dtype=np.uint8)
+    counted = []
+    with open(tmp_path / "f", "wb", buffering=0) as f:
+        writer_io.write_all(Short(f), memoryview(data), counted.append)
+    assert (tmp_path / "f").read_bytes() == data.tobytes() and sum(counted) == 3000
+
+
+def test_file_hash_follows_the_writer(tmp_path, monkeypatch):
+    """The hash thread reads back what was written so far, window by window, whatever the write sizes."""
+    monkeypatch.setattr(writer_io, "WINDOW", 8192)
+    data = np.random.default_rng(6).integers(0, 256, 100_000, dtype=np.uint8).tobytes()
+    cuts = [0, 1, 4096, 4097, 30_000, 65_536, 99_999, 100_000]
+    with ThreadPoolExecutor(1) as pool, open(tmp_path / "f", "wb", buffering=0) as f:
+        digest = writer_io.FileHash(pool, tmp_path / "f")
+        for a, b in zip(cuts[:-1], cuts[1:], strict=True):
+            f.write(data[a:b])
+            digest.wrote(b - a)
+        digest.close()
+        assert digest.result.result() == hashlib.sha256(data).hexdigest()
 
 
 def test_numpy_bit_producers_and_string_dtypes(tmp_path):
