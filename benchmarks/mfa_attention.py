@@ -2,7 +2,7 @@
 (BF16 and FP8 paged KV) and prefill against SDPA's flash path, with correctness on every timed shape.
 
     python benchmarks/mfa_attention.py --out DIR            # full run -> DIR/mfa_attention_h200.{json,png}
-    python benchmarks/mfa_attention.py --quick --out DIR    # a short tuning pass over launch variants
+    python benchmarks/mfa_attention.py --quick --out DIR    # a short tuning pass over launch variants (QUICK)
 
 Shapes are Step-3's (64 query heads, one shared K/V head, head_dim 256, page 64 tokens unless --page).
 Every kernel is timed as CUDA-graph replays (median of --reps); inputs smaller than ~256 MB rotate over
@@ -132,25 +132,36 @@ def _sdpa_decode(pools: Pools, batch: int, ctx: int, reps: int, gen: torch.Gener
     return dict(time_us=us, tb_s=(kv_bytes + 2 * batch * H * D * 2) / us / 1e6)
 
 
-LAUNCH_FIELDS = ("block_n", "num_warps", "num_stages", "chunk_max", "tile_page")
+LAUNCH_FIELDS = ("block_n", "num_warps", "num_stages", "chunk_max", "tile_page", "merge")
 # In-run candidates per KV dtype, in LAUNCH_FIELDS order; the first of each is the library default
 # (mfa_decode._GPU_LAUNCH), the second the same launch with the other tile_page (NOTES_mfa.md, v4 and run 4).
-CANDIDATES = {"bf16": [(32, 4, 4, 512, 2), (32, 4, 4, 512, 0)],
-              "fp8": [(32, 4, 3, 512, 0), (32, 4, 3, 512, 2)]}
+CANDIDATES = {"bf16": [(32, 4, 4, 512, 2, 0), (32, 4, 4, 512, 0, 0)],
+              "fp8": [(32, 4, 3, 512, 0, 0), (32, 4, 3, 512, 2, 0)]}
 TUNE_SHAPES = ((256, 4096), (32, 4096), (1, 32768))
+# --quick (run 5): launches per (KV dtype, page) on TUNE_SHAPES, the library default first (the BF16 page-64
+# one timed again last, for the run-to-run spread); merge 1 = merge kernel as a dependent launch, 2 = fused
+# (last split merges); a trailing dict holds further plan_decode keywords.
+QUICK = {("bf16", 64): [(32, 4, 4, 512, 2, 0), (32, 4, 4, 512, 2, 1), (32, 4, 4, 512, 2, 2),
+                        (32, 4, 4, 4096, 2, 1), (32, 4, 4, 4096, 2, 1, dict(partials_bf16=True)),
+                        (16, 4, 4, 4096, 2, 1), (16, 4, 4, 4096, 2, 1, dict(min_split_tokens=128))],
+         ("bf16", 16): [(32, 4, 4, 512, 0, 0), (32, 4, 4, 512, 2, 0), (32, 4, 4, 1024, 2, 1),
+                        (32, 4, 4, 1024, 2, 2), (16, 4, 4, 1024, 2, 1)],
+         ("fp8", 64): [(32, 4, 3, 512, 0, 0), (32, 4, 3, 512, 2, 0), (32, 4, 3, 4096, 0, 1),
+                       (32, 4, 3, 4096, 2, 1)]}
 
 
-def launch_kw(t: tuple[int, ...]) -> dict:
-    """(block_n, num_warps, num_stages, chunk_max[, tile_page]) -> plan_decode keywords."""
-    return dict(zip(LAUNCH_FIELDS, t, strict=False))
+def launch_kw(t: tuple) -> dict:
+    """(block_n, num_warps, num_stages, chunk_max[, tile_page[, merge]][, {more}]) -> plan_decode keywords."""
+    more = t[-1] if isinstance(t[-1], dict) else {}
+    return dict(zip(LAUNCH_FIELDS, t[: len(t) - bool(more)], strict=False)) | more
 
 
-def try_candidate(pools: Pools, fp8: bool, t: tuple, reps: int, gen: torch.Generator) -> dict:
+def try_candidate(pools: Pools, fp8: bool, t: tuple, reps: int, gen: torch.Generator, page: int = 64) -> dict:
     """Times and errors of one launch on TUNE_SHAPES; `error` set if it fails to run or misses 1e-2."""
     out: dict = dict(launch=launch_kw(t), times_us=[], rel_errs=[])
     for b, c in TUNE_SHAPES:
         try:
-            row = decode_point(pools, b, c, fp8, 64, reps, gen, launch_kw(t))
+            row = decode_point(pools, b, c, fp8, page, reps, gen, launch_kw(t))
         except Exception as e:  # compile failure (shared memory, registers), launch error: skip, never stop
             out["error"] = f"{type(e).__name__}: {e}"[:300]
             return out
@@ -256,39 +267,41 @@ def sdpa_prefill(qt: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.
 
 
 # ---- the quick tuning pass ---------------------------------------------------------------------
-def quick(pools: Pools, reps: int, gen: torch.Generator, log) -> dict:
-    """Decode launch variants on a few shapes, split policies on the split-bound ones, prefill variants."""
-    rows = []
-    # (block_n, num_warps, num_stages, chunk_max); chunk_max 0 = page ids gathered per tile (v1/v2 history)
-    bf16 = [(32, 4, 3, 0), (32, 4, 3, 512), (32, 4, 4, 512), (16, 4, 3, 512), (16, 4, 4, 512),
-            (64, 4, 2, 512), (64, 8, 3, 512), (32, 8, 3, 512), (32, 4, 3, 2048)]
-    fp8 = [(64, 4, 3, 0), (64, 4, 3, 512), (64, 4, 2, 512), (32, 4, 3, 512), (32, 4, 4, 512),
-           (128, 4, 2, 512), (64, 8, 3, 512)]
-    shapes = ((256, 4096), (32, 4096), (128, 1024), (1, 32768))
-    cases = [(b, c, False, launch_kw(t)) for b, c in shapes for t in bf16]
-    cases += [(b, c, True, launch_kw(t)) for b, c in shapes if b != 128 for t in fp8]
-    for batch, ctx, is_fp8, v in cases:
-        try:
-            row = decode_point(pools, batch, ctx, is_fp8, 64, reps, gen, plan_kw=v)
-        except Exception as e:  # a variant that does not compile (shared memory) is a result, not a stop
-            row = dict(batch=batch, context=ctx, kv="fp8" if is_fp8 else "bf16",
-                       error=f"{type(e).__name__}: {e}"[:300])
-        row["variant"] = v
-        rows.append(row)
-        log(f"quick decode B={batch} L={ctx} {row['kv']} {v}: {row.get('time_us', float('nan')):.1f} us "
-            f"{row.get('tb_s', float('nan')):.2f} TB/s")
-    prefill_rows = []
-    for m, n, w, st in ((128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 4)):
-        kw = dict(block_m=m, block_n=n, num_warps=w, num_stages=st)
-        try:
-            row = prefill_point(pools, 4096, 64, reps, gen, kw)
-        except Exception as e:
-            row = dict(error=f"{type(e).__name__}: {str(e)[:200]}")
-        row["variant"] = kw
-        prefill_rows.append(row)
-        log(f"quick prefill 4K {kw}: {row.get('tflop_s', float('nan')):.0f} TFLOP/s "
-            f"(SDPA {row.get('sdpa_tflop_s', float('nan')):.0f})")
-    return dict(decode=rows, prefill=prefill_rows)
+def quick(pools: Pools, reps: int, gen: torch.Generator, log, budget_s: float) -> dict:
+    """Every QUICK launch on TUNE_SHAPES at its page (checked against float64 like the in-run pick), then
+    SDPA at 32 x 4K; stops starting new launches once budget_s has passed (the rest are listed as skipped)."""
+    rows, t0 = [], time.perf_counter()
+    first = next(iter(QUICK.items()))
+    for (kv, page), launches in [*QUICK.items(), (first[0], first[1][:1])]:  # the first default twice
+        for t in launches:
+            if time.perf_counter() - t0 > budget_s:
+                rows.append(dict(kv=kv, page=page, launch=launch_kw(t), error="skipped: time budget"))
+                continue
+            r = try_candidate(pools, kv == "fp8", t, reps, gen, page)
+            rows.append(dict(kv=kv, page=page, **r))
+            log(f"quick {kv} page {page} {t}: {[round(x, 1) for x in r['times_us']]} us"
+                + (f"  ({r['error']})" if "error" in r else ""))
+    try:
+        sdpa = sdpa_decode_point(pools, 32, 4096, reps, gen)
+    except Exception as e:  # a broken context after a failed launch: keep the decode rows
+        sdpa = dict(time_us=float("nan"), error=f"{type(e).__name__}: {str(e)[:200]}")
+    return dict(decode=rows, sdpa_32x4k=sdpa)
+
+
+def quick_table(result: dict) -> None:
+    """The short table printed last: us per TUNE_SHAPE per launch, with % of copy bandwidth (and x SDPA at
+    32 x 4K, the shape of the 2.5x bar)."""
+    copy, sdpa = result["copy_tb_s"], result["quick"]["sdpa_32x4k"]["time_us"]
+    print(f"copy {copy:.2f} TB/s; SDPA 32x4K {sdpa:.1f} us; shapes {TUNE_SHAPES}")
+    for r in result["quick"]["decode"]:
+        cells = []
+        for (b, c), us in zip(TUNE_SHAPES, r.get("times_us", []), strict=False):
+            moved = 2 * b * c * D * (1 if r["kv"] == "fp8" else 2) + 2 * b * H * D * 2
+            vs_sdpa = f" x{sdpa / us:.2f}" if b == 32 else ""
+            cells.append(f"{us:6.1f} ({moved / us / 1e6 / copy:4.0%}){vs_sdpa}")
+        t = tuple(r["launch"].values())
+        err = f" ERR {r['error'][:60]}" if "error" in r else ""
+        print(f"{r['kv']} p{r['page']} {t}: " + " ".join(cells) + err)
 
 
 # ---- the bars (issue 5) ------------------------------------------------------------------------
@@ -381,6 +394,7 @@ def main() -> None:
     ap.add_argument("--tests", action="store_true", help="run the kernel tests on the GPU first")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--page", type=int, default=64, help="KV page (block) size in tokens")
+    ap.add_argument("--budget-s", type=float, default=150, help="--quick: start no launch after this long")
     args = ap.parse_args()
     start = time.perf_counter()
     log = lambda s: print(f"[{time.perf_counter() - start:6.1f} s] {s}", file=sys.stderr, flush=True)
@@ -395,8 +409,9 @@ def main() -> None:
     log(f"copy bandwidth {result['copy']}")
     pools = Pools(max(BATCHES) * max(CONTEXTS) + (1 << 20), gen)
     if args.quick:
-        result["quick"] = quick(pools, args.reps, gen, log)
+        result["quick"] = quick(pools, args.reps, gen, log, args.budget_s)
         (args.out / "mfa_attention_quick.json").write_text(json.dumps(result, indent=1))
+        quick_table(result)
         return
     t0 = time.perf_counter()
     result["launch"] = launch = pick_launch(pools, args.reps, gen, log)
@@ -420,7 +435,7 @@ def summary(result: dict, log) -> None:
     total = len(result["bars"])
     print(f"copy {result['copy_tb_s']:.2f} TB/s; bars passed {total - len(misses)}/{total}")
     for kv, pick in result["launch"].items():  # the lead copies these into mfa_decode._GPU_LAUNCH
-        launch = pick["launch"] and tuple(pick["launch"][f] for f in LAUNCH_FIELDS)
+        launch = pick["launch"] and tuple(pick["launch"].values())
         print(f"launch {kv}: {launch} ({pick['gain_vs_default'] or float('nan'):.2f}x the default, geometric "
               f"mean over {len(TUNE_SHAPES)} shapes)")
     shown = ((256, 4096), (128, 32768), (32, 4096), (1, 32768))

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from runtime.kernels.kv_cache import (
     PagedKVCache,
@@ -46,22 +47,43 @@ def _softmax_step(q, acc, m_i, l_i, k, v, valid, qk_scale, dot_ty: tl.constexpr)
 
 
 @triton.jit
+def _tile_pages(pages, cp, first, tok, BLOCK_N: tl.constexpr, PAGE: tl.constexpr):
+    """Page id of each row of the tile that starts at chunk page `first`, from the chunk's ids in registers.
+
+    A tile within one page takes one scalar pick (compare + sum); a tile of k whole pages takes k picks and
+    a select per row, instead of the per-row pick over the whole chunk.
+    """
+    if BLOCK_N <= PAGE:
+        return tl.sum(tl.where(cp == first, pages, 0), 0) + tl.zeros_like(tok)
+    sub = tl.arange(0, BLOCK_N) // PAGE  # which page of the tile each row is in
+    page = tl.zeros_like(tok)
+    for j in tl.static_range(BLOCK_N // PAGE):
+        page = tl.where(sub == j, tl.sum(tl.where(cp == first + j, pages, 0), 0), page)
+    return page
+
+
+@triton.jit
 def _mfa_decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, k_scale_ptr, v_scale_ptr, out_ptr, part_o_ptr,
-                       part_lse_ptr, sm_scale_log2, tokens_per_split, num_splits,
+                       part_lse_ptr, ticket_ptr, sm_scale_log2, tokens_per_split, num_splits,
                        stride_qb, stride_qh, stride_kb, stride_kt, stride_vb, stride_vt, stride_bt,
                        stride_ob, stride_oh,
                        H: tl.constexpr, H_PAD: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
                        BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, DIRECT: tl.constexpr,
-                       DOT: tl.constexpr, TILE_PAGE: tl.constexpr):
+                       DOT: tl.constexpr, TILE_PAGE: tl.constexpr, PDL: tl.constexpr, FUSED: tl.constexpr):
     """Program (split s, sequence b): online softmax over tokens [s * tps, (s + 1) * tps) of b.
 
     CHUNK > 0: the block-table entries of CHUNK tokens are loaded once per chunk into registers, so the
     K/V addresses of the inner loop depend on no load and Triton's pipeliner can prefetch K/V tiles
     num_stages - 1 ahead; CHUNK == 0 gathers each tile's page ids with the tile (a load-to-load chain).
-    TILE_PAGE (needs CHUNK > 0, BLOCK_N <= PAGE; tiles never straddle a page): the tile's page id is one
-    scalar, so the K/V row addresses are affine (base + row * stride), not per-row 64-bit products; 2 also
-    runs the full tiles without masks and peels the sequence's one partial tile.
+    TILE_PAGE (needs CHUNK > 0; a tile covers one page or BLOCK_N / PAGE whole pages): the page ids are
+    picked as scalars (one per page of the tile), so the K/V row addresses are affine per page, not a
+    per-row register gather; 2 also runs the full tiles without masks and peels the sequence's one
+    partial tile. PDL: the merge kernel is a programmatic dependent launch; let it start now (it waits
+    in `gdc_wait` for this grid to finish), so its launch overlaps this kernel instead of following it.
+    FUSED: no merge kernel; the last split of sequence b to finish merges (`_merge_as_last`).
     """
+    if PDL:
+        gdc_launch_dependents()
     s = tl.program_id(0)
     b = tl.program_id(1)
     seq_len = tl.load(lens_ptr + b)
@@ -96,8 +118,8 @@ def _mfa_decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, k_scale_ptr, v_s
             for n in range(c0, c_end, BLOCK_N):
                 tok = n + tl.arange(0, BLOCK_N)
                 valid = tl.full([BLOCK_N], True, tl.int1) if TILE_PAGE == 2 else tok < c_end  # 2: masks fold
-                if TILE_PAGE:  # BLOCK_N <= PAGE: the whole tile lies in one page, picked once as a scalar
-                    page = tl.sum(tl.where(cp == (n - c0) // PAGE, pages, 0), 0) + tl.zeros_like(tok)
+                if TILE_PAGE:  # the tile's page id(s) picked as scalars: one, or one per whole page
+                    page = _tile_pages(pages, cp, (n - c0) // PAGE, tok, BLOCK_N, PAGE)
                 else:
                     pick = ((tok - c0) // PAGE)[:, None] == cp[None, :]
                     page = tl.sum(tl.where(pick, pages[None, :], 0), 1)  # [BLOCK_N] register "gather"
@@ -105,33 +127,88 @@ def _mfa_decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, k_scale_ptr, v_s
                 v = load_page_rows(vc_ptr, page, tok, valid, stride_vb, stride_vt, PAGE, D)
                 acc, m_i, l_i = _softmax_step(q, acc, m_i, l_i, k, v, valid, qk_scale, dot_ty)
         if TILE_PAGE == 2:  # noqa: SIM102 (a static if around a runtime one)
-            if full < end:  # the sequence's last, partial tile: masked, its page id read directly
+            if full < end:  # the sequence's last, partial tile: masked, its page ids read directly
                 tok = full + tl.arange(0, BLOCK_N)
                 valid = tok < end
-                page = tl.load(bt_row + full // PAGE) + tl.zeros_like(tok)
-                k = load_page_rows(kc_ptr, page, tok, valid, stride_kb, stride_kt, PAGE, D)
-                v = load_page_rows(vc_ptr, page, tok, valid, stride_vb, stride_vt, PAGE, D)
+                k = load_paged_rows(kc_ptr, bt_row, tok, valid, stride_kb, stride_kt, PAGE, D)
+                v = load_paged_rows(vc_ptr, bt_row, tok, valid, stride_vb, stride_vt, PAGE, D)
                 acc, m_i, l_i = _softmax_step(q, acc, m_i, l_i, k, v, valid, qk_scale, dot_ty)
     l_i = tl.where(l_i > 0, l_i, 1.0)  # an empty split: o = 0 and lse = -inf, i.e. weight 0 in the merge
     o = acc * (tl.load(v_scale_ptr) / l_i)[:, None]
     if DIRECT:
         out = out_ptr + b.to(tl.int64) * stride_ob + h[:, None] * stride_oh + d[None, :]
         tl.store(out, o.to(out_ptr.dtype.element_ty), mask=h[:, None] < H)
+    elif FUSED:
+        _merge_as_last(o, m_i + tl.log2(l_i), part_o_ptr, part_lse_ptr, ticket_ptr, out_ptr, b, s, seq_len,
+                       tokens_per_split, num_splits, stride_ob, stride_oh, H, H_PAD, D)
     else:
         row = (b.to(tl.int64) * num_splits + s) * H + h  # partials: [B, S, H, D] and [B, S, H]
-        tl.store(part_o_ptr + row[:, None] * D + d[None, :], o, mask=h[:, None] < H)
-        tl.store(part_lse_ptr + row, m_i + tl.log2(l_i), mask=h < H)
+        _store_partial(part_o_ptr, part_lse_ptr, row, o, m_i + tl.log2(l_i), H, D)
+
+
+@triton.jit
+def _store_partial(part_o_ptr, part_lse_ptr, row, o, lse, H: tl.constexpr, D: tl.constexpr):
+    """Split partial: o [H_PAD, D] (fp32 or bf16 storage) at rows `row` [H_PAD], and its log2-sum-exp."""
+    valid = tl.arange(0, row.shape[0]) < H  # rows past H are padding
+    tl.store(part_o_ptr + row[:, None] * D + tl.arange(0, D)[None, :], o.to(part_o_ptr.dtype.element_ty),
+             mask=valid[:, None])
+    tl.store(part_lse_ptr + row, lse, mask=valid)
+
+
+@triton.jit
+def _merge_as_last(o, lse, part_o_ptr, part_lse_ptr, ticket_ptr, out_ptr, b, s, seq_len, tokens_per_split,
+                   num_splits, stride_ob, stride_oh, H: tl.constexpr, H_PAD: tl.constexpr, D: tl.constexpr):
+    """Split s of sequence b writes its partial and takes a ticket; the last of the used splits to arrive
+    reads the others' partials (from L2) and writes out, which saves the merge kernel's launch and its
+    round trip. The ticket counter is reset by that last program, so the next call (a graph replay too)
+    finds it at 0. Ordering: every thread's stores, a CTA barrier, then one acq_rel atomic at GPU scope
+    (release for this split's partial, acquire of the others'); the reads bypass L1 (.cg).
+    """
+    h = tl.arange(0, H_PAD)
+    used = tl.cdiv(seq_len, tokens_per_split)  # splits that saw >= 1 token; empty splits take no part
+    if s < used:
+        base = b.to(tl.int64) * num_splits * H
+        row = base + s * H + h
+        _store_partial(part_o_ptr, part_lse_ptr, row, o, lse, H, D)
+        tl.debug_barrier()
+        if tl.atomic_add(ticket_ptr + b, 1, sem="acq_rel", scope="gpu") == used - 1:
+            tl.store(ticket_ptr + b, 0)
+            # all partials reloaded in two D halves (this split's too): [H_PAD, D] fp32 twice would spill
+            dh = tl.arange(0, D // 2)
+            m = tl.full([H_PAD], float("-inf"), tl.float32)
+            w = tl.zeros([H_PAD], tl.float32)
+            lo = tl.zeros([H_PAD, D // 2], tl.float32)
+            hi = tl.zeros([H_PAD, D // 2], tl.float32)
+            for sp in range(0, used):
+                rp = base + sp * H + h
+                at = part_o_ptr + rp[:, None] * D + dh[None, :]
+                lse_p = tl.load(part_lse_ptr + rp, mask=h < H, other=0.0, cache_modifier=".cg")
+                mask = h[:, None] < H
+                o_lo = tl.load(at, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+                o_hi = tl.load(at + D // 2, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+                m_new = tl.maximum(m, lse_p)
+                alpha, beta = tl.exp2(m - m_new), tl.exp2(lse_p - m_new)
+                lo = lo * alpha[:, None] + o_lo * beta[:, None]
+                hi = hi * alpha[:, None] + o_hi * beta[:, None]
+                w = w * alpha + beta
+                m = m_new
+            out = out_ptr + b.to(tl.int64) * stride_ob + h[:, None] * stride_oh + dh[None, :]
+            tl.store(out, (lo / w[:, None]).to(out_ptr.dtype.element_ty), mask=h[:, None] < H)
+            tl.store(out + D // 2, (hi / w[:, None]).to(out_ptr.dtype.element_ty), mask=h[:, None] < H)
 
 
 @triton.jit
 def _mfa_merge_kernel(part_o_ptr, part_lse_ptr, lens_ptr, out_ptr, tokens_per_split, num_splits,
                       stride_ob, stride_oh, H: tl.constexpr, D: tl.constexpr, S_PAD: tl.constexpr,
-                      D_BLOCK: tl.constexpr):
+                      D_BLOCK: tl.constexpr, PDL: tl.constexpr):
     """Program (head h, sequence b, dims block): all used splits of (b, h) in ONE load of [S_PAD, D_BLOCK].
 
     One round trip per program instead of a loop over split blocks: at batch 1 the merge is latency,
     not bytes (64 heads x 128 splits x 1 KiB), so it is spread over D / D_BLOCK programs per head.
+    PDL: launched before the decode grid finished (programmatic dependent launch): wait for it first.
     """
+    if PDL:
+        gdc_wait()  # the decode grid has completed and its partials are visible
     h = tl.program_id(0)
     b = tl.program_id(1)
     d = tl.program_id(2) * D_BLOCK + tl.arange(0, D_BLOCK)
@@ -140,6 +217,7 @@ def _mfa_merge_kernel(part_o_ptr, part_lse_ptr, lens_ptr, out_ptr, tokens_per_sp
     row = (b.to(tl.int64) * num_splits + sp) * H + h
     lse = tl.load(part_lse_ptr + row, mask=sp < used, other=float("-inf"))  # [S_PAD]
     o = tl.load(part_o_ptr + row[:, None] * D + d[None, :], mask=(sp < used)[:, None], other=0.0)
+    o = o.to(tl.float32)  # [S_PAD, D_BLOCK]
     w = tl.exp2(lse - tl.max(lse, 0))  # [S_PAD], 0 for unused splits
     merged = tl.sum(w[:, None] * o, 0) / tl.sum(w, 0)
     out = out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + d
@@ -157,14 +235,18 @@ class DecodePlan:
     num_stages: int
     chunk: int  # tokens whose page ids are loaded at once (0: per tile); divides tokens_per_split
     page: int
-    tile_page: int = 0  # chunked, block_n <= page: 1 one scalar page id per tile, 2 also unmasked full tiles
+    tile_page: int = 0  # chunked: 1 scalar page ids per tile (one per page it covers), 2 also unmasked tiles
+    partials_bf16: bool = False  # several splits: partial outputs stored in bf16 (half the merge traffic)
+    merge: int = 0  # several splits: 0 merge kernel, 1 the same as a programmatic dependent launch (GPU),
+    #                 2 the last split of each sequence to finish merges (at most FUSED_MAX_SPLITS, else 1)
 
 
-# (block_n, num_warps, num_stages, chunk_max, tile_page) for head_dim >= 128 on the GPU, by KV bytes per
-# value: the launches the committed H200 run picked (results/mfa_attention_h200.json "launch"; NOTES_mfa.md).
-_GPU_LAUNCH = {2: (32, 4, 4, 512, 2), 1: (32, 4, 3, 512, 0)}
-_CPU_LAUNCH = (32, 4, 2, 128, 0)
+# (block_n, num_warps, num_stages, chunk_max, tile_page, merge) for head_dim >= 128 on the GPU, by KV bytes
+# per value: the launches the committed H200 runs picked (results/mfa_attention_*h200.json; NOTES_mfa.md).
+_GPU_LAUNCH = {2: (32, 4, 4, 512, 2, 0), 1: (32, 4, 3, 512, 0, 0)}
+_CPU_LAUNCH = (32, 4, 2, 128, 0, 0)
 MAX_SPLITS = 512
+FUSED_MAX_SPLITS = 8  # merge 2: the last split alone reads the others' partials (64 KiB each for Step-3)
 SMEM_PER_SM = 227 * 1024
 SPLIT_COST_TOKENS = 128  # a split's q load + fp32 partial write + merge read, in cached-token equivalents
 
@@ -200,6 +282,7 @@ def plan_decode(batch: int, max_seq_len: int, head_dim: int, device: torch.devic
                 kv_dtype: torch.dtype = torch.bfloat16, page: int = 64, heads: int = 64,
                 num_splits: int | None = None, block_n: int | None = None, num_warps: int | None = None,
                 num_stages: int | None = None, chunk_max: int | None = None, tile_page: int | None = None,
+                merge: int | None = None, partials_bf16: bool = False,
                 min_split_tokens: int = 256) -> DecodePlan:
     """Launch parameters (tuned table) and the split of the sequence (`_pick_splits`), in one place."""
     on_gpu = device.type == "cuda"
@@ -207,7 +290,7 @@ def plan_decode(batch: int, max_seq_len: int, head_dim: int, device: torch.devic
     tuned = _GPU_LAUNCH[kv_bytes] if on_gpu and head_dim >= 128 else _CPU_LAUNCH
     block_n, num_warps, num_stages = block_n or tuned[0], num_warps or tuned[1], num_stages or tuned[2]
     chunk_max = tuned[3] if chunk_max is None else chunk_max
-    tile_page = int(tuned[4] if tile_page is None else tile_page) if chunk_max > 0 and block_n <= page else 0
+    tile_page = int(tuned[4] if tile_page is None else tile_page) if chunk_max > 0 else 0
     granule = max(block_n, page) if chunk_max else block_n  # splits start on a page when chunking
     if num_splits is None:
         sms = torch.cuda.get_device_properties(device).multi_processor_count if on_gpu else 4
@@ -216,9 +299,26 @@ def plan_decode(batch: int, max_seq_len: int, head_dim: int, device: torch.devic
         max_splits = max(1, min(MAX_SPLITS, max_seq_len // max(min_split_tokens, granule)))
         num_splits = _pick_splits(batch, max_seq_len, slots, granule, max_splits)
     tokens = _split_tokens(max_seq_len, num_splits, granule)
-    return DecodePlan(num_splits=triton.cdiv(max_seq_len, tokens), tokens_per_split=tokens, block_n=block_n,
+    num_splits = triton.cdiv(max_seq_len, tokens)
+    merge = int(tuned[5] if merge is None else merge)
+    merge = 1 if merge == 2 and num_splits > FUSED_MAX_SPLITS else merge
+    return DecodePlan(num_splits=num_splits, tokens_per_split=tokens, block_n=block_n,
                       num_warps=num_warps, num_stages=num_stages, chunk=_chunk(tokens, granule, chunk_max),
-                      page=page, tile_page=tile_page)
+                      page=page, tile_page=tile_page, merge=merge if on_gpu or merge == 2 else 0,
+                      partials_bf16=partials_bf16)
+
+
+_TICKETS: dict[torch.device, torch.Tensor] = {}
+
+
+def _tickets(batch: int, device: torch.device) -> torch.Tensor:
+    """The fused merge's per-sequence arrival counters: int32, zero between calls (the last split of each
+    sequence resets its own), kept per device so a call (or a CUDA-graph replay) needs no memset.
+    Calls that run concurrently on several streams of one device must not use merge 2."""
+    t = _TICKETS.get(device)
+    if t is None or t.numel() < batch:
+        t = _TICKETS[device] = torch.zeros(max(batch, 1024), dtype=torch.int32, device=device)
+    return t
 
 
 def _check_decode(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor,
@@ -255,23 +355,28 @@ def mfa_decode(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor, 
     assert plan.page == cache.block_size and plan.tokens_per_split % max(plan.chunk, 1) == 0, plan
     out = torch.empty_like(q)
     direct = plan.num_splits == 1
-    part_o = out if direct else torch.empty((B, plan.num_splits, H, D), dtype=torch.float32, device=q.device)
+    part_dtype = torch.bfloat16 if plan.partials_bf16 else torch.float32
+    part_o = out if direct else torch.empty((B, plan.num_splits, H, D), dtype=part_dtype, device=q.device)
     part_lse = out if direct else torch.empty((B, plan.num_splits, H), dtype=torch.float32, device=q.device)
-    tile_page = plan.tile_page if plan.chunk > 0 and plan.block_n <= plan.page else 0
+    tile_page = plan.tile_page if plan.chunk > 0 else 0
+    fused = plan.merge == 2 and not direct
+    pdl = plan.merge == 1 and not direct and q.is_cuda
+    tickets = _tickets(B, q.device) if fused else part_lse
     _mfa_decode_kernel[(plan.num_splits, B)](
         q, cache.k, cache.v, block_table, seq_lens, cache.k_scale, cache.v_scale, out, part_o, part_lse,
-        D ** -0.5 * LOG2E, plan.tokens_per_split, plan.num_splits,
+        tickets, D ** -0.5 * LOG2E, plan.tokens_per_split, plan.num_splits,
         q.stride(0), q.stride(1), cache.k.stride(0), cache.k.stride(1), cache.v.stride(0), cache.v.stride(1),
         block_table.stride(0), out.stride(0), out.stride(1),
         H=H, H_PAD=max(16, triton.next_power_of_2(H)), D=D, PAGE=cache.block_size,
         BLOCK_N=plan.block_n, CHUNK=plan.chunk, DIRECT=direct, DOT=dot_kind(cache),
-        TILE_PAGE=tile_page, num_warps=plan.num_warps, num_stages=plan.num_stages)
-    if not direct:
+        TILE_PAGE=tile_page, PDL=pdl, FUSED=fused, num_warps=plan.num_warps, num_stages=plan.num_stages)
+    if not direct and not fused:
         s_pad = triton.next_power_of_2(plan.num_splits)
         d_block = min(D, max(16, 8192 // s_pad))  # a [S_PAD, D_BLOCK] fp32 tile of <= 32 KiB
         _mfa_merge_kernel[(H, B, D // d_block)](part_o, part_lse, seq_lens, out, plan.tokens_per_split,
                                                 plan.num_splits, out.stride(0), out.stride(1), H=H, D=D,
-                                                S_PAD=s_pad, D_BLOCK=d_block, num_warps=4)
+                                                S_PAD=s_pad, D_BLOCK=d_block, PDL=pdl, num_warps=4,
+                                                launch_pdl=pdl)
     return out
 
 

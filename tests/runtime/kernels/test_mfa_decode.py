@@ -6,7 +6,14 @@ from paged_inputs import DEVICE, boundary_lengths, random_paged_cache, rel_err
 
 from converters.errors import Step3Error
 from runtime.kernels.kv_cache import FP8_DTYPE, PagedKVCache, write_kv_ref
-from runtime.kernels.mfa_decode import _pick_splits, mfa_decode, mfa_decode_ref, plan_decode
+from runtime.kernels.mfa_decode import (
+    _TICKETS,
+    FUSED_MAX_SPLITS,
+    _pick_splits,
+    mfa_decode,
+    mfa_decode_ref,
+    plan_decode,
+)
 from runtime.model import reference
 
 # bf16 q/out: the output's own rounding (the CPU interpreter truncates) dominates; fp32 q on the CPU
@@ -36,9 +43,11 @@ def test_decode_matches_reference(dtype, page, num_splits):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, FP8_DTYPE], ids=["bf16", "fp8"])
-@pytest.mark.parametrize("page, block_n, tile_page", [(16, 16, 1), (64, 32, 2), (16, 16, 2)])
+@pytest.mark.parametrize("page, block_n, tile_page", [(16, 16, 1), (64, 32, 2), (16, 16, 2), (16, 32, 1),
+                                                     (16, 32, 2), (16, 64, 2)])
 def test_decode_tile_page(dtype, page, block_n, tile_page):
-    """One scalar page id per tile (2: full tiles unmasked, the partial one peeled): chunks of several
+    """Scalar page ids per tile, one per page the tile covers (block_n > page: 2 or 4 whole pages; 2: full
+    tiles unmasked, the partial one peeled, its page ids gathered per row): chunks of several
     shuffled pages (tokens_per_split 4 x page, chunk up to 128 tokens), lengths ending mid-tile, mid-page,
     on split boundaries, and shorter than a split's start (empty splits)."""
     gen = torch.Generator().manual_seed(page + block_n)
@@ -47,9 +56,43 @@ def test_decode_tile_page(dtype, page, block_n, tile_page):
     q = torch.randn(len(lengths), 4, 64, generator=gen).to(torch.bfloat16).to(DEVICE)
     plan = plan_decode(len(lengths), 8 * page, 64, DEVICE, dtype, page, num_splits=2, block_n=block_n,
                        chunk_max=128, tile_page=tile_page)
-    assert plan.tile_page == tile_page and plan.tokens_per_split == 4 * page and plan.chunk // page >= 2
+    assert plan.tile_page == tile_page and plan.tokens_per_split == max(4 * page, block_n)
+    assert plan.chunk // page >= 2
     out = mfa_decode(q, cache, block_table, seq_lens, plan=plan)
     assert rel_err(out, mfa_decode_ref(q, cache, block_table, seq_lens)) < TOL_BF16
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, FP8_DTYPE], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("merge, partials_bf16", [(1, False), (2, False), (0, True), (2, True)],
+                         ids=["pdl-kernel", "fused-last-split", "bf16-partials", "fused-bf16-partials"])
+@pytest.mark.parametrize("num_splits", [2, 5, 8])
+def test_decode_merge_modes(dtype, merge, partials_bf16, num_splits):
+    """The merge kernel as a dependent launch (1; the plain kernel off the GPU) and the fused merge by the
+    last split to finish (2), partials in fp32 or bf16, on random lengths incl. 1, page boundaries and
+    empty splits; three calls in a row with new lengths each, so a ticket counter left non-zero by one
+    call would break the next."""
+    gen = torch.Generator().manual_seed(100 * merge + num_splits + partials_bf16)
+    page = 16
+    for call in range(3):
+        lengths = boundary_lengths(page, 9, gen, longest=16 * page)
+        cache, block_table, seq_lens = random_paged_cache(lengths, 64, page, dtype, gen)
+        q = torch.randn(len(lengths), 5, 64, generator=gen).to(torch.bfloat16).to(DEVICE)
+        plan = plan_decode(len(lengths), max(lengths), 64, DEVICE, dtype, page, num_splits=num_splits,
+                           block_n=16, chunk_max=64, tile_page=2 * (call % 2), merge=merge,
+                           partials_bf16=partials_bf16)
+        assert 2 <= plan.num_splits <= num_splits
+        assert plan.merge == (merge if DEVICE.type == "cuda" or merge != 1 else 0)
+        out = mfa_decode(q, cache, block_table, seq_lens, plan=plan)
+        assert rel_err(out, mfa_decode_ref(q, cache, block_table, seq_lens)) < TOL_BF16, call
+        if plan.merge == 2:  # every sequence's last split reset its ticket
+            assert not _TICKETS[out.device].any()
+
+
+def test_plan_merge_falls_back_to_the_kernel_past_fused_max():
+    cpu = torch.device("cpu")
+    assert plan_decode(1, 4096, 256, cpu, num_splits=4, merge=2).merge == 2
+    many = plan_decode(1, 32768, 256, cpu, num_splits=FUSED_MAX_SPLITS + 1, merge=2)
+    assert many.num_splits > FUSED_MAX_SPLITS and many.merge == 0  # 1 (a dependent launch) on a GPU only
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, FP8_DTYPE], ids=["bf16", "fp8"])
