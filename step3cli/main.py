@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 import sys
 
+# numpy's OpenBLAS starts a thread per core that spins for a while after import, stealing a core from
+# `step3 convert`'s copy/hash threads (~0.1-0.3 CPU-s); no command does BLAS work in numpy (torch has MKL).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import typer
 from rich.markup import escape
 
