@@ -9,7 +9,7 @@ normalized partial output [H, D] fp32 and log2-sum-exp [H], and `_mfa_merge_kern
     out = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M)
 which costs 2 x H x D x 4 bytes per split (`_pick_splits` weighs that against filling the GPU).
 With an FP8 cache the dots take fp16 operands (see kv_cache.dot_kind), so q must satisfy |q| < 65504.
-Measured on an H200 (benchmarks/NOTES_mfa.md): BF16 82-95% of copy bandwidth at >= 512K cached tokens.
+Measured on an H200 (benchmarks/NOTES_mfa.md, run 5): BF16 256 x 4K at the copy bandwidth, 32 x 4K 68%.
 """
 
 from __future__ import annotations
@@ -64,12 +64,12 @@ def _tile_pages(pages, cp, first, tok, BLOCK_N: tl.constexpr, PAGE: tl.constexpr
 
 @triton.jit
 def _mfa_decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, k_scale_ptr, v_scale_ptr, out_ptr, part_o_ptr,
-                       part_lse_ptr, ticket_ptr, sm_scale_log2, tokens_per_split, num_splits,
+                       part_lse_ptr, sm_scale_log2, tokens_per_split, num_splits,
                        stride_qb, stride_qh, stride_kb, stride_kt, stride_vb, stride_vt, stride_bt,
                        stride_ob, stride_oh,
                        H: tl.constexpr, H_PAD: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
                        BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, DIRECT: tl.constexpr,
-                       DOT: tl.constexpr, TILE_PAGE: tl.constexpr, PDL: tl.constexpr, FUSED: tl.constexpr):
+                       DOT: tl.constexpr, TILE_PAGE: tl.constexpr, PDL: tl.constexpr):
     """Program (split s, sequence b): online softmax over tokens [s * tps, (s + 1) * tps) of b.
 
     CHUNK > 0: the block-table entries of CHUNK tokens are loaded once per chunk into registers, so the
@@ -78,11 +78,12 @@ def _mfa_decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, k_scale_ptr, v_s
     TILE_PAGE (needs CHUNK > 0; a tile covers one page or BLOCK_N / PAGE whole pages): the page ids are
     picked as scalars (one per page of the tile), so the K/V row addresses are affine per page, not a
     per-row register gather; 2 also runs the full tiles without masks and peels the sequence's one
-    partial tile. PDL: the merge kernel is a programmatic dependent launch; let it start now (it waits
-    in `gdc_wait` for this grid to finish), so its launch overlaps this kernel instead of following it.
-    FUSED: no merge kernel; the last split of sequence b to finish merges (`_merge_as_last`).
+    partial tile. PDL (programmatic dependent launch, Hopper): this grid may start before the previous
+    kernel in the stream has finished, so it waits for it before reading anything; then it lets the merge
+    kernel start, which waits in turn: each launch overlaps the kernel before it instead of following it.
     """
     if PDL:
+        gdc_wait()  # the previous kernel's writes (q, the cache) are complete and visible
         gdc_launch_dependents()
     s = tl.program_id(0)
     b = tl.program_id(1)
@@ -138,63 +139,10 @@ def _mfa_decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, k_scale_ptr, v_s
     if DIRECT:
         out = out_ptr + b.to(tl.int64) * stride_ob + h[:, None] * stride_oh + d[None, :]
         tl.store(out, o.to(out_ptr.dtype.element_ty), mask=h[:, None] < H)
-    elif FUSED:
-        _merge_as_last(o, m_i + tl.log2(l_i), part_o_ptr, part_lse_ptr, ticket_ptr, out_ptr, b, s, seq_len,
-                       tokens_per_split, num_splits, stride_ob, stride_oh, H, H_PAD, D)
     else:
         row = (b.to(tl.int64) * num_splits + s) * H + h  # partials: [B, S, H, D] and [B, S, H]
-        _store_partial(part_o_ptr, part_lse_ptr, row, o, m_i + tl.log2(l_i), H, D)
-
-
-@triton.jit
-def _store_partial(part_o_ptr, part_lse_ptr, row, o, lse, H: tl.constexpr, D: tl.constexpr):
-    """Split partial: o [H_PAD, D] (fp32 or bf16 storage) at rows `row` [H_PAD], and its log2-sum-exp."""
-    valid = tl.arange(0, row.shape[0]) < H  # rows past H are padding
-    tl.store(part_o_ptr + row[:, None] * D + tl.arange(0, D)[None, :], o.to(part_o_ptr.dtype.element_ty),
-             mask=valid[:, None])
-    tl.store(part_lse_ptr + row, lse, mask=valid)
-
-
-@triton.jit
-def _merge_as_last(o, lse, part_o_ptr, part_lse_ptr, ticket_ptr, out_ptr, b, s, seq_len, tokens_per_split,
-                   num_splits, stride_ob, stride_oh, H: tl.constexpr, H_PAD: tl.constexpr, D: tl.constexpr):
-    """Split s of sequence b writes its partial and takes a ticket; the last of the used splits to arrive
-    reads the others' partials (from L2) and writes out, which saves the merge kernel's launch and its
-    round trip. The ticket counter is reset by that last program, so the next call (a graph replay too)
-    finds it at 0. Ordering: every thread's stores, a CTA barrier, then one acq_rel atomic at GPU scope
-    (release for this split's partial, acquire of the others'); the reads bypass L1 (.cg).
-    """
-    h = tl.arange(0, H_PAD)
-    used = tl.cdiv(seq_len, tokens_per_split)  # splits that saw >= 1 token; empty splits take no part
-    if s < used:
-        base = b.to(tl.int64) * num_splits * H
-        row = base + s * H + h
-        _store_partial(part_o_ptr, part_lse_ptr, row, o, lse, H, D)
-        tl.debug_barrier()
-        if tl.atomic_add(ticket_ptr + b, 1, sem="acq_rel", scope="gpu") == used - 1:
-            tl.store(ticket_ptr + b, 0)
-            # all partials reloaded in two D halves (this split's too): [H_PAD, D] fp32 twice would spill
-            dh = tl.arange(0, D // 2)
-            m = tl.full([H_PAD], float("-inf"), tl.float32)
-            w = tl.zeros([H_PAD], tl.float32)
-            lo = tl.zeros([H_PAD, D // 2], tl.float32)
-            hi = tl.zeros([H_PAD, D // 2], tl.float32)
-            for sp in range(0, used):
-                rp = base + sp * H + h
-                at = part_o_ptr + rp[:, None] * D + dh[None, :]
-                lse_p = tl.load(part_lse_ptr + rp, mask=h < H, other=0.0, cache_modifier=".cg")
-                mask = h[:, None] < H
-                o_lo = tl.load(at, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
-                o_hi = tl.load(at + D // 2, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
-                m_new = tl.maximum(m, lse_p)
-                alpha, beta = tl.exp2(m - m_new), tl.exp2(lse_p - m_new)
-                lo = lo * alpha[:, None] + o_lo * beta[:, None]
-                hi = hi * alpha[:, None] + o_hi * beta[:, None]
-                w = w * alpha + beta
-                m = m_new
-            out = out_ptr + b.to(tl.int64) * stride_ob + h[:, None] * stride_oh + dh[None, :]
-            tl.store(out, (lo / w[:, None]).to(out_ptr.dtype.element_ty), mask=h[:, None] < H)
-            tl.store(out + D // 2, (hi / w[:, None]).to(out_ptr.dtype.element_ty), mask=h[:, None] < H)
+        tl.store(part_o_ptr + row[:, None] * D + d[None, :], o, mask=h[:, None] < H)
+        tl.store(part_lse_ptr + row, m_i + tl.log2(l_i), mask=h < H)
 
 
 @triton.jit
@@ -209,6 +157,7 @@ def _mfa_merge_kernel(part_o_ptr, part_lse_ptr, lens_ptr, out_ptr, tokens_per_sp
     """
     if PDL:
         gdc_wait()  # the decode grid has completed and its partials are visible
+        gdc_launch_dependents()
     h = tl.program_id(0)
     b = tl.program_id(1)
     d = tl.program_id(2) * D_BLOCK + tl.arange(0, D_BLOCK)
@@ -217,7 +166,6 @@ def _mfa_merge_kernel(part_o_ptr, part_lse_ptr, lens_ptr, out_ptr, tokens_per_sp
     row = (b.to(tl.int64) * num_splits + sp) * H + h
     lse = tl.load(part_lse_ptr + row, mask=sp < used, other=float("-inf"))  # [S_PAD]
     o = tl.load(part_o_ptr + row[:, None] * D + d[None, :], mask=(sp < used)[:, None], other=0.0)
-    o = o.to(tl.float32)  # [S_PAD, D_BLOCK]
     w = tl.exp2(lse - tl.max(lse, 0))  # [S_PAD], 0 for unused splits
     merged = tl.sum(w[:, None] * o, 0) / tl.sum(w, 0)
     out = out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + d
@@ -236,17 +184,15 @@ class DecodePlan:
     chunk: int  # tokens whose page ids are loaded at once (0: per tile); divides tokens_per_split
     page: int
     tile_page: int = 0  # chunked: 1 scalar page ids per tile (one per page it covers), 2 also unmasked tiles
-    partials_bf16: bool = False  # several splits: partial outputs stored in bf16 (half the merge traffic)
-    merge: int = 0  # several splits: 0 merge kernel, 1 the same as a programmatic dependent launch (GPU),
-    #                 2 the last split of each sequence to finish merges (at most FUSED_MAX_SPLITS, else 1)
+    pdl: int = 0  # GPU: 1 launches both kernels as programmatic dependents (see _mfa_decode_kernel)
 
 
-# (block_n, num_warps, num_stages, chunk_max, tile_page, merge) for head_dim >= 128 on the GPU, by KV bytes
+# (block_n, num_warps, num_stages, chunk_max, tile_page, pdl) for head_dim >= 128 on the GPU, by KV bytes
 # per value: the launches the committed H200 runs picked (results/mfa_attention_*h200.json; NOTES_mfa.md).
-_GPU_LAUNCH = {2: (32, 4, 4, 512, 2, 0), 1: (32, 4, 3, 512, 0, 0)}
+_GPU_LAUNCH = {2: (32, 4, 4, 4096, 2, 1), 1: (32, 4, 3, 512, 0, 1)}
 _CPU_LAUNCH = (32, 4, 2, 128, 0, 0)
 MAX_SPLITS = 512
-FUSED_MAX_SPLITS = 8  # merge 2: the last split alone reads the others' partials (64 KiB each for Step-3)
+MAX_CHUNK_PAGES = 64  # page ids held in registers per chunk: chunk_max 4096 tokens at page 64, 1024 at 16
 SMEM_PER_SM = 227 * 1024
 SPLIT_COST_TOKENS = 128  # a split's q load + fp32 partial write + merge read, in cached-token equivalents
 
@@ -282,14 +228,13 @@ def plan_decode(batch: int, max_seq_len: int, head_dim: int, device: torch.devic
                 kv_dtype: torch.dtype = torch.bfloat16, page: int = 64, heads: int = 64,
                 num_splits: int | None = None, block_n: int | None = None, num_warps: int | None = None,
                 num_stages: int | None = None, chunk_max: int | None = None, tile_page: int | None = None,
-                merge: int | None = None, partials_bf16: bool = False,
-                min_split_tokens: int = 256) -> DecodePlan:
+                pdl: int | None = None, min_split_tokens: int = 256) -> DecodePlan:
     """Launch parameters (tuned table) and the split of the sequence (`_pick_splits`), in one place."""
     on_gpu = device.type == "cuda"
     kv_bytes = torch.empty(0, dtype=kv_dtype).element_size()
     tuned = _GPU_LAUNCH[kv_bytes] if on_gpu and head_dim >= 128 else _CPU_LAUNCH
     block_n, num_warps, num_stages = block_n or tuned[0], num_warps or tuned[1], num_stages or tuned[2]
-    chunk_max = tuned[3] if chunk_max is None else chunk_max
+    chunk_max = min(tuned[3] if chunk_max is None else chunk_max, MAX_CHUNK_PAGES * page)
     tile_page = int(tuned[4] if tile_page is None else tile_page) if chunk_max > 0 else 0
     granule = max(block_n, page) if chunk_max else block_n  # splits start on a page when chunking
     if num_splits is None:
@@ -300,25 +245,10 @@ def plan_decode(batch: int, max_seq_len: int, head_dim: int, device: torch.devic
         num_splits = _pick_splits(batch, max_seq_len, slots, granule, max_splits)
     tokens = _split_tokens(max_seq_len, num_splits, granule)
     num_splits = triton.cdiv(max_seq_len, tokens)
-    merge = int(tuned[5] if merge is None else merge)
-    merge = 1 if merge == 2 and num_splits > FUSED_MAX_SPLITS else merge
+    pdl = int(tuned[5] if pdl is None else pdl) if on_gpu else 0
     return DecodePlan(num_splits=num_splits, tokens_per_split=tokens, block_n=block_n,
                       num_warps=num_warps, num_stages=num_stages, chunk=_chunk(tokens, granule, chunk_max),
-                      page=page, tile_page=tile_page, merge=merge if on_gpu or merge == 2 else 0,
-                      partials_bf16=partials_bf16)
-
-
-_TICKETS: dict[torch.device, torch.Tensor] = {}
-
-
-def _tickets(batch: int, device: torch.device) -> torch.Tensor:
-    """The fused merge's per-sequence arrival counters: int32, zero between calls (the last split of each
-    sequence resets its own), kept per device so a call (or a CUDA-graph replay) needs no memset.
-    Calls that run concurrently on several streams of one device must not use merge 2."""
-    t = _TICKETS.get(device)
-    if t is None or t.numel() < batch:
-        t = _TICKETS[device] = torch.zeros(max(batch, 1024), dtype=torch.int32, device=device)
-    return t
+                      page=page, tile_page=tile_page, pdl=pdl)
 
 
 def _check_decode(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor,
@@ -355,22 +285,20 @@ def mfa_decode(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor, 
     assert plan.page == cache.block_size and plan.tokens_per_split % max(plan.chunk, 1) == 0, plan
     out = torch.empty_like(q)
     direct = plan.num_splits == 1
-    part_dtype = torch.bfloat16 if plan.partials_bf16 else torch.float32
-    part_o = out if direct else torch.empty((B, plan.num_splits, H, D), dtype=part_dtype, device=q.device)
+    part_o = out if direct else torch.empty((B, plan.num_splits, H, D), dtype=torch.float32, device=q.device)
     part_lse = out if direct else torch.empty((B, plan.num_splits, H), dtype=torch.float32, device=q.device)
     tile_page = plan.tile_page if plan.chunk > 0 else 0
-    fused = plan.merge == 2 and not direct
-    pdl = plan.merge == 1 and not direct and q.is_cuda
-    tickets = _tickets(B, q.device) if fused else part_lse
+    pdl = bool(plan.pdl) and q.is_cuda
     _mfa_decode_kernel[(plan.num_splits, B)](
         q, cache.k, cache.v, block_table, seq_lens, cache.k_scale, cache.v_scale, out, part_o, part_lse,
-        tickets, D ** -0.5 * LOG2E, plan.tokens_per_split, plan.num_splits,
+        D ** -0.5 * LOG2E, plan.tokens_per_split, plan.num_splits,
         q.stride(0), q.stride(1), cache.k.stride(0), cache.k.stride(1), cache.v.stride(0), cache.v.stride(1),
         block_table.stride(0), out.stride(0), out.stride(1),
         H=H, H_PAD=max(16, triton.next_power_of_2(H)), D=D, PAGE=cache.block_size,
         BLOCK_N=plan.block_n, CHUNK=plan.chunk, DIRECT=direct, DOT=dot_kind(cache),
-        TILE_PAGE=tile_page, PDL=pdl, FUSED=fused, num_warps=plan.num_warps, num_stages=plan.num_stages)
-    if not direct and not fused:
+        TILE_PAGE=tile_page, PDL=pdl, num_warps=plan.num_warps, num_stages=plan.num_stages,
+        launch_pdl=pdl)
+    if not direct:
         s_pad = triton.next_power_of_2(plan.num_splits)
         d_block = min(D, max(16, 8192 // s_pad))  # a [S_PAD, D_BLOCK] fp32 tile of <= 32 KiB
         _mfa_merge_kernel[(H, B, D // d_block)](part_o, part_lse, seq_lens, out, plan.tokens_per_split,

@@ -7,8 +7,7 @@ from paged_inputs import DEVICE, boundary_lengths, random_paged_cache, rel_err
 from converters.errors import Step3Error
 from runtime.kernels.kv_cache import FP8_DTYPE, PagedKVCache, write_kv_ref
 from runtime.kernels.mfa_decode import (
-    _TICKETS,
-    FUSED_MAX_SPLITS,
+    MAX_CHUNK_PAGES,
     _pick_splits,
     mfa_decode,
     mfa_decode_ref,
@@ -63,36 +62,28 @@ def test_decode_tile_page(dtype, page, block_n, tile_page):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, FP8_DTYPE], ids=["bf16", "fp8"])
-@pytest.mark.parametrize("merge, partials_bf16", [(1, False), (2, False), (0, True), (2, True)],
-                         ids=["pdl-kernel", "fused-last-split", "bf16-partials", "fused-bf16-partials"])
-@pytest.mark.parametrize("num_splits", [2, 5, 8])
-def test_decode_merge_modes(dtype, merge, partials_bf16, num_splits):
-    """The merge kernel as a dependent launch (1; the plain kernel off the GPU) and the fused merge by the
-    last split to finish (2), partials in fp32 or bf16, on random lengths incl. 1, page boundaries and
-    empty splits; three calls in a row with new lengths each, so a ticket counter left non-zero by one
-    call would break the next."""
-    gen = torch.Generator().manual_seed(100 * merge + num_splits + partials_bf16)
+@pytest.mark.parametrize("num_splits", [1, 2, 5])
+def test_decode_pdl(dtype, num_splits):
+    """Both kernels as programmatic dependent launches (GPU; off the GPU the plan drops pdl): random
+    lengths incl. 1, page boundaries and empty splits, and three calls in a row on one stream, each
+    waiting on the one before, with new lengths each."""
+    gen = torch.Generator().manual_seed(200 + num_splits)
     page = 16
     for call in range(3):
         lengths = boundary_lengths(page, 9, gen, longest=16 * page)
         cache, block_table, seq_lens = random_paged_cache(lengths, 64, page, dtype, gen)
         q = torch.randn(len(lengths), 5, 64, generator=gen).to(torch.bfloat16).to(DEVICE)
         plan = plan_decode(len(lengths), max(lengths), 64, DEVICE, dtype, page, num_splits=num_splits,
-                           block_n=16, chunk_max=64, tile_page=2 * (call % 2), merge=merge,
-                           partials_bf16=partials_bf16)
-        assert 2 <= plan.num_splits <= num_splits
-        assert plan.merge == (merge if DEVICE.type == "cuda" or merge != 1 else 0)
+                           block_n=16, chunk_max=64, tile_page=2 * (call % 2), pdl=1)
+        assert plan.num_splits <= num_splits and plan.pdl == (DEVICE.type == "cuda")
         out = mfa_decode(q, cache, block_table, seq_lens, plan=plan)
         assert rel_err(out, mfa_decode_ref(q, cache, block_table, seq_lens)) < TOL_BF16, call
-        if plan.merge == 2:  # every sequence's last split reset its ticket
-            assert not _TICKETS[out.device].any()
 
 
-def test_plan_merge_falls_back_to_the_kernel_past_fused_max():
+def test_plan_caps_the_chunk_in_pages():
     cpu = torch.device("cpu")
-    assert plan_decode(1, 4096, 256, cpu, num_splits=4, merge=2).merge == 2
-    many = plan_decode(1, 32768, 256, cpu, num_splits=FUSED_MAX_SPLITS + 1, merge=2)
-    assert many.num_splits > FUSED_MAX_SPLITS and many.merge == 0  # 1 (a dependent launch) on a GPU only
+    assert plan_decode(256, 4096, 256, cpu, page=64, chunk_max=4096).chunk == 4096
+    assert plan_decode(256, 4096, 256, cpu, page=16, chunk_max=4096).chunk == 16 * MAX_CHUNK_PAGES
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, FP8_DTYPE], ids=["bf16", "fp8"])
