@@ -15,7 +15,9 @@ Launches (no host synchronization, so the whole layer can be captured in a CUDA 
 Traffic: each weight tile once from HBM per launch (M-blocks sharing it run together), x_q read k
 times (gathered), the FP8 intermediate written and read once, [T*k, H] partials written and read.
 `moe_ffn` can also route the experts through cuBLAS (moe_cublas.py, MoeConfig.backend = "cublas"),
-but that lost at every size on the H200, so `default_moe_config` always picks the Triton path.
+but that lost at every size on the H200, so `default_moe_config` always picks the Triton path; and
+through the TMA kernels over pre-gathered rows (moe_tma.py, backend "tma": the warp-specialized Gluon
+kernel on Hopper, fp8_gemm_ws.py, or its portable Triton twin), candidates not yet timed on a GPU.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from runtime.kernels.fp8_linear import scaled_mm_usable, scaled_mm_weight_scale
 from runtime.kernels.mlp import MlpWeights, swiglu_mlp, swiglu_mlp_ref
 from runtime.kernels.moe_cublas import cublas_moe
 from runtime.kernels.moe_routing import align_by_expert
+from runtime.kernels.moe_tma import tma_fused_moe, tma_moe_usable
 
 
 @dataclass(frozen=True)
@@ -97,9 +100,10 @@ class MoeConfig:
     warps_down: int = 4
     stages_down: int = 3
     shared_first_half: str = "auto"  # see mlp.swiglu_mlp
-    backend: str = "triton"  # routed experts: "triton" (fused_moe) or "cublas" (moe_cublas.py)
+    backend: str = "triton"  # routed experts: "triton" (fused_moe), "tma" (moe_tma.py) or "cublas"
     streams: int = 4  # CUDA streams of the cuBLAS backend
     interleave: bool = False  # gate_up as one dot over interleaved gate/up columns (fp8_gemm INTERLEAVE)
+    warp_specialize: bool = False  # "tma" on Hopper: the Gluon producer/consumer kernel (fp8_gemm_ws.py)
 
 
 # Tile candidates, by name: benchmarks/moe_ffn.py times them in-run per token count and records all.
@@ -129,6 +133,12 @@ MOE_CANDIDATES = {
     "m64w8s4i": MoeConfig(64, 8, 8, 4, 128, 4, 4, interleave=True),
     # and the down GEMM as 64x256 tiles on 8 warps (two warpgroups of 64x128: 186 registers, no spills)
     "m64w8id": MoeConfig(64, 8, 8, 3, 256, 8, 3, interleave=True),
+    # expert-contiguous rows gathered first, both operands by TMA (moe_tma.py), 128-row tiles: the
+    # warp-specialized Gluon kernel on Hopper (fp8_gemm_ws.py; stages of gate_up, down), and the
+    # portable Triton kernel (fp8_gemm_tma.py, 8 warps) that is also its interpreter fallback
+    "ws128": MoeConfig(128, 8, 4, 4, 128, 4, 4, backend="tma", warp_specialize=True),
+    "ws128s6": MoeConfig(128, 8, 4, 5, 128, 4, 6, backend="tma", warp_specialize=True),
+    "tma128": MoeConfig(128, 8, 8, 3, 128, 8, 3, backend="tma"),
 }
 # default per mean (token, slot) pairs per expert: (upper bound, candidate name), first match wins.
 # H200 run 5's in-run winners (benchmarks/results/moe_ffn_h200.json); benchmarks/moe_ffn.py prints this line.
@@ -158,6 +168,8 @@ def fused_moe(x: torch.Tensor | Fp8Act, weights: torch.Tensor, ids: torch.Tensor
         raise Step3Error(f"{experts.name}: x {tuple(a.shape)}, weights {tuple(weights.shape)} and ids "
                          f"{tuple(ids.shape)} do not fit hidden size {experts.gate.shape[2]}")
     config = config or default_moe_config(T, k, experts.num_local)
+    if config.backend == "tma" and tma_moe_usable(experts):
+        return tma_fused_moe(x, weights, ids, experts, out_dtype, config)
     bm = config.block_m
     rows, block_expert = align_by_expert(ids, experts.first, experts.num_local, bm)
     inter = experts.gate.shape[1]

@@ -34,7 +34,10 @@ def align_by_expert(ids: torch.Tensor, first: int, num_local: int,
     flat = ids.reshape(-1).long() - first
     pairs = flat.numel()
     local = torch.where((flat >= 0) & (flat < num_local), flat, num_local)  # num_local: not on this rank
-    counts = torch.bincount(local, minlength=num_local + 1)[:num_local]
+    # scatter_add, not bincount: CUDA bincount reads max() back to the host, the likely cause of the
+    # failed CUDA-graph capture of the MoE on the H200 (NOTES_ffn.md run 6)
+    counts = torch.zeros(num_local + 1, dtype=torch.long, device=ids.device)
+    counts = counts.scatter_add_(0, local, torch.ones_like(local))[:num_local]
     padded = (counts + block_m - 1) // block_m * block_m
     pad_start = torch.cumsum(padded, 0) - padded
     cnt_start = torch.cumsum(counts, 0) - counts

@@ -1,0 +1,75 @@
+"""Routed experts over expert-contiguous rows: DeepGEMM's layout, both GEMM operands loaded by TMA.
+
+    A[p]  = x_q[rows[p] // k]                   gather: pairs sorted by expert, runs padded to 128
+    h     = silu(A G_e^T) * (A U_e^T)           fp32 [P, I]
+    h_q   = act_quant(h)                        FP8 [P, I] + 1x128 scales (the format's requantization)
+    y[t] += w[t, j] * (h_q D_e^T)[p]            the down GEMM scatters row p to pair rows[p] = t*k + j
+The GEMMs: fp8_gemm_ws.py (Gluon, two warp-specialized consumer warpgroups) on Hopper with Triton 3.6
+when the config asks for warp specialization, else fp8_gemm_tma.py (portable Triton, also the CPU
+interpreter's). No host synchronization (align_by_expert sizes everything for the worst case), so a
+layer still captures in one CUDA graph. Traffic beyond fused_moe's gathering kernel: the gathered A
+([P, H] FP8, written once, read by TMA) and h in fp32 (4 bytes written, 4 read by act_quant) where
+fused_moe writes FP8 from its epilogue: at 8192 tokens ~0.2 GB + ~1.1 GB, ~0.3 ms at copy
+bandwidth. fp32, not BF16, keeps the requantization the format's (a BF16 h flips some FP8 roundings).
+The 1x128 quantization of h cannot sit in the epilogue: a gate_up tile holds 64 output columns
+(see fp8_gemm_ws.py for the register count of 128).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from quant.fp8 import FP8_DTYPE
+from runtime.kernels.act_quant import Fp8Act, act_quant
+from runtime.kernels.fp8_gemm_tma import tma_gemm_usable, tma_grouped_gemm
+from runtime.kernels.moe_routing import align_by_expert
+
+
+def ws_gemm_usable(device: torch.device) -> bool:
+    """Hopper with the Triton (3.6) whose Gluon API fp8_gemm_ws.py is written against; no interpreter."""
+    return (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+            and triton.__version__.startswith("3.6."))
+
+
+def tma_moe_usable(experts) -> bool:
+    """FP8 experts whose widths are whole 128 tiles (TMA boxes, the kernel's unmasked K loop)."""
+    inter, hidden = experts.gate.shape[1], experts.gate.shape[2]
+    return experts.fp8 and tma_gemm_usable(inter, hidden) and tma_gemm_usable(hidden, inter)
+
+
+def gather_rows(x: Fp8Act, rows: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A [P, H] FP8 and its scales [H/128, P] (contiguous in P): token rows[p] // k, padding: token 0."""
+    pairs = x.q.shape[0] * top_k
+    tok = torch.where(rows < pairs, rows // top_k, 0)
+    a = x.q.view(torch.uint8).index_select(0, tok).view(FP8_DTYPE)
+    return a, x.scale_inv.t().index_select(1, tok)
+
+
+def _grouped_gemm(config, device: torch.device):
+    """The kernel of this config: Gluon's warp-specialized one on Hopper, else the portable Triton one."""
+    if config.warp_specialize and ws_gemm_usable(device):
+        from runtime.kernels.fp8_gemm_ws import ws_grouped_gemm  # Gluon: imported where it runs
+
+        return lambda *args, **kw: ws_grouped_gemm(*args, group_m=config.group_m, **kw)
+    return lambda *args, **kw: tma_grouped_gemm(*args, block_m=config.block_m, group_m=config.group_m, **kw)
+
+
+def tma_fused_moe(x: Fp8Act, weights: torch.Tensor, ids: torch.Tensor, experts, out_dtype: torch.dtype,
+                  config) -> torch.Tensor:
+    """moe.fused_moe's routed experts (same arguments, x already quantized) on the TMA kernels."""
+    T, k = ids.shape
+    bm = config.block_m
+    rows, block_expert = align_by_expert(ids, experts.first, experts.num_local, bm)
+    a, a_scale_t = gather_rows(x, rows, k)
+    gemm = _grouped_gemm(config, a.device)
+    h = torch.empty((rows.numel(), experts.gate.shape[1]), dtype=torch.float32, device=a.device)
+    gemm(a, a_scale_t, experts.gate, experts.gate_scale, h, block_expert, b2=experts.up,
+         b2_scale=experts.up_scale, num_stages=config.stages_gate_up)
+    hq = act_quant(h)
+    whole = experts.first == 0 and experts.num_local == experts.num_experts  # every pair lands here
+    partial = (torch.empty if whole else torch.zeros)((T * k, experts.down.shape[1]), dtype=out_dtype,
+                                                      device=a.device)
+    gemm(hq.q, hq.scale_inv.t(), experts.down, experts.down_scale, partial, block_expert, rows=rows,
+         topk_weights=weights.reshape(-1).float(), num_pairs=T * k, num_stages=config.stages_down)
+    return partial.view(T, k, -1).sum(dim=1)

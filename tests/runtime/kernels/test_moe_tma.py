@@ -1,0 +1,79 @@
+"""The TMA MoE path (moe_tma.py, fp8_gemm_tma.py): gather, grouped GEMMs, scatter, expert ranges.
+
+Runs under the CPU interpreter (tensor descriptors included) and on a GPU, where it is the
+warp-specialized Hopper kernel. Widths are whole 128 tiles (the path's precondition); K = 384 gives
+three scale groups per row.
+"""
+
+import pytest
+import torch
+from ffn_inputs import DEVICE, REQUANT_TOL, fp8_weight, randn, rel_err
+
+from runtime.kernels.act_quant import act_quant
+from runtime.kernels.moe import MOE_CANDIDATES, ExpertWeights, MoeConfig, fused_moe, fused_moe_ref
+from runtime.kernels.moe_routing import align_by_expert, route_topk
+from runtime.kernels.moe_tma import gather_rows, tma_moe_usable
+
+H, INTER, E, K = 384, 256, 6, 3
+# the portable Triton kernel (fp8_gemm_tma.py); the Gluon one (ws128: Hopper only, not yet run on a GPU)
+# is smoke-tested in a child process by benchmarks/moe_ffn.py, where a hang cannot stop the run
+CONFIGS = {name: MOE_CANDIDATES[name] for name in ("tma128",)}
+
+
+def _experts(seed: int, lo: int = 0, hi: int = E) -> ExpertWeights:
+    gen = torch.Generator().manual_seed(seed)
+    (g, gs), (u, us), (d, ds) = (fp8_weight(s, gen) for s in ((E, INTER, H), (E, INTER, H), (E, H, INTER)))
+    return ExpertWeights(g[lo:hi], u[lo:hi], d[lo:hi], gs[lo:hi], us[lo:hi], ds[lo:hi], first=lo,
+                         num_experts=E)
+
+
+def _routing(T: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random routing; expert 4 never wins (no tokens: its M-blocks do not exist)."""
+    logits = torch.randn(T, E, generator=torch.Generator().manual_seed(seed))
+    logits[:, 4] = -30.0
+    return route_topk(logits.to(DEVICE), K, renormalize=False)
+
+
+def test_gather_rows_puts_each_pair_token_at_its_sorted_position():
+    x = act_quant(randn((9, H), torch.Generator().manual_seed(1)))
+    _, ids = _routing(9, seed=1)
+    rows, _ = align_by_expert(ids, 0, E, 16)
+    a, a_s = gather_rows(x, rows, K)
+    tok = torch.where(rows < 9 * K, rows // K, 0).long()
+    assert torch.equal(a.view(torch.uint8), x.q.view(torch.uint8)[tok])
+    assert a_s.stride(1) == 1 and torch.equal(a_s, x.scale_inv[tok].t())
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("T", [1, 37])
+def test_tma_moe_matches_reference(name, T):
+    ex = _experts(seed=T)
+    assert tma_moe_usable(ex)
+    x = randn((T, H), torch.Generator().manual_seed(T))
+    w, ids = _routing(T, seed=T)
+    out = fused_moe(x, w, ids, ex, out_dtype=torch.float32, config=CONFIGS[name])
+    assert rel_err(out, fused_moe_ref(x, w, ids, ex)) < REQUANT_TOL
+    gather = fused_moe(x, w, ids, ex, out_dtype=torch.float32, config=MoeConfig(block_m=16, group_m=1))
+    assert rel_err(out, gather) < REQUANT_TOL  # and the gathering kernel
+
+
+def test_tma_expert_ranges_sum_to_the_full_moe():
+    x = randn((23, H), torch.Generator().manual_seed(7))
+    w, ids = _routing(23, seed=7)
+    config = CONFIGS["tma128"]
+    full = fused_moe(x, w, ids, _experts(seed=7), out_dtype=torch.float32, config=config)
+    parts = [fused_moe(x, w, ids, _experts(seed=7, lo=a, hi=b), out_dtype=torch.float32, config=config)
+             for a, b in ((0, 2), (2, 6))]
+    assert rel_err(sum(parts), full) < REQUANT_TOL
+    assert all(rel_err(p, full) > 0.05 for p in parts)
+
+
+def test_tma_config_falls_back_on_widths_that_are_not_whole_tiles():
+    gen = torch.Generator().manual_seed(3)
+    (g, gs), (u, us), (d, ds) = (fp8_weight(s, gen) for s in ((E, 192, 200), (E, 192, 200), (E, 200, 192)))
+    ex = ExpertWeights(g, u, d, gs, us, ds)
+    assert not tma_moe_usable(ex)
+    x = randn((5, 200), gen)
+    w, ids = _routing(5, seed=3)
+    out = fused_moe(x, w, ids, ex, out_dtype=torch.float32, config=CONFIGS["tma128"])
+    assert rel_err(out, fused_moe_ref(x, w, ids, ex)) < REQUANT_TOL  # the gathering kernel ran
