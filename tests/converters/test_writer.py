@@ -161,7 +161,7 @@ def test_free_space_is_checked_before_writing(tmp_path, monkeypatch):
 @pytest.mark.parametrize("same_page_offset", [True, False])
 def test_file_range_producers_copy_exact_bytes(tmp_path, monkeypatch, kernel_copy, same_page_offset):
     """A producer may hand back a byte range of another file: copy_file_range when source and output
-    offsets share their place in a page, else (or without it) read + page-aligned writes."""
+    offsets share their place in a page, else (or without it) read into a buffer + write."""
     monkeypatch.setattr(writer_io, "KERNEL_COPY", kernel_copy)
     monkeypatch.setattr(writer_io, "CHUNK", 4096)  # several chunks and hash windows per tensor
     monkeypatch.setattr(writer_io, "WINDOW", 8192)
@@ -189,16 +189,6 @@ def test_file_range_producers_copy_exact_bytes(tmp_path, monkeypatch, kernel_cop
     with pytest.raises(Step3Error, match=r"v: expected F32 \[21, 30\].*got 21600 bytes"):
         write_output(tmp_path / "out2", OutputPlan((SafetensorsFile("b.safetensors", (bad,)),),
                                                    lambda _: [], "fr", ()))
-
-
-def test_aligned_chunks_cut_writes_at_chunk_boundaries_of_the_output(monkeypatch):
-    monkeypatch.setattr(writer_io, "CHUNK", 4096)
-    rng = np.random.default_rng(4)
-    for pos, nbytes in [(0, 0), (0, 4096), (5, 3), (4095, 2), *rng.integers(0, 20_000, (20, 2)).tolist()]:
-        chunks = list(writer_io.aligned_chunks(pos, nbytes))
-        assert [i for i, _ in chunks] == list(np.cumsum([0] + [n for _, n in chunks])[:-1])
-        assert sum(n for _, n in chunks) == nbytes and all(0 < n <= 4096 for _, n in chunks)
-        assert all((pos + i) % 4096 == 0 for i, _ in chunks[1:])
 
 
 def test_short_writes_are_continued(tmp_path):
