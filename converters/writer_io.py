@@ -12,6 +12,7 @@ copy ~0.22, so hashing inline would more than triple a conversion's time. Two ch
   an aligned kernel copy. (Cutting writes on page boundaries of the output measured no cheaper here,
   and made the kernel's time swing 2-4x from run to run on this virtual machine.)
 """
+
 from __future__ import annotations
 
 import contextlib
