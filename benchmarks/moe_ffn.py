@@ -40,7 +40,6 @@ from runtime.kernels.moe import (
     ExpertWeights,
     MoeConfig,
     default_moe_config,
-    fused_moe,
     fused_moe_ref,
     moe_ffn,
 )
@@ -57,17 +56,11 @@ LINEAR_SHAPES = {"dense gate/up 18432x7168": (18432, 7168), "dense down 7168x184
 # the first two of a token count are timed, so the run stays within ~200 s even when compiles are slow.
 # Dropped after run 4: the cuBLAS backend (lost at every size, CPU-launch bound), m16s2 at 128 and
 # m16s3 at 512 tokens (each lost to its neighbour by 2% and 19%).
-LARGE = ["m64w8i", "m64w8id", "m64w4s2", "m64w8s4i", "m64w8", "m128w8", "tma128"]
-TUNE = {128: ["m16s3", "m16s3i"], 512: ["m64w4", "m64w8i", "m32s3"],
-        2048: ["m64w4s4", *LARGE, "m64w4"], 4096: ["m64w4s4", *LARGE, "m64w4"],
-        8192: ["m64w4", *LARGE, "m64w4s4"]}
-# Candidates whose kernel had not run on a GPU when they were added (the Gluon kernel, fp8_gemm_ws.py;
-# NOTES_ffn.md run 6): each first runs once in a child process with a time limit, so a kernel that
-# hangs or crashes costs SMOKE_TIMEOUT_S instead of the run. Those that pass lead the lists from 2048
-# tokens, first and last, around the current default (so past TUNE_DEADLINE_S both it and the first
-# new candidate are still timed).
-UNPROVEN = ("ws128", "ws128s6")
-SMOKE_TIMEOUT_S = 75  # the child imports torch and compiles 4 Gluon + 2 Triton kernels: ~30 s expected
+# Run 6 added the TMA path (ws128, ws128s6: the warp-specialized Gluon kernel; tma128: its Triton twin),
+# which won from 2048 tokens; run 5's gathering tiles stay as the challengers.
+LARGE = ["ws128", "ws128s6", "tma128", "m64w8i", "m64w8id", "m64w8s4i", "m128w8"]
+TUNE = {128: ["m16s3", "m16s3i"], 512: ["m32s3", "m64w8i"], 2048: ["ws128s6", *LARGE],
+        4096: LARGE, 8192: LARGE}
 TUNE_TOL = 3e-2  # a candidate must meet the bar's error against the format-exact reference to win
 TUNE_DEADLINE_S = 150  # seconds into the run; what follows the tuning takes ~35 s on the H200
 
@@ -338,45 +331,11 @@ def suggested_defaults(winners: dict[int, str]) -> str:
     return "DEFAULT_MOE_TILES = (" + ", ".join(items) + ")"
 
 
-def smoke(names: tuple[str, ...]) -> dict[str, str]:
-    """Per candidate "ok" or why not, from `--smoke` in a child process (fused_moe on 256 tokens of
-    Step-3's widths, 8 experts, against the format-exact reference)."""
-    cmd = [sys.executable, "-m", "benchmarks.moe_ffn", "--smoke", ",".join(names), "--out", "."]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        return {n: f"smoke timed out after {SMOKE_TIMEOUT_S} s" for n in names}
-    found = dict(line.split(" ", 2)[1:] for line in proc.stdout.splitlines() if line.startswith("SMOKE "))
-    tail = (proc.stdout + proc.stderr).strip()[-300:]
-    return {n: found.get(n, f"no result (exit {proc.returncode}): {tail}") for n in names}
-
-
-def run_smoke(names: list[str]) -> None:
-    """The child side of smoke(): prints `SMOKE name ok` or `SMOKE name <reason>` per candidate."""
-    gen = torch.Generator(device="cuda").manual_seed(5)
-    routed = ((8, INTER, HIDDEN), (8, INTER, HIDDEN), (8, HIDDEN, INTER))
-    (g, gs), (u, us), (d, ds) = (fp8_weight(s, gen) for s in routed)
-    experts = ExpertWeights(g, u, d, gs, us, ds)
-    x = torch.randn(256, HIDDEN, generator=gen, device="cuda").bfloat16()
-    weights, ids = route_topk(torch.randn(256, 8, generator=gen, device="cuda"), TOP_K, renormalize=False)
-    ref = fused_moe_ref(x, weights, ids, experts)
-    for name in names:
-        try:
-            err = rel_err(fused_moe(x, weights, ids, experts, torch.float32, MOE_CANDIDATES[name]), ref)
-            print(f"SMOKE {name} " + ("ok" if err <= TUNE_TOL else f"wrong: rel err {err:.2e}"), flush=True)
-        except Exception as e:  # noqa: BLE001 - reported to the parent, which skips the candidate
-            print(f"SMOKE {name} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
-
-
-def tune(T, gen, experts, shared, rate, bw, t0: float,
-         new: tuple[str, ...] = ()) -> tuple[list[dict], MoeConfig, str | None]:
-    """TUNE's candidates at T (the first two only, once past the deadline), from 2048 tokens also the
-    smoke-tested `new` ones around the default: (rows, best, its name)."""
+def tune(T, gen, experts, shared, rate, bw, t0: float) -> tuple[list[dict], MoeConfig, str | None]:
+    """TUNE's candidates at T (the first two only, once past the deadline): (rows, best, its name)."""
     default = default_moe_config(T, TOP_K, EXPERTS)
     default_name = next(n for n, c in MOE_CANDIDATES.items() if c == default)
-    names = TUNE.get(T, [default_name])
-    if new and T >= 2048:
-        names = [new[0], default_name, *[n for n in names if n != default_name], *new[1:]]
+    names = list(dict.fromkeys(TUNE.get(T, [default_name])))
     tried = []
     for n in names:
         if len(tried) >= 2 and time.time() - t0 > TUNE_DEADLINE_S:
@@ -395,10 +354,7 @@ def main() -> None:
     ap.add_argument("--tests", type=float, default=None, help="pytest time limit in s (default: 120, none "
                     "with --quick)")
     ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--smoke", default=None, help=argparse.SUPPRESS)  # the child side of smoke()
     args = ap.parse_args()
-    if args.smoke:
-        return run_smoke(args.smoke.split(","))
     args.out.mkdir(parents=True, exist_ok=True)
     result: dict = dict(environment=environment(), dims=dict(hidden=HIDDEN, experts=EXPERTS, inter=INTER,
                                                              top_k=TOP_K, shared=SHARED))
@@ -411,12 +367,9 @@ def main() -> None:
     bw, rate = copy_bandwidth(), fp8_matmul_rate(gen)
     result.update(copy_bandwidth_Bps=bw, fp8_matmul_flops=rate)
     print(f"copy {bw / 1e12:.2f} TB/s, blockwise FP8 _scaled_mm {rate / 1e12:.0f} TFLOP/s", flush=True)
-    result["smoke"] = smoke(UNPROVEN)
-    new = tuple(n for n, status in result["smoke"].items() if status == "ok")
-    print("smoke of new candidates:", result["smoke"], flush=True)
     experts, shared = make_layer(gen)
     if args.quick:
-        result["tune"] = [r for T in TUNE for r in tune(T, gen, experts, shared, rate, bw, t0, new)[0]]
+        result["tune"] = [r for T in TUNE for r in tune(T, gen, experts, shared, rate, bw, t0)[0]]
         result["linear"] = linear_rows(gen, (512, 2048), 10)
         for r in result["linear"]:
             print(f"linear {r['shape']:28s} T={r['tokens']:5d} ratio {r['ratio']:.3f} err {r['rel_err']:.1e}")
@@ -427,7 +380,7 @@ def main() -> None:
     baseline = LoopBaseline(experts, shared)
     result["tune"], result["moe"], winners = [], [], {}
     for T in TOKENS:
-        tried, best, winners[T] = tune(T, gen, experts, shared, rate, bw, t0, new)
+        tried, best, winners[T] = tune(T, gen, experts, shared, rate, bw, t0)
         result["tune"] += tried
         (args.out / "moe_ffn_h200.json").write_text(json.dumps(result, indent=1))  # partial, in case
         row = moe_row(T, gen, experts, shared, deq, baseline, rate, bw, best, args.reps)

@@ -17,7 +17,7 @@ times (gathered), the FP8 intermediate written and read once, [T*k, H] partials 
 `moe_ffn` can also route the experts through cuBLAS (moe_cublas.py, MoeConfig.backend = "cublas"),
 but that lost at every size on the H200, so `default_moe_config` always picks the Triton path; and
 through the TMA kernels over pre-gathered rows (moe_tma.py, backend "tma": the warp-specialized Gluon
-kernel on Hopper, fp8_gemm_ws.py, or its portable Triton twin), candidates not yet timed on a GPU.
+kernel on Hopper, fp8_gemm_ws.py, or its portable Triton twin), the default from ~2048 tokens (H200 run 6).
 """
 
 from __future__ import annotations
@@ -141,16 +141,16 @@ MOE_CANDIDATES = {
     "tma128": MoeConfig(128, 8, 8, 3, 128, 8, 3, backend="tma"),
 }
 # default per mean (token, slot) pairs per expert: (upper bound, candidate name), first match wins.
-# H200 run 5's in-run winners (benchmarks/results/moe_ffn_h200.json); benchmarks/moe_ffn.py prints this line.
-DEFAULT_MOE_TILES = ((16, "m16s3i"), (64, "m64w8i"), (192, "m64w8s4i"), (float("inf"), "m64w8i"))
+# H200 run 6's in-run winners (benchmarks/results/moe_ffn_h200.json); benchmarks/moe_ffn.py prints this line.
+DEFAULT_MOE_TILES = ((16, "m16s3"), (64, "m32s3"), (192, "ws128s6"), (float("inf"), "ws128"))
 
 
 def default_moe_config(tokens: int, top_k: int, num_experts: int) -> MoeConfig:
     """The fastest candidate per mean pairs per expert on the H200 (DEFAULT_MOE_TILES).
 
-    16-row blocks while experts get ~8 pairs (weight-bandwidth bound: little padding); 64-row
-    blocks above. The cuBLAS backend never won (CPU-launch bound, NOTES_ffn.md), so the Triton path
-    is the default everywhere.
+    16- and 32-row gathering tiles while experts get up to ~32 pairs (weight-bandwidth bound: little
+    padding); above, the TMA path over expert-contiguous rows (128-row tiles, warp-specialized on
+    Hopper). The cuBLAS backend never won (CPU-launch bound, NOTES_ffn.md).
     """
     mean = tokens * top_k / max(num_experts, 1)
     return MOE_CANDIDATES[next(name for bound, name in DEFAULT_MOE_TILES if mean <= bound)]

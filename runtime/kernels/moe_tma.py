@@ -33,9 +33,12 @@ def ws_gemm_usable(device: torch.device) -> bool:
 
 
 def tma_moe_usable(experts) -> bool:
-    """FP8 experts whose widths are whole 128 tiles (TMA boxes, the kernel's unmasked K loop)."""
+    """FP8 experts whose widths are whole 128 tiles (TMA boxes, the kernel's unmasked K loop), on a GPU
+    with TMA (Hopper and later) or under the CPU interpreter; elsewhere fused_moe's gathering kernel."""
     inter, hidden = experts.gate.shape[1], experts.gate.shape[2]
-    return experts.fp8 and tma_gemm_usable(inter, hidden) and tma_gemm_usable(hidden, inter)
+    device = experts.gate.device
+    tma = device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9
+    return tma and experts.fp8 and tma_gemm_usable(inter, hidden) and tma_gemm_usable(hidden, inter)
 
 
 def gather_rows(x: Fp8Act, rows: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:

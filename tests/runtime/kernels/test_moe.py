@@ -101,8 +101,6 @@ def _candidates() -> list[str]:
     tilings = {}
     for name in sorted(MOE_CANDIDATES):
         c = MOE_CANDIDATES[name]
-        if c.warp_specialize:  # the Gluon kernel: not yet run on a GPU; benchmarks/moe_ffn.py smoke-tests it
-            continue
         tiling = (c.block_m, c.group_m, c.block_n_down, c.interleave, c.backend, c.warp_specialize)
         tilings.setdefault(tiling, name)
     return sorted(tilings.values())

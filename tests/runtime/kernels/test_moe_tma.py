@@ -1,8 +1,8 @@
 """The TMA MoE path (moe_tma.py, fp8_gemm_tma.py): gather, grouped GEMMs, scatter, expert ranges.
 
-Runs under the CPU interpreter (tensor descriptors included) and on a GPU, where it is the
-warp-specialized Hopper kernel. Widths are whole 128 tiles (the path's precondition); K = 384 gives
-three scale groups per row.
+Runs under the CPU interpreter (tensor descriptors included; ws128 falls back to the portable kernel
+there) and on a GPU, where ws128 is the warp-specialized Gluon kernel (Hopper, Triton 3.6). Widths are
+whole 128 tiles (the path's precondition); K = 384 gives three scale groups per row.
 """
 
 import pytest
@@ -15,9 +15,8 @@ from runtime.kernels.moe_routing import align_by_expert, route_topk
 from runtime.kernels.moe_tma import gather_rows, tma_moe_usable
 
 H, INTER, E, K = 384, 256, 6, 3
-# the portable Triton kernel (fp8_gemm_tma.py); the Gluon one (ws128: Hopper only, not yet run on a GPU)
-# is smoke-tested in a child process by benchmarks/moe_ffn.py, where a hang cannot stop the run
-CONFIGS = {name: MOE_CANDIDATES[name] for name in ("tma128",)}
+# the portable Triton kernel (fp8_gemm_tma.py) and the Gluon one (fp8_gemm_ws.py) at both stage counts
+CONFIGS = {name: MOE_CANDIDATES[name] for name in ("tma128", "ws128", "ws128s6")}
 
 
 def _experts(seed: int, lo: int = 0, hi: int = E) -> ExpertWeights:
@@ -60,7 +59,7 @@ def test_tma_moe_matches_reference(name, T):
 def test_tma_expert_ranges_sum_to_the_full_moe():
     x = randn((23, H), torch.Generator().manual_seed(7))
     w, ids = _routing(23, seed=7)
-    config = CONFIGS["tma128"]
+    config = CONFIGS["ws128"]
     full = fused_moe(x, w, ids, _experts(seed=7), out_dtype=torch.float32, config=config)
     parts = [fused_moe(x, w, ids, _experts(seed=7, lo=a, hi=b), out_dtype=torch.float32, config=config)
              for a, b in ((0, 2), (2, 6))]
