@@ -15,14 +15,19 @@ wgmma keeps the tensor cores busy: the overlap that the pointer-based kernel (fp
 warp meets at one barrier per K step) cannot give, and that Triton 3.6's automatic warp
 specialization of fp8_gemm_tma.py's loop was meant to give but did not finish on the H200.
 A separate producer warp would make 3 warpgroups (ptxas then caps every thread at 168 registers).
-Modes:
-  SWIGLU   gate and up, 64 columns each (two descriptors): two 64x64 fp32 accumulators per consumer;
-           C = silu(gate) * up in fp32 [P, N] (64 columns cannot quantize per 1x128 group:
-           moe_tma.py runs act_quant after it). Gate and up at 128 columns each need 2 x 64 + the
-           temporaries: ptxas kept two 64-register temporaries and spilled 540 B.
+Every K step is one m64n128k32 wgmma chain per consumer: a 64-column B tile reads A from shared memory
+once per 64 columns, a 128-column one once per 128 (a quarter less shared-memory traffic per FLOP,
+NOTES_ffn.md run 7). Modes:
+  SWIGLU   gate and up, 64 rows each, into one [128, 128] B stage (two TMA boxes): one accumulator
+           whose column halves are gate and up (`_halves`: a register relabeling); h = silu(gate) * up.
+           QUANT: a program runs two such 64-column sub-tiles through one continuous pipeline (the
+           loads of the second start during the first) and quantizes the 128 columns of h per 1x128
+           group in its epilogue, FP8 out + scales [N/128, P] (as act_quant, so the codes are the
+           same bits); else h leaves as fp32 [P, N] and moe_tma.py runs act_quant.
   WEIGHTED the down projection, 128 columns: row m is pair rows[m] (padding: >= num_pairs,
            dropped); stores w[pair] * row at C[pair].
-ptxas (sm_90a, Triton 3.6): 255 registers, no spills in either mode, 131-197 KB of shared memory.
+ptxas (sm_90a, Triton 3.6): no spills in any mode (QUANT fits a 200-register cap), 131-197 KB of shared
+memory. Two 128-column chains per step (a 256-column down tile) spilled 600 B: not used.
 Written against Triton 3.6's Gluon API (moe_tma.ws_gemm_usable checks the version). Traffic:
 GROUP_M M-blocks sweep the N tiles together (an expert's weight tile comes from HBM about once per
 launch; A tiles are reused from L2).
@@ -46,10 +51,10 @@ BLOCK_M, HALF_M = gl.constexpr(128), gl.constexpr(64)
 
 
 @gluon.jit
-def _tile(block_expert_ptr, N, K, num_m, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr):
+def _tile(block_expert_ptr, N, K, num_m, TILE_N: gl.constexpr, GROUP_M: gl.constexpr):
     """(first A row, first B row, n tile, expert, K steps) of this program; K steps 0 past the end."""
     pid = gl.program_id(0)
-    in_group = GROUP_M * (N // BLOCK_N)
+    in_group = GROUP_M * (N // TILE_N)
     first_m = (pid // in_group) * GROUP_M
     group_size = gl.minimum(num_m - first_m, GROUP_M)
     pid_m = first_m + (pid % in_group) % group_size
@@ -57,69 +62,125 @@ def _tile(block_expert_ptr, N, K, num_m, BLOCK_N: gl.constexpr, GROUP_M: gl.cons
     expert = gl.load(block_expert_ptr + pid_m)
     k_tiles = gl.where(expert < 0, 0, K // 128)
     expert = gl.maximum(expert, 0)
-    return pid_m * 128, expert * N + pid_n * BLOCK_N, pid_n, expert, k_tiles
+    return pid_m * 128, expert * N + pid_n * TILE_N, pid_n, expert, k_tiles
 
 
 @gluon.jit
-def _load(step, a_desc, b_desc, b2_desc, a_smem, b_smem, b2_smem, ready, empty, off_m, off_b,
-          SWIGLU: gl.constexpr, STAGES: gl.constexpr, BLOCK_N: gl.constexpr):
-    """Issue K step `step`'s TMA loads once both consumers released its stage (`empty`, count 2)."""
+def _load(step, k_tiles, a_desc, b_desc, b2_desc, a_smem, b_smem, ready, empty, off_m, off_b,
+          SWIGLU: gl.constexpr, STAGES: gl.constexpr, SUB_N: gl.constexpr):
+    """Issue global step `step`'s TMA loads (sub-tile step // k_tiles, K block step % k_tiles) once both
+    consumers released its stage (`empty`, count 2). SwiGLU: gate rows into the stage's first 64 rows,
+    up rows into the last 64, so one m64n128 wgmma multiplies A by both."""
     s = step % STAGES
+    j = step // k_tiles
+    k = (step - j * k_tiles) * 128
     mbarrier.wait(empty.index(s), ((step // STAGES) & 1) ^ 1)  # the first round passes at once
     bar = ready.index(s)
-    mbarrier.expect(bar, (BLOCK_M + BLOCK_N * (2 if SWIGLU else 1)) * 128)
-    tma.async_copy_global_to_shared(a_desc, [off_m, step * 128], bar, a_smem.index(2 * s))
-    tma.async_copy_global_to_shared(a_desc, [off_m + HALF_M, step * 128], bar, a_smem.index(2 * s + 1))
-    tma.async_copy_global_to_shared(b_desc, [off_b, step * 128], bar, b_smem.index(s))
+    mbarrier.expect(bar, (BLOCK_M + 128) * 128)
+    tma.async_copy_global_to_shared(a_desc, [off_m, k], bar, a_smem.index(2 * s))
+    tma.async_copy_global_to_shared(a_desc, [off_m + HALF_M, k], bar, a_smem.index(2 * s + 1))
+    b = b_smem.index(s)
     if SWIGLU:
-        tma.async_copy_global_to_shared(b2_desc, [off_b, step * 128], bar, b2_smem.index(s))
+        tma.async_copy_global_to_shared(b_desc, [off_b + j * SUB_N, k], bar, b.slice(0, SUB_N))
+        tma.async_copy_global_to_shared(b2_desc, [off_b + j * SUB_N, k], bar, b.slice(SUB_N, SUB_N))
+    else:
+        tma.async_copy_global_to_shared(b_desc, [off_b, k], bar, b)
 
 
 @gluon.jit
-def _promote(acc, a_smem, b_smem, a_s, b_scale_ptr, zero):
-    """acc + (A B^T on the tensor cores, waited for) * a_s[:, None] * b_scale."""
-    t = warpgroup_mma(a_smem, b_smem.permute((1, 0)), zero, use_acc=False, is_async=True)
-    t = warpgroup_mma_wait(0, deps=[t])
-    return acc + t * (a_s * gl.load(b_scale_ptr))[:, None]
+def _halves(t):
+    """[64, 128] -> its column halves [64, 64] (gate, up): in the m64n128 accumulator layout column bit 6
+    is a register index, so this moves no data."""
+    return gl.split(gl.permute(gl.reshape(t, [HALF_M, 2, 64]), [0, 2, 1]))
 
 
 @gluon.jit
-def _consumer(half, a_desc, b_desc, b2_desc, a_smem, b_smem, b2_smem, ready, empty, as_ptr, bs_ptr, b2s_ptr,
-              c_ptr, block_expert_ptr, rows_ptr, topk_w_ptr, N, K, num_m, num_pairs, stride_asg, stride_bse,
-              stride_bsn, stride_bsk, stride_cm,
-              SWIGLU: gl.constexpr, WEIGHTED: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
-              BLOCK_N: gl.constexpr, LOADER: gl.constexpr):
+def _mma(a, b, zero):
+    """a b^T on the tensor cores into a fresh fp32 tile, waited for (the promotion reads it next)."""
+    t = warpgroup_mma(a, b.permute((1, 0)), zero, use_acc=False, is_async=True)
+    return warpgroup_mma_wait(0, deps=[t])
+
+
+@gluon.jit
+def _k_loop(j, half, k_tiles, a_desc, b_desc, b2_desc, a_smem, b_smem, ready, empty, as_ptr, bs_ptr, b2s_ptr,
+            off_m, off_b, offs_m, stride_asg, stride_bsk,
+            SWIGLU: gl.constexpr, SUB: gl.constexpr, STAGES: gl.constexpr, SUB_N: gl.constexpr,
+            LOADER: gl.constexpr, layout: gl.constexpr, out_layout: gl.constexpr):
+    """Sub-tile j's K loop (global steps j * k_tiles + kb): per step wait for the stage, one m64n128
+    wgmma chain into an fp32 temporary, wait for it, release the stage, promote (scale and add).
+    Returns the [64, 128] accumulator, or for SwiGLU h = silu(gate) * up [64, 64] in out_layout."""
+    zero = gl.zeros([HALF_M, 128], gl.float32, layout)
+    if SWIGLU:
+        acc, acc2 = _halves(zero)
+    else:
+        acc = zero
+    for kb in range(k_tiles):
+        step = j * k_tiles + kb
+        s = step % STAGES
+        # the scales first: their L2 latency then hides behind the stage wait and the wgmma chain (a load
+        # after the wait would stall the promotion: no load moves across the wait's inline asm)
+        a_s = gl.load(as_ptr + kb * stride_asg + offs_m)
+        b_s = gl.load(bs_ptr + kb * stride_bsk)
+        b2_s = gl.load(b2s_ptr + kb * stride_bsk) if SWIGLU else b_s
+        mbarrier.wait(ready.index(s), (step // STAGES) & 1)
+        t = _mma(a_smem.index(2 * s + half), b_smem.index(s), zero)
+        mbarrier.arrive(empty.index(s), count=1)
+        if LOADER and step + STAGES - 1 < SUB * k_tiles:  # the stage of step - 1, both consumers past it
+            _load(step + STAGES - 1, k_tiles, a_desc, b_desc, b2_desc, a_smem, b_smem, ready, empty,
+                  off_m, off_b, SWIGLU, STAGES, SUB_N)
+        if SWIGLU:
+            tg, tu = _halves(t)
+            acc = acc + tg * gl.convert_layout(a_s * b_s, gl.SliceLayout(1, tg.type.layout))[:, None]
+            acc2 = acc2 + tu * gl.convert_layout(a_s * b2_s, gl.SliceLayout(1, tu.type.layout))[:, None]
+        else:
+            acc = acc + t * (a_s * b_s)[:, None]
+    if SWIGLU:
+        acc = gl.convert_layout(acc / (1.0 + gl.exp(-acc)) * acc2, out_layout)
+    return acc
+
+
+@gluon.jit
+def _consumer(half, a_desc, b_desc, b2_desc, a_smem, b_smem, ready, empty, as_ptr, bs_ptr, b2s_ptr,
+              c_ptr, cs_ptr, block_expert_ptr, rows_ptr, topk_w_ptr, N, K, num_m, num_pairs, stride_asg,
+              stride_bse, stride_bsn, stride_bsk, stride_cm, stride_csg,
+              SWIGLU: gl.constexpr, WEIGHTED: gl.constexpr, QUANT: gl.constexpr, STAGES: gl.constexpr,
+              GROUP_M: gl.constexpr, LOADER: gl.constexpr):
     layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                     instr_shape=[16, BLOCK_N, 32])
-    off_m, off_b, pid_n, expert, k_tiles = _tile(block_expert_ptr, N, K, num_m, BLOCK_N, GROUP_M)
+                                                     instr_shape=[16, 128, 32])
+    out_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, 64, 32])
+    SUB_N: gl.constexpr = 64 if SWIGLU else 128
+    SUB: gl.constexpr = 2 if QUANT else 1
+    TILE_N: gl.constexpr = SUB * SUB_N
+    off_m, off_b, pid_n, expert, k_tiles = _tile(block_expert_ptr, N, K, num_m, TILE_N, GROUP_M)
+    lay: gl.constexpr = out_layout if SWIGLU else layout
     offs_m = off_m + half * HALF_M + gl.arange(0, HALF_M, layout=gl.SliceLayout(1, layout))
-    bs = bs_ptr + expert.to(gl.int64) * stride_bse + (pid_n * BLOCK_N // 128) * stride_bsn
-    b2s = b2s_ptr + expert.to(gl.int64) * stride_bse + (pid_n * BLOCK_N // 128) * stride_bsn
-    zero = gl.zeros([HALF_M, BLOCK_N], gl.float32, layout)
-    acc = gl.zeros([HALF_M, BLOCK_N], gl.float32, layout)
-    acc2 = gl.zeros([HALF_M, BLOCK_N], gl.float32, layout)
+    scale_off = expert.to(gl.int64) * stride_bse + (pid_n * TILE_N // 128) * stride_bsn
+    bs, b2s = bs_ptr + scale_off, b2s_ptr + scale_off
     if LOADER:
         for step in gl.static_range(STAGES - 1):
-            if step < k_tiles:
-                _load(step, a_desc, b_desc, b2_desc, a_smem, b_smem, b2_smem, ready, empty, off_m, off_b,
-                      SWIGLU, STAGES, BLOCK_N)
-    for kb in range(k_tiles):
-        s = kb % STAGES
-        mbarrier.wait(ready.index(s), (kb // STAGES) & 1)
-        a_s = gl.load(as_ptr + kb * stride_asg + offs_m)
-        a = a_smem.index(2 * s + half)
-        acc = _promote(acc, a, b_smem.index(s), a_s, bs + kb * stride_bsk, zero)
-        if SWIGLU:
-            acc2 = _promote(acc2, a, b2_smem.index(s), a_s, b2s + kb * stride_bsk, zero)
-        mbarrier.arrive(empty.index(s), count=1)
-        if LOADER and kb + STAGES - 1 < k_tiles:  # the stage of step kb - 1, once both are past it
-            _load(kb + STAGES - 1, a_desc, b_desc, b2_desc, a_smem, b_smem, b2_smem, ready, empty, off_m,
-                  off_b, SWIGLU, STAGES, BLOCK_N)
-    offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
-    if SWIGLU:  # h = silu(gate) * up, every row (unused blocks: zeros, so act_quant sees finite rows)
-        h = acc / (1.0 + gl.exp(-acc)) * acc2
-        c_ptrs = c_ptr + offs_m.to(gl.int64)[:, None] * stride_cm + offs_n[None, :]
-        gl.store(c_ptrs, h.to(c_ptr.dtype.element_ty))
+            if step < SUB * k_tiles:
+                _load(step, k_tiles, a_desc, b_desc, b2_desc, a_smem, b_smem, ready, empty, off_m, off_b,
+                      SWIGLU, STAGES, SUB_N)
+    acc = _k_loop(0, half, k_tiles, a_desc, b_desc, b2_desc, a_smem, b_smem, ready, empty, as_ptr, bs, b2s,
+                  off_m, off_b, offs_m, stride_asg, stride_bsk, SWIGLU, SUB, STAGES, SUB_N, LOADER, layout,
+                  out_layout)
+    rows = gl.convert_layout(offs_m, gl.SliceLayout(1, lay)).to(gl.int64)
+    offs_n = pid_n * TILE_N + gl.arange(0, SUB_N, layout=gl.SliceLayout(0, lay))
+    if QUANT:  # the second 64 columns of h, then the format's 1x128 quantization over both
+        h1 = _k_loop(1, half, k_tiles, a_desc, b_desc, b2_desc, a_smem, b_smem, ready, empty, as_ptr, bs, b2s,
+                     off_m, off_b, offs_m, stride_asg, stride_bsk, SWIGLU, SUB, STAGES, SUB_N, LOADER, layout,
+                     out_layout)
+        amax = gl.maximum(gl.max(gl.abs(acc), axis=1), gl.max(gl.abs(h1), axis=1))
+        amax = gl.where(amax > 0, amax, 1.0)
+        scale = gl.div_rn(gl.full(amax.shape, 448.0, gl.float32, amax.type.layout), amax)  # IEEE, as torch
+        c_ptrs = c_ptr + rows[:, None] * stride_cm + offs_n[None, :]
+        gl.store(c_ptrs, (acc * scale[:, None]).to(c_ptr.dtype.element_ty))  # cvt.rn.satfinite, as torch
+        gl.store(c_ptrs + SUB_N, (h1 * scale[:, None]).to(c_ptr.dtype.element_ty))
+        gl.store(cs_ptr + pid_n * stride_csg + rows, gl.div_rn(gl.full(amax.shape, 1.0, gl.float32,
+                                                                        amax.type.layout), scale))
+    elif SWIGLU:  # h, every row (unused blocks: zeros, so act_quant sees finite rows)
+        gl.store(c_ptr + rows[:, None] * stride_cm + offs_n[None, :], acc.to(c_ptr.dtype.element_ty))
     if WEIGHTED:
         pair = gl.load(rows_ptr + offs_m)
         row_ok = pair < num_pairs
@@ -129,14 +190,13 @@ def _consumer(half, a_desc, b_desc, b2_desc, a_smem, b_smem, b2_smem, ready, emp
 
 
 @gluon.jit
-def _ws_gemm_kernel(a_desc, as_ptr, b_desc, b2_desc, bs_ptr, b2s_ptr, c_ptr, block_expert_ptr, rows_ptr,
-                    topk_w_ptr, N, K, num_m, num_pairs, stride_asg, stride_bse, stride_bsn, stride_bsk,
-                    stride_cm,
-                    SWIGLU: gl.constexpr, WEIGHTED: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
-                    BLOCK_N: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+def _ws_gemm_kernel(a_desc, as_ptr, b_desc, b2_desc, bs_ptr, b2s_ptr, c_ptr, cs_ptr, block_expert_ptr,
+                    rows_ptr, topk_w_ptr, N, K, num_m, num_pairs, stride_asg, stride_bse, stride_bsn,
+                    stride_bsk, stride_cm, stride_csg,
+                    SWIGLU: gl.constexpr, WEIGHTED: gl.constexpr, QUANT: gl.constexpr, STAGES: gl.constexpr,
+                    GROUP_M: gl.constexpr, CONSUMER_REGS: gl.constexpr):
     a_smem = gl.allocate_shared_memory(a_desc.dtype, [2 * STAGES, HALF_M, 128], a_desc.layout)
-    b_smem = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BLOCK_N, 128], b_desc.layout)
-    b2_smem = gl.allocate_shared_memory(b_desc.dtype, [STAGES if SWIGLU else 1, BLOCK_N, 128], b_desc.layout)
+    b_smem = gl.allocate_shared_memory(b_desc.dtype, [STAGES, 128, 128], b_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
@@ -145,45 +205,49 @@ def _ws_gemm_kernel(a_desc, as_ptr, b_desc, b2_desc, bs_ptr, b2s_ptr, c_ptr, blo
     fence_async_shared()
     # the argument tuples are spelled out: a tuple built by concatenation turns constexprs into tensors
     gl.warp_specialize([
-        (_consumer, (0, a_desc, b_desc, b2_desc, a_smem, b_smem, b2_smem, ready, empty, as_ptr, bs_ptr,
-                     b2s_ptr, c_ptr, block_expert_ptr, rows_ptr, topk_w_ptr, N, K, num_m, num_pairs,
-                     stride_asg, stride_bse, stride_bsn, stride_bsk, stride_cm, SWIGLU, WEIGHTED, STAGES,
-                     GROUP_M, BLOCK_N, True)),
-        (_consumer, (1, a_desc, b_desc, b2_desc, a_smem, b_smem, b2_smem, ready, empty, as_ptr, bs_ptr,
-                     b2s_ptr, c_ptr, block_expert_ptr, rows_ptr, topk_w_ptr, N, K, num_m, num_pairs,
-                     stride_asg, stride_bse, stride_bsn, stride_bsk, stride_cm, SWIGLU, WEIGHTED, STAGES,
-                     GROUP_M, BLOCK_N, False)),
+        (_consumer, (0, a_desc, b_desc, b2_desc, a_smem, b_smem, ready, empty, as_ptr, bs_ptr, b2s_ptr, c_ptr,
+                     cs_ptr, block_expert_ptr, rows_ptr, topk_w_ptr, N, K, num_m, num_pairs, stride_asg,
+                     stride_bse, stride_bsn, stride_bsk, stride_cm, stride_csg, SWIGLU, WEIGHTED, QUANT,
+                     STAGES, GROUP_M, True)),
+        (_consumer, (1, a_desc, b_desc, b2_desc, a_smem, b_smem, ready, empty, as_ptr, bs_ptr, b2s_ptr, c_ptr,
+                     cs_ptr, block_expert_ptr, rows_ptr, topk_w_ptr, N, K, num_m, num_pairs, stride_asg,
+                     stride_bse, stride_bsn, stride_bsk, stride_cm, stride_csg, SWIGLU, WEIGHTED, QUANT,
+                     STAGES, GROUP_M, False)),
     ], [4], [CONSUMER_REGS])
 
 
 def ws_grouped_gemm(a: torch.Tensor, a_scale_t: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
                     out: torch.Tensor, block_expert: torch.Tensor, *, b2: torch.Tensor | None = None,
-                    b2_scale: torch.Tensor | None = None, rows: torch.Tensor | None = None,
-                    topk_weights: torch.Tensor | None = None, num_pairs: int = 0, group_m: int = 8,
-                    num_stages: int = 4, consumer_regs: int = 240) -> torch.Tensor:
+                    b2_scale: torch.Tensor | None = None, out_scale_t: torch.Tensor | None = None,
+                    rows: torch.Tensor | None = None, topk_weights: torch.Tensor | None = None,
+                    num_pairs: int = 0, group_m: int = 8, num_stages: int = 4,
+                    consumer_regs: int = 240) -> torch.Tensor:
     """Launch `_ws_gemm_kernel` into `out` (Hopper only; shapes are the caller's, moe_tma.py, to check).
 
     a [P, K] FP8 (P = 128 * len(block_expert)); a_scale_t [K/128, P] fp32, contiguous in P; b, b2
-    [E, N, K] FP8 with scales [E, N/128, K/128]. With b2: out [P, N] = silu(a b^T) * (a b2^T) (fp32,
-    64-column tiles); with rows and topk_weights: out [num_pairs, N] (the weighted scatter).
+    [E, N, K] FP8 with scales [E, N/128, K/128]. With b2: out [P, N] = silu(a b^T) * (a b2^T), fp32, or
+    with out_scale_t [N/128, P] (contiguous in P) FP8 quantized per 1x128 group; with rows and
+    topk_weights: out [num_pairs, N] (the weighted scatter).
     """
     E, N, K = b.shape
-    block_n = 64 if b2 is not None else 128  # SwiGLU: 2 x 64 fp32 accumulators + temporaries
+    quant = out_scale_t is not None
+    block_n = 64 if b2 is not None else 128  # SwiGLU: gate and up 64 rows each per pipeline stage
     assert N % 128 == 0 and K % 128 == 0 and a.shape[0] == 128 * block_expert.numel()
-    assert a_scale_t.stride(1) == 1
+    assert a_scale_t.stride(1) == 1 and (not quant or (b2 is not None and out_scale_t.stride(1) == 1))
     fp8 = gl.float8e4nv
     desc = lambda t, rows: TensorDescriptor.from_tensor(  # noqa: E731 - four descriptors, one recipe
         t, [rows, 128], gl.NVMMASharedLayout.get_default_for([rows, 128], fp8))
     a_desc, b_desc = desc(a, 64), desc(b.view(E * N, K), block_n)  # host block shapes: plain ints
     b2_desc = b_desc if b2 is None else desc(b2.view(E * N, K), block_n)
     nil = block_expert  # stands in for the pointers a mode does not use
-    grid = (block_expert.numel() * (N // block_n),)
+    grid = (block_expert.numel() * (N // (128 if quant else block_n)),)
     _ws_gemm_kernel[grid](
         a_desc, a_scale_t, b_desc, b2_desc, b_scale, b_scale if b2_scale is None else b2_scale, out,
-        block_expert, nil if rows is None else rows, nil if topk_weights is None else topk_weights,
-        N, K, block_expert.numel(), num_pairs, a_scale_t.stride(0),
-        b_scale.stride(0), b_scale.stride(1), b_scale.stride(2), out.stride(0),
-        SWIGLU=b2 is not None, WEIGHTED=topk_weights is not None, STAGES=num_stages, GROUP_M=group_m,
-        BLOCK_N=block_n, CONSUMER_REGS=consumer_regs, num_warps=4,
+        out_scale_t if quant else a_scale_t, block_expert, nil if rows is None else rows,
+        nil if topk_weights is None else topk_weights, N, K, block_expert.numel(), num_pairs,
+        a_scale_t.stride(0), b_scale.stride(0), b_scale.stride(1), b_scale.stride(2), out.stride(0),
+        out_scale_t.stride(0) if quant else 0,
+        SWIGLU=b2 is not None, WEIGHTED=topk_weights is not None, QUANT=quant, STAGES=num_stages,
+        GROUP_M=group_m, CONSUMER_REGS=consumer_regs, num_warps=4,
     )
     return out

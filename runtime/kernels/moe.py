@@ -104,6 +104,7 @@ class MoeConfig:
     streams: int = 4  # CUDA streams of the cuBLAS backend
     interleave: bool = False  # gate_up as one dot over interleaved gate/up columns (fp8_gemm INTERLEAVE)
     warp_specialize: bool = False  # "tma" on Hopper: the Gluon producer/consumer kernel (fp8_gemm_ws.py)
+    fuse_quant: bool = False  # and h quantized in its gate_up epilogue (no fp32 h, no act_quant launch)
 
 
 # Tile candidates, by name: benchmarks/moe_ffn.py times them in-run per token count and records all.
@@ -139,10 +140,16 @@ MOE_CANDIDATES = {
     "ws128": MoeConfig(128, 8, 4, 4, 128, 4, 4, backend="tma", warp_specialize=True),
     "ws128s6": MoeConfig(128, 8, 4, 5, 128, 4, 6, backend="tma", warp_specialize=True),
     "tma128": MoeConfig(128, 8, 8, 3, 128, 8, 3, backend="tma"),
+    # run 7: the Gluon gate_up quantizes h in its epilogue (a program: 128 rows x 128 h columns as two
+    # 64-column sub-tiles through one continuous pipeline; no fp32 h, no act_quant launch)
+    "ws128q": MoeConfig(128, 8, 4, 4, 128, 4, 4, backend="tma", warp_specialize=True, fuse_quant=True),
+    "ws128qs6": MoeConfig(128, 8, 4, 5, 128, 4, 6, backend="tma", warp_specialize=True, fuse_quant=True),
 }
 # default per mean (token, slot) pairs per expert: (upper bound, candidate name), first match wins.
-# H200 run 6's in-run winners (benchmarks/results/moe_ffn_h200.json); benchmarks/moe_ffn.py prints this line.
-DEFAULT_MOE_TILES = ((16, "m16s3"), (64, "m32s3"), (192, "ws128s6"), (float("inf"), "ws128"))
+# H200 run 6's in-run winners up to 512 tokens (benchmarks/results/moe_ffn_h200.json); from 2048 tokens
+# run 7's ws128q, timed in-run against run 6's kernel (results/moe_ffn_run7_probe.json: 1.02-1.14x);
+# benchmarks/moe_ffn.py prints this line for each full run's winners.
+DEFAULT_MOE_TILES = ((16, "m16s3"), (64, "m32s3"), (float("inf"), "ws128q"))
 
 
 def default_moe_config(tokens: int, top_k: int, num_experts: int) -> MoeConfig:

@@ -1,18 +1,17 @@
 """Routed experts over expert-contiguous rows: DeepGEMM's layout, both GEMM operands loaded by TMA.
 
     A[p]  = x_q[rows[p] // k]                   gather: pairs sorted by expert, runs padded to 128
-    h     = silu(A G_e^T) * (A U_e^T)           fp32 [P, I]
-    h_q   = act_quant(h)                        FP8 [P, I] + 1x128 scales (the format's requantization)
+    h     = silu(A G_e^T) * (A U_e^T)           fp32, in registers
+    h_q   = 1x128 quantization of h             FP8 [P, I] + scales (the format's requantization)
     y[t] += w[t, j] * (h_q D_e^T)[p]            the down GEMM scatters row p to pair rows[p] = t*k + j
 The GEMMs: fp8_gemm_ws.py (Gluon, two warp-specialized consumer warpgroups) on Hopper with Triton 3.6
 when the config asks for warp specialization, else fp8_gemm_tma.py (portable Triton, also the CPU
-interpreter's). No host synchronization (align_by_expert sizes everything for the worst case), so a
-layer still captures in one CUDA graph. Traffic beyond fused_moe's gathering kernel: the gathered A
-([P, H] FP8, written once, read by TMA) and h in fp32 (4 bytes written, 4 read by act_quant) where
-fused_moe writes FP8 from its epilogue: at 8192 tokens ~0.2 GB + ~1.1 GB, ~0.3 ms at copy
-bandwidth. fp32, not BF16, keeps the requantization the format's (a BF16 h flips some FP8 roundings).
-The 1x128 quantization of h cannot sit in the epilogue: a gate_up tile holds 64 output columns
-(see fp8_gemm_ws.py for the register count of 128).
+interpreter's). With config.fuse_quant the Gluon gate_up quantizes h in its epilogue; otherwise (and
+in the portable kernel, whose 64-column tiles cannot see a whole 1x128 group) h goes through memory
+in fp32 and act_quant: at 8192 tokens ~1.1 GB more traffic and one more launch (act_quant of h: 0.19 ms
+on the H200, NOTES_ffn.md run 7). fp32, not BF16: a BF16 h flips some FP8 roundings. No host synchronization
+(align_by_expert sizes everything for the worst case). Traffic beyond fused_moe's gathering kernel:
+the gathered A ([P, H] FP8, written once, read by TMA).
 """
 
 from __future__ import annotations
@@ -50,12 +49,30 @@ def gather_rows(x: Fp8Act, rows: torch.Tensor, top_k: int) -> tuple[torch.Tensor
 
 
 def _grouped_gemm(config, device: torch.device):
-    """The kernel of this config: Gluon's warp-specialized one on Hopper, else the portable Triton one."""
+    """(the kernel of this config, whether it quantizes h itself): Gluon's warp-specialized one on
+    Hopper (with config.fuse_quant: h leaves the gate_up epilogue as FP8), else the portable Triton one."""
     if config.warp_specialize and ws_gemm_usable(device):
         from runtime.kernels.fp8_gemm_ws import ws_grouped_gemm  # Gluon: imported where it runs
 
-        return lambda *args, **kw: ws_grouped_gemm(*args, group_m=config.group_m, **kw)
-    return lambda *args, **kw: tma_grouped_gemm(*args, block_m=config.block_m, group_m=config.group_m, **kw)
+        return (lambda *args, **kw: ws_grouped_gemm(*args, group_m=config.group_m, **kw)), config.fuse_quant
+    return (lambda *args, **kw: tma_grouped_gemm(*args, block_m=config.block_m, group_m=config.group_m,
+                                                 **kw)), False
+
+
+def gate_up_quant(a, a_scale_t, experts, block_expert, config) -> Fp8Act:
+    """h_q = the format's 1x128 quantization of silu(A G^T) * (A U^T): in the GEMM's epilogue, or through
+    an fp32 h and act_quant."""
+    gemm, fused = _grouped_gemm(config, a.device)
+    P, inter = a.shape[0], experts.gate.shape[1]
+    up = dict(b2=experts.up, b2_scale=experts.up_scale, num_stages=config.stages_gate_up)
+    if fused:
+        hq = torch.empty((P, inter), dtype=FP8_DTYPE, device=a.device)
+        hs = torch.empty((inter // 128, P), dtype=torch.float32, device=a.device)
+        gemm(a, a_scale_t, experts.gate, experts.gate_scale, hq, block_expert, out_scale_t=hs, **up)
+        return Fp8Act(hq, hs.t())
+    h = torch.empty((P, inter), dtype=torch.float32, device=a.device)
+    gemm(a, a_scale_t, experts.gate, experts.gate_scale, h, block_expert, **up)
+    return act_quant(h)
 
 
 def tma_fused_moe(x: Fp8Act, weights: torch.Tensor, ids: torch.Tensor, experts, out_dtype: torch.dtype,
@@ -65,11 +82,8 @@ def tma_fused_moe(x: Fp8Act, weights: torch.Tensor, ids: torch.Tensor, experts, 
     bm = config.block_m
     rows, block_expert = align_by_expert(ids, experts.first, experts.num_local, bm)
     a, a_scale_t = gather_rows(x, rows, k)
-    gemm = _grouped_gemm(config, a.device)
-    h = torch.empty((rows.numel(), experts.gate.shape[1]), dtype=torch.float32, device=a.device)
-    gemm(a, a_scale_t, experts.gate, experts.gate_scale, h, block_expert, b2=experts.up,
-         b2_scale=experts.up_scale, num_stages=config.stages_gate_up)
-    hq = act_quant(h)
+    hq = gate_up_quant(a, a_scale_t, experts, block_expert, config)
+    gemm = _grouped_gemm(config, a.device)[0]
     whole = experts.first == 0 and experts.num_local == experts.num_experts  # every pair lands here
     partial = (torch.empty if whole else torch.zeros)((T * k, experts.down.shape[1]), dtype=out_dtype,
                                                       device=a.device)

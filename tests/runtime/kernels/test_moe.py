@@ -101,7 +101,8 @@ def _candidates() -> list[str]:
     tilings = {}
     for name in sorted(MOE_CANDIDATES):
         c = MOE_CANDIDATES[name]
-        tiling = (c.block_m, c.group_m, c.block_n_down, c.interleave, c.backend, c.warp_specialize)
+        tiling = (c.block_m, c.group_m, c.block_n_down, c.interleave, c.backend, c.warp_specialize,
+                  c.fuse_quant)
         tilings.setdefault(tiling, name)
     return sorted(tilings.values())
 

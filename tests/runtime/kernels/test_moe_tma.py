@@ -12,11 +12,12 @@ from ffn_inputs import DEVICE, REQUANT_TOL, fp8_weight, randn, rel_err
 from runtime.kernels.act_quant import act_quant
 from runtime.kernels.moe import MOE_CANDIDATES, ExpertWeights, MoeConfig, fused_moe, fused_moe_ref
 from runtime.kernels.moe_routing import align_by_expert, route_topk
-from runtime.kernels.moe_tma import gather_rows, tma_moe_usable
+from runtime.kernels.moe_tma import gate_up_quant, gather_rows, tma_moe_usable, ws_gemm_usable
 
 H, INTER, E, K = 384, 256, 6, 3
-# the portable Triton kernel (fp8_gemm_tma.py) and the Gluon one (fp8_gemm_ws.py) at both stage counts
-CONFIGS = {name: MOE_CANDIDATES[name] for name in ("tma128", "ws128", "ws128s6")}
+# the portable Triton kernel (fp8_gemm_tma.py) and the Gluon one (fp8_gemm_ws.py) at both stage counts,
+# and with h quantized in its gate_up epilogue (ws128q; on the CPU: the portable kernel + act_quant)
+CONFIGS = {name: MOE_CANDIDATES[name] for name in ("tma128", "ws128", "ws128s6", "ws128q")}
 
 
 def _experts(seed: int, lo: int = 0, hi: int = E) -> ExpertWeights:
@@ -56,10 +57,11 @@ def test_tma_moe_matches_reference(name, T):
     assert rel_err(out, gather) < REQUANT_TOL  # and the gathering kernel
 
 
-def test_tma_expert_ranges_sum_to_the_full_moe():
+@pytest.mark.parametrize("name", ["ws128", "ws128q"])
+def test_tma_expert_ranges_sum_to_the_full_moe(name):
     x = randn((23, H), torch.Generator().manual_seed(7))
     w, ids = _routing(23, seed=7)
-    config = CONFIGS["ws128"]
+    config = CONFIGS[name]
     full = fused_moe(x, w, ids, _experts(seed=7), out_dtype=torch.float32, config=config)
     parts = [fused_moe(x, w, ids, _experts(seed=7, lo=a, hi=b), out_dtype=torch.float32, config=config)
              for a, b in ((0, 2), (2, 6))]
@@ -76,3 +78,22 @@ def test_tma_config_falls_back_on_widths_that_are_not_whole_tiles():
     w, ids = _routing(5, seed=3)
     out = fused_moe(x, w, ids, ex, out_dtype=torch.float32, config=CONFIGS["tma128"])
     assert rel_err(out, fused_moe_ref(x, w, ids, ex)) < REQUANT_TOL  # the gathering kernel ran
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (torch.cuda.is_available() and ws_gemm_usable(torch.device("cuda"))),
+                    reason="the Gluon kernel needs Hopper and Triton 3.6")
+def test_ws_gate_up_epilogue_quantizes_h_exactly_like_act_quant():
+    """ws128q's epilogue and act_quant over ws128's fp32 h: the same h, so the same FP8 codes and scales
+    (padding rows and unused M-blocks included)."""
+    ex = _experts(seed=11)
+    x = act_quant(randn((41, H), torch.Generator().manual_seed(11)))
+    _, ids = _routing(41, seed=11)
+    rows, block_expert = align_by_expert(ids, 0, E, 128)
+    a, a_s = gather_rows(x, rows, K)
+    fused = gate_up_quant(a, a_s, ex, block_expert, MOE_CANDIDATES["ws128q"])
+    plain = gate_up_quant(a, a_s, ex, block_expert, MOE_CANDIDATES["ws128"])
+    assert fused.q.shape == plain.q.shape == (rows.numel(), INTER)
+    assert torch.equal(fused.scale_inv, plain.scale_inv)
+    assert torch.equal(fused.q.view(torch.uint8), plain.q.view(torch.uint8))
+    assert fused.q.float().abs().amax() > 100  # real codes, not an unwritten buffer
