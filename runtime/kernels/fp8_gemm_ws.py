@@ -26,7 +26,7 @@ NOTES_ffn.md run 7). Modes:
            same bits); else h leaves as fp32 [P, N] and moe_tma.py runs act_quant.
   WEIGHTED the down projection, 128 columns: row m is pair rows[m] (padding: >= num_pairs,
            dropped); stores w[pair] * row at C[pair].
-ptxas (sm_90a, Triton 3.6): no spills in any mode (QUANT fits a 200-register cap), 131-197 KB of shared
+ptxas (sm_90a, Triton 3.6): no spills in any mode (QUANT also under a 200-register cap), 131-197 KB of shared
 memory. Two 128-column chains per step (a 256-column down tile) spilled 600 B: not used.
 Written against Triton 3.6's Gluon API (moe_tma.ws_gemm_usable checks the version). Traffic:
 GROUP_M M-blocks sweep the N tiles together (an expert's weight tile comes from HBM about once per
