@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import resource
 import shutil
 import statistics
@@ -74,9 +73,14 @@ def floor(times: dict, sha_cpu: float) -> dict:
 
 
 def peak_rss_kb(cmd: list[str]) -> int:
-    """Maximum resident set size of `cmd` (kB), from GNU time."""
-    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], check=True, capture_output=True, text=True)
-    return int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
+    """Maximum resident set size of `cmd` (kB): the kernel's ru_maxrss of that child, as GNU time -v
+    reports it (wait4, so no /usr/bin/time is needed)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, so Popen must not wait again
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, cmd)
+    return usage.ru_maxrss
 
 
 def wait_for_quiet(max_load: float, wait_s: float) -> float:
