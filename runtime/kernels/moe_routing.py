@@ -34,8 +34,8 @@ def align_by_expert(ids: torch.Tensor, first: int, num_local: int,
     flat = ids.reshape(-1).long() - first
     pairs = flat.numel()
     local = torch.where((flat >= 0) & (flat < num_local), flat, num_local)  # num_local: not on this rank
-    # scatter_add, not bincount: CUDA bincount reads max() back to the host, the likely cause of the
-    # failed CUDA-graph capture of the MoE on the H200 (NOTES_ffn.md run 6)
+    # scatter_add, not bincount: CUDA bincount reads max() back to the host, which broke the CUDA-graph
+    # capture of the MoE on the H200 (NOTES_ffn.md run 6); with scatter_add the layer captures (run 7)
     counts = torch.zeros(num_local + 1, dtype=torch.long, device=ids.device)
     counts = counts.scatter_add_(0, local, torch.ones_like(local))[:num_local]
     padded = (counts + block_m - 1) // block_m * block_m
