@@ -17,7 +17,7 @@ times (gathered), the FP8 intermediate written and read once, [T*k, H] partials 
 `moe_ffn` can also route the experts through cuBLAS (moe_cublas.py, MoeConfig.backend = "cublas"),
 but that lost at every size on the H200, so `default_moe_config` always picks the Triton path; and
 through the TMA kernels over pre-gathered rows (moe_tma.py, backend "tma": the warp-specialized Gluon
-kernel on Hopper, fp8_gemm_ws.py, or its portable Triton twin), the default from ~2048 tokens (H200 run 6).
+kernel on Hopper, fp8_gemm_ws.py, or its portable Triton twin), the default from ~2048 tokens (H200 runs 6-7).
 """
 
 from __future__ import annotations
@@ -146,8 +146,9 @@ MOE_CANDIDATES = {
     "ws128qs6": MoeConfig(128, 8, 4, 5, 128, 4, 6, backend="tma", warp_specialize=True, fuse_quant=True),
 }
 # default per mean (token, slot) pairs per expert: (upper bound, candidate name), first match wins.
-# H200 run 6's in-run winners up to 512 tokens (benchmarks/results/moe_ffn_h200.json); from 2048 tokens
-# run 7's ws128q, timed in-run against run 6's kernel (results/moe_ffn_run7_probe.json: 1.02-1.14x);
+# H200 run 6's in-run winners up to 512 tokens; from 2048 tokens run 7's ws128q, timed in-run against run
+# 6's kernel (results/moe_ffn_run7_probe.json: 1.02-1.14x) and confirmed by the full run 7
+# (results/moe_ffn_h200.json; its other winners were within the run-to-run spread of these);
 # benchmarks/moe_ffn.py prints this line for each full run's winners.
 DEFAULT_MOE_TILES = ((16, "m16s3"), (64, "m32s3"), (float("inf"), "ws128q"))
 
