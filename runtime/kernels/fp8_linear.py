@@ -30,14 +30,21 @@ _PAD_M = 16
 
 
 @functools.lru_cache(maxsize=16)
-def _hopper_or_newer(device_index: int) -> bool:
-    return hasattr(torch, "_scaled_mm") and torch.cuda.get_device_capability(device_index) >= (9, 0)
+def _capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
+
+
+def cuda_capability(device: torch.device) -> tuple[int, int]:
+    """(major, minor) of a CUDA device, (0, 0) for any other; cached, since every linear and MoE call asks."""
+    if device.type != "cuda":
+        return (0, 0)
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def scaled_mm_usable(device: torch.device, n: int, k: int) -> bool:
     """cuBLAS blockwise FP8 needs sm_90+, whole 128-blocks along N and 4 whole blocks along K."""
-    return (device.type == "cuda" and n % 128 == 0 and k % 512 == 0
-            and _hopper_or_newer(device.index if device.index is not None else torch.cuda.current_device()))
+    return (n % 128 == 0 and k % 512 == 0 and hasattr(torch, "_scaled_mm")
+            and cuda_capability(device) >= (9, 0))
 
 
 def pad_rows(x: Fp8Act) -> Fp8Act:

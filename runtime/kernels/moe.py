@@ -35,7 +35,7 @@ from runtime.kernels.fp8_gemm import fp8_gemm
 from runtime.kernels.fp8_linear import scaled_mm_usable, scaled_mm_weight_scale
 from runtime.kernels.mlp import MlpWeights, swiglu_mlp, swiglu_mlp_ref
 from runtime.kernels.moe_cublas import cublas_moe
-from runtime.kernels.moe_routing import align_by_expert
+from runtime.kernels.moe_routing import align_by_expert, pair_buffer
 from runtime.kernels.moe_tma import tma_fused_moe, tma_moe_usable
 
 
@@ -189,9 +189,7 @@ def fused_moe(x: torch.Tensor | Fp8Act, weights: torch.Tensor, ids: torch.Tensor
     fp8_gemm(a, a_scale, experts.gate, experts.gate_scale, h, b2=experts.up, b2_scale=experts.up_scale,
              out_scale=h_scale, gather_a=True, block_n=128, num_warps=config.warps_gate_up,
              num_stages=config.stages_gate_up, interleave=config.interleave, **grouped)
-    whole = experts.first == 0 and experts.num_local == experts.num_experts  # every pair lands here
-    partial = (torch.empty if whole else torch.zeros)((T * k, experts.down.shape[1]), dtype=out_dtype,
-                                                      device=a.device)
+    partial = pair_buffer(experts, T * k, out_dtype, a.device)
     fp8_gemm(h, h_scale, experts.down, experts.down_scale, partial, topk_weights=weights.reshape(-1).float(),
              block_n=config.block_n_down, num_warps=config.warps_down, num_stages=config.stages_down,
              **grouped)

@@ -28,7 +28,7 @@ from quant.fp8 import FP8_DTYPE
 from runtime.kernels.act_quant import Fp8Act
 from runtime.kernels.fp8_linear import scaled_mm
 from runtime.kernels.mlp import silu_mul_quant
-from runtime.kernels.moe_routing import align_by_expert
+from runtime.kernels.moe_routing import align_by_expert, pair_buffer
 
 ROWS = 16  # per-expert row padding
 
@@ -75,7 +75,6 @@ def cublas_moe(x: Fp8Act, weights: torch.Tensor, ids: torch.Tensor, experts, out
         off += n
     for s in streams if cuda else ():
         main.wait_stream(s)
-    whole = experts.first == 0 and experts.num_local == experts.num_experts
-    partial = (torch.empty if whole else torch.zeros)((T * k + 1, hidden), dtype=out_dtype, device=y.device)
+    partial = pair_buffer(experts, T * k + 1, out_dtype, y.device)
     partial.index_copy_(0, torch.where(rows < T * k, rows, T * k), y)  # row T*k: padding's dump
     return partial[: T * k].view(T, k, hidden).sum(dim=1)

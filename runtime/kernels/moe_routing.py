@@ -54,3 +54,11 @@ def align_by_expert(ids: torch.Tensor, first: int, num_local: int,
     block_expert = torch.searchsorted(torch.cumsum(padded, 0), starts, right=True)
     block_expert = torch.where(block_expert < num_local, block_expert, -1).to(torch.int32)
     return rows[:capacity], block_expert
+
+
+def pair_buffer(experts, rows: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[rows, H] output of a down GEMM, a row per (token, slot) pair: uninitialized when this rank holds
+    every expert (each pair's row gets written), zeros otherwise (pairs routed to other ranks' experts
+    contribute nothing). `experts`: moe.ExpertWeights."""
+    whole = experts.first == 0 and experts.num_local == experts.num_experts
+    return (torch.empty if whole else torch.zeros)((rows, experts.down.shape[1]), dtype=dtype, device=device)

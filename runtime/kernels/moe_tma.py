@@ -22,13 +22,13 @@ import triton
 from quant.fp8 import FP8_DTYPE
 from runtime.kernels.act_quant import Fp8Act, act_quant
 from runtime.kernels.fp8_gemm_tma import tma_gemm_usable, tma_grouped_gemm
-from runtime.kernels.moe_routing import align_by_expert
+from runtime.kernels.fp8_linear import cuda_capability
+from runtime.kernels.moe_routing import align_by_expert, pair_buffer
 
 
 def ws_gemm_usable(device: torch.device) -> bool:
     """Hopper with the Triton (3.6) whose Gluon API fp8_gemm_ws.py is written against; no interpreter."""
-    return (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
-            and triton.__version__.startswith("3.6."))
+    return cuda_capability(device)[0] == 9 and triton.__version__.startswith("3.6.")
 
 
 def tma_moe_usable(experts) -> bool:
@@ -36,7 +36,7 @@ def tma_moe_usable(experts) -> bool:
     with TMA (Hopper and later) or under the CPU interpreter; elsewhere fused_moe's gathering kernel."""
     inter, hidden = experts.gate.shape[1], experts.gate.shape[2]
     device = experts.gate.device
-    tma = device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9
+    tma = device.type != "cuda" or cuda_capability(device) >= (9, 0)
     return tma and experts.fp8 and tma_gemm_usable(inter, hidden) and tma_gemm_usable(hidden, inter)
 
 
@@ -84,9 +84,7 @@ def tma_fused_moe(x: Fp8Act, weights: torch.Tensor, ids: torch.Tensor, experts, 
     a, a_scale_t = gather_rows(x, rows, k)
     hq = gate_up_quant(a, a_scale_t, experts, block_expert, config)
     gemm = _grouped_gemm(config, a.device)[0]
-    whole = experts.first == 0 and experts.num_local == experts.num_experts  # every pair lands here
-    partial = (torch.empty if whole else torch.zeros)((T * k, experts.down.shape[1]), dtype=out_dtype,
-                                                      device=a.device)
+    partial = pair_buffer(experts, T * k, out_dtype, a.device)
     gemm(hq.q, hq.scale_inv.t(), experts.down, experts.down_scale, partial, block_expert, rows=rows,
          topk_weights=weights.reshape(-1).float(), num_pairs=T * k, num_stages=config.stages_down)
     return partial.view(T, k, -1).sum(dim=1)
