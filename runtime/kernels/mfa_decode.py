@@ -28,22 +28,81 @@ from runtime.kernels.kv_cache import (
     gather_kv_ref,
     load_page_rows,
     load_paged_rows,
+    round_to_e4m3,
 )
 
 LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _softmax_step(q, acc, m_i, l_i, k, v, valid, qk_scale, dot_ty: tl.constexpr):
-    """One online-softmax step of the [H_PAD, D] head tile against K, V [BLOCK_N, D] (invalid rows masked)."""
-    scores = tl.dot(q, tl.trans(k.to(dot_ty))) * qk_scale  # [H_PAD, BLOCK_N], log2 domain
+def _softmax_step(q, q_lo, acc, m_i, l_i, k, v, valid, qk_scale, dot_ty: tl.constexpr, QK8: tl.constexpr,
+                  LAZY: tl.constexpr):
+    """One online-softmax step of the [H_PAD, D] head tile against K, V [BLOCK_N, D] (invalid rows masked).
+
+    QK8: q / q_lo are the E4M3 hi / lo parts of the split q (`_split_q_fp8`) and qk_scale [H_PAD] carries
+    the per-head scale: scores = two E4M3 x E4M3 dots into ONE accumulator on the raw cache tile, which
+    the tensor cores read straight from shared memory (no K conversion, no round trip). P V stays fp16."""
+    if QK8:
+        kt = tl.trans(k.to(tl.float32)) if dot_ty == tl.float32 else tl.trans(k)  # CPU: fp32 dots
+        scores = tl.dot(q_lo, kt, tl.dot(q, kt)) * qk_scale[:, None]
+    else:
+        scores = tl.dot(q, tl.trans(k.to(dot_ty))) * qk_scale  # [H_PAD, BLOCK_N], log2 domain
     scores = tl.where(valid[None, :], scores, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(scores, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(scores - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(dot_ty), v.to(dot_ty))
-    return acc, m_new, l_i
+    if LAZY:  # the reference max (and acc, l_i) moves only when some row's max grew by more than LAZY
+        if tl.max(tl.where(m_new > m_i, m_new - m_i, 0.0), 0) > LAZY:  # one scalar test per tile
+            alpha = tl.exp2(m_i - m_new)
+            acc = acc * alpha[:, None]
+            l_i = l_i * alpha
+            m_i = m_new
+        p = tl.exp2(scores - m_i[:, None])  # <= 2^LAZY: in fp16 range for LAZY <= 15
+        l_i = l_i + tl.sum(p, 1)
+        acc = acc + tl.dot(p.to(dot_ty), v.to(dot_ty))
+    else:
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(dot_ty), v.to(dot_ty))
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _split_q_fp8(q, qk_ty: tl.constexpr):
+    """q [H_PAD, D] fp32 -> (hi, lo, s) with q ~= s (hi + lo): hi = e4m3(q / s), lo = e4m3(q / s - hi) in
+    qk_ty (E4M3, or fp32 holding E4M3 values for the CPU interpreter, whose own cast mis-rounds), s [H_PAD] =
+    max|q_h| / 448 per head. |q/s - hi| <= |q/s| / 16 <= 28 fits E4M3; hi alone carries 3 mantissa bits
+    (2-5% error on scores), hi + lo about 7, near bf16's 8; no |q| < 65504 limit as with fp16 dots."""
+    s = tl.maximum(tl.max(tl.abs(q), 1), 1e-30) / 448.0
+    x = q / s[:, None]
+    if qk_ty == tl.float32:
+        hi = round_to_e4m3(x)
+        lo = round_to_e4m3(x - hi)
+    else:  # one cvt per value pair on the GPU (round to nearest even)
+        hi = x.to(qk_ty)
+        lo = (x - hi.to(tl.float32)).to(qk_ty)
+    return hi, lo, s
+
+
+@triton.jit
+def _split_q_kernel(q_ptr, q8_ptr, qs_ptr, stride_qb, stride_qh, H: tl.constexpr, H_PAD: tl.constexpr,
+                    D: tl.constexpr, PDL: tl.constexpr):
+    """QK8 == 2: sequence b's q split once (`_split_q_fp8`) into q8 [B, 2, H_PAD, D] and qs [B, H_PAD], so
+    the decode kernel LOADS hi / lo (the tensor cores then read them from shared memory, as the BF16 path
+    reads q) instead of making them in registers, which Triton reloads from shared memory every tile."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+    b = tl.program_id(0)
+    h = tl.arange(0, H_PAD)
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + h[:, None] * stride_qh + d[None, :],
+                mask=h[:, None] < H, other=0.0).to(tl.float32)
+    hi, lo, s = _split_q_fp8(q, q8_ptr.dtype.element_ty)
+    hd = b.to(tl.int64) * 2 * H_PAD * D + h[:, None] * D + d[None, :]
+    tl.store(q8_ptr + hd, hi)
+    tl.store(q8_ptr + H_PAD * D + hd, lo)
+    tl.store(qs_ptr + b.to(tl.int64) * H_PAD + h, s)
 
 
 @triton.jit
@@ -64,12 +123,13 @@ def _tile_pages(pages, cp, first, tok, BLOCK_N: tl.constexpr, PAGE: tl.constexpr
 
 @triton.jit
 def _mfa_decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, k_scale_ptr, v_scale_ptr, out_ptr, part_o_ptr,
-                       part_lse_ptr, sm_scale_log2, tokens_per_split, num_splits,
+                       part_lse_ptr, q8_ptr, qs_ptr, sm_scale_log2, tokens_per_split, num_splits,
                        stride_qb, stride_qh, stride_kb, stride_kt, stride_vb, stride_vt, stride_bt,
                        stride_ob, stride_oh,
                        H: tl.constexpr, H_PAD: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
                        BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, DIRECT: tl.constexpr,
-                       DOT: tl.constexpr, TILE_PAGE: tl.constexpr, PDL: tl.constexpr):
+                       DOT: tl.constexpr, TILE_PAGE: tl.constexpr, PDL: tl.constexpr, QK8: tl.constexpr,
+                       LAZY: tl.constexpr):
     """Program (split s, sequence b): online softmax over tokens [s * tps, (s + 1) * tps) of b.
 
     CHUNK > 0: the block-table entries of CHUNK tokens are loaded once per chunk into registers, so the
@@ -81,6 +141,8 @@ def _mfa_decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, k_scale_ptr, v_s
     partial tile. PDL (programmatic dependent launch, Hopper): this grid may start before the previous
     kernel in the stream has finished, so it waits for it before reading anything; then it lets the merge
     kernel start, which waits in turn: each launch overlaps the kernel before it instead of following it.
+    QK8 (FP8 cache): q split into E4M3 hi + lo, q K^T as two FP8 dots on the raw K tile (`_softmax_step`);
+    1 splits q here (in registers), 2 loads the split `_split_q_kernel` wrote. LAZY: see `_softmax_step`.
     """
     if PDL:
         gdc_wait()  # the previous kernel's writes (q, the cache) are complete and visible
@@ -94,9 +156,22 @@ def _mfa_decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, k_scale_ptr, v_s
     dot_ty: tl.constexpr = tl.float16 if DOT == 2 else (tl.bfloat16 if DOT == 1 else tl.float32)  # dot_kind
     h = tl.arange(0, H_PAD)
     d = tl.arange(0, D)
-    q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + h[:, None] * stride_qh + d[None, :],
-                mask=h[:, None] < H, other=0.0).to(dot_ty)  # [H_PAD, D]
     qk_scale = sm_scale_log2 * tl.load(k_scale_ptr)  # log2-domain scores, FP8 K scale folded in
+    if QK8 == 2:  # hi, lo [H_PAD, D] and the per-head scale, as `_split_q_kernel` wrote them
+        hd = b.to(tl.int64) * 2 * H_PAD * D + h[:, None] * D + d[None, :]
+        q = tl.load(q8_ptr + hd)
+        q_lo = tl.load(q8_ptr + H_PAD * D + hd)
+        qk_scale = qk_scale * tl.load(qs_ptr + b.to(tl.int64) * H_PAD + h)
+    else:
+        q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + h[:, None] * stride_qh + d[None, :],
+                    mask=h[:, None] < H, other=0.0)  # [H_PAD, D]
+        if QK8 == 1:
+            qk_ty: tl.constexpr = tl.float32 if DOT == 0 else kc_ptr.dtype.element_ty
+            q, q_lo, q_scale = _split_q_fp8(q.to(tl.float32), qk_ty)
+            qk_scale = qk_scale * q_scale
+        else:
+            q = q.to(dot_ty)
+            q_lo = q  # unused
     bt_row = bt_ptr + b.to(tl.int64) * stride_bt
     m_i = tl.full([H_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([H_PAD], tl.float32)
@@ -107,7 +182,8 @@ def _mfa_decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, k_scale_ptr, v_s
             valid = tok < end
             k = load_paged_rows(kc_ptr, bt_row, tok, valid, stride_kb, stride_kt, PAGE, D)
             v = load_paged_rows(vc_ptr, bt_row, tok, valid, stride_vb, stride_vt, PAGE, D)
-            acc, m_i, l_i = _softmax_step(q, acc, m_i, l_i, k, v, valid, qk_scale, dot_ty)
+            acc, m_i, l_i = _softmax_step(q, q_lo, acc, m_i, l_i, k, v, valid, qk_scale, dot_ty,
+                                              QK8, LAZY)
     else:
         cp = tl.arange(0, CHUNK // PAGE)
         full = end  # tiles of [start, full) need no mask when TILE_PAGE == 2; the partial one is peeled
@@ -126,14 +202,16 @@ def _mfa_decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, k_scale_ptr, v_s
                     page = tl.sum(tl.where(pick, pages[None, :], 0), 1)  # [BLOCK_N] register "gather"
                 k = load_page_rows(kc_ptr, page, tok, valid, stride_kb, stride_kt, PAGE, D)
                 v = load_page_rows(vc_ptr, page, tok, valid, stride_vb, stride_vt, PAGE, D)
-                acc, m_i, l_i = _softmax_step(q, acc, m_i, l_i, k, v, valid, qk_scale, dot_ty)
+                acc, m_i, l_i = _softmax_step(q, q_lo, acc, m_i, l_i, k, v, valid, qk_scale, dot_ty,
+                                              QK8, LAZY)
         if TILE_PAGE == 2:  # noqa: SIM102 (a static if around a runtime one)
             if full < end:  # the sequence's last, partial tile: masked, its page ids read directly
                 tok = full + tl.arange(0, BLOCK_N)
                 valid = tok < end
                 k = load_paged_rows(kc_ptr, bt_row, tok, valid, stride_kb, stride_kt, PAGE, D)
                 v = load_paged_rows(vc_ptr, bt_row, tok, valid, stride_vb, stride_vt, PAGE, D)
-                acc, m_i, l_i = _softmax_step(q, acc, m_i, l_i, k, v, valid, qk_scale, dot_ty)
+                acc, m_i, l_i = _softmax_step(q, q_lo, acc, m_i, l_i, k, v, valid, qk_scale, dot_ty,
+                                              QK8, LAZY)
     l_i = tl.where(l_i > 0, l_i, 1.0)  # an empty split: o = 0 and lse = -inf, i.e. weight 0 in the merge
     o = acc * (tl.load(v_scale_ptr) / l_i)[:, None]
     if DIRECT:
@@ -185,12 +263,14 @@ class DecodePlan:
     page: int
     tile_page: int = 0  # chunked: 1 scalar page ids per tile (one per page it covers), 2 also unmasked tiles
     pdl: int = 0  # GPU: 1 launches both kernels as programmatic dependents (see _mfa_decode_kernel)
+    qk_fp8: int = 0  # FP8 cache: q K^T as E4M3 dots of q split in hi + lo; 1 split in-kernel, 2 by a pre-pass
+    lazy: int = 0  # > 0: rescale acc only when a row max grew by more than `lazy` (log2); see _softmax_step
 
 
-# (block_n, num_warps, num_stages, chunk_max, tile_page, pdl) for head_dim >= 128 on the GPU, by KV bytes
-# per value: the launches the committed H200 runs picked (results/mfa_attention_*h200.json; NOTES_mfa.md).
-_GPU_LAUNCH = {2: (32, 4, 4, 4096, 2, 1), 1: (32, 4, 3, 512, 0, 1)}
-_CPU_LAUNCH = (32, 4, 2, 128, 0, 0)
+# (block_n, num_warps, num_stages, chunk_max, tile_page, pdl, qk_fp8, lazy) for head_dim >= 128 on the GPU,
+# by KV bytes per value: the launches the committed H200 runs picked (results/mfa_attention_*h200.json).
+_GPU_LAUNCH = {2: (32, 4, 4, 4096, 2, 1, 0, 0), 1: (32, 4, 3, 512, 0, 1, 0, 0)}
+_CPU_LAUNCH = (32, 4, 2, 128, 0, 0, 0, 0)
 MAX_SPLITS = 512
 MAX_CHUNK_PAGES = 64  # page ids held in registers per chunk: chunk_max 4096 tokens at page 64, 1024 at 16
 SMEM_PER_SM = 227 * 1024
@@ -228,7 +308,8 @@ def plan_decode(batch: int, max_seq_len: int, head_dim: int, device: torch.devic
                 kv_dtype: torch.dtype = torch.bfloat16, page: int = 64, heads: int = 64,
                 num_splits: int | None = None, block_n: int | None = None, num_warps: int | None = None,
                 num_stages: int | None = None, chunk_max: int | None = None, tile_page: int | None = None,
-                pdl: int | None = None, min_split_tokens: int = 256) -> DecodePlan:
+                pdl: int | None = None, qk_fp8: int | None = None, lazy: int | None = None,
+                min_split_tokens: int = 256) -> DecodePlan:
     """Launch parameters (tuned table) and the split of the sequence (`_pick_splits`), in one place."""
     on_gpu = device.type == "cuda"
     kv_bytes = torch.empty(0, dtype=kv_dtype).element_size()
@@ -246,9 +327,11 @@ def plan_decode(batch: int, max_seq_len: int, head_dim: int, device: torch.devic
     tokens = _split_tokens(max_seq_len, num_splits, granule)
     num_splits = triton.cdiv(max_seq_len, tokens)
     pdl = int(tuned[5] if pdl is None else pdl) if on_gpu else 0
+    qk_fp8 = int(tuned[6] if qk_fp8 is None else qk_fp8) if kv_bytes == 1 else 0
     return DecodePlan(num_splits=num_splits, tokens_per_split=tokens, block_n=block_n,
                       num_warps=num_warps, num_stages=num_stages, chunk=_chunk(tokens, granule, chunk_max),
-                      page=page, tile_page=tile_page, pdl=pdl)
+                      page=page, tile_page=tile_page, pdl=pdl, qk_fp8=qk_fp8,
+                      lazy=int(tuned[7] if lazy is None else lazy))
 
 
 def _check_decode(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor,
@@ -267,6 +350,19 @@ def _check_decode(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tenso
           f"mfa_decode: seq_lens must be int32 [{B}], got {seq_lens.dtype} {tuple(seq_lens.shape)}")
     devices = {t.device for t in (q, cache.k, block_table, seq_lens)}
     check(len(devices) == 1, f"mfa_decode: tensors must be on one device, got {sorted(map(str, devices))}")
+
+
+def _split_q(q: torch.Tensor, h_pad: int, cache: PagedKVCache,
+             pdl: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """qk_fp8 2: q's E4M3 hi / lo parts q8 [B, 2, h_pad, D] (fp32 holding E4M3 values off the GPU) and
+    per-head scales qs [B, h_pad], by `_split_q_kernel` (a program per sequence, before the decode grid)."""
+    B, H, D = q.shape
+    q8_dtype = cache.k.dtype if dot_kind(cache) else torch.float32
+    q8 = torch.empty((B, 2, h_pad, D), device=q.device, dtype=q8_dtype)
+    qs = torch.empty((B, h_pad), device=q.device, dtype=torch.float32)
+    _split_q_kernel[(B,)](q, q8, qs, q.stride(0), q.stride(1), H=H, H_PAD=h_pad, D=D, PDL=pdl,
+                          num_warps=4, launch_pdl=pdl)
+    return q8, qs
 
 
 def mfa_decode(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor, seq_lens: torch.Tensor,
@@ -289,14 +385,18 @@ def mfa_decode(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor, 
     part_lse = out if direct else torch.empty((B, plan.num_splits, H), dtype=torch.float32, device=q.device)
     tile_page = plan.tile_page if plan.chunk > 0 else 0
     pdl = bool(plan.pdl) and q.is_cuda
+    h_pad = max(16, triton.next_power_of_2(H))
+    qk8 = plan.qk_fp8 if cache.is_fp8 else 0
+    q8, qs = _split_q(q, h_pad, cache, pdl) if qk8 == 2 else (out, out)  # (out: never read)
     _mfa_decode_kernel[(plan.num_splits, B)](
         q, cache.k, cache.v, block_table, seq_lens, cache.k_scale, cache.v_scale, out, part_o, part_lse,
-        D ** -0.5 * LOG2E, plan.tokens_per_split, plan.num_splits,
+        q8, qs, D ** -0.5 * LOG2E, plan.tokens_per_split, plan.num_splits,
         q.stride(0), q.stride(1), cache.k.stride(0), cache.k.stride(1), cache.v.stride(0), cache.v.stride(1),
         block_table.stride(0), out.stride(0), out.stride(1),
-        H=H, H_PAD=max(16, triton.next_power_of_2(H)), D=D, PAGE=cache.block_size,
+        H=H, H_PAD=h_pad, D=D, PAGE=cache.block_size,
         BLOCK_N=plan.block_n, CHUNK=plan.chunk, DIRECT=direct, DOT=dot_kind(cache),
-        TILE_PAGE=tile_page, PDL=pdl, num_warps=plan.num_warps, num_stages=plan.num_stages,
+        TILE_PAGE=tile_page, PDL=pdl, QK8=qk8, LAZY=plan.lazy, num_warps=plan.num_warps,
+        num_stages=plan.num_stages,
         launch_pdl=pdl)
     if not direct:
         s_pad = triton.next_power_of_2(plan.num_splits)

@@ -9,6 +9,7 @@ from runtime.kernels.kv_cache import FP8_DTYPE, PagedKVCache, write_kv_ref
 from runtime.kernels.mfa_decode import (
     MAX_CHUNK_PAGES,
     _pick_splits,
+    _split_q,
     mfa_decode,
     mfa_decode_ref,
     plan_decode,
@@ -20,14 +21,14 @@ from runtime.model import reference
 TOL_BF16, TOL_FP32 = 1e-2, (1e-2 if DEVICE.type == "cuda" else 1e-5)
 
 
-def _run(heads, head_dim, page, dtype, q_dtype, num_splits, seed, count=7):
+def _run(heads, head_dim, page, dtype, q_dtype, num_splits, seed, count=7, **plan_kw):
     gen = torch.Generator().manual_seed(seed)
     lengths = boundary_lengths(page, count, gen, longest=5 * page)
     cache, block_table, seq_lens = random_paged_cache(lengths, head_dim, page, dtype, gen)
     q = torch.randn(len(lengths), heads, head_dim, generator=gen).to(q_dtype).to(DEVICE)
     plan = plan_decode(len(lengths), max(lengths), head_dim, DEVICE, dtype, page, num_splits=num_splits,
                        block_n=None if num_splits is None else 16, chunk_max=0 if num_splits == 1 else None,
-                       min_split_tokens=16)
+                       min_split_tokens=16, **plan_kw)
     out = mfa_decode(q, cache, block_table, seq_lens, max_seq_len=max(lengths), plan=plan)
     assert out.shape == q.shape and out.dtype == q.dtype
     return rel_err(out, mfa_decode_ref(q, cache, block_table, seq_lens))
@@ -80,21 +81,94 @@ def test_decode_pdl(dtype, num_splits):
         assert rel_err(out, mfa_decode_ref(q, cache, block_table, seq_lens)) < TOL_BF16, call
 
 
+@pytest.mark.parametrize("page, num_splits, qk_fp8, lazy",
+                         [(16, 1, 1, 0), (32, 3, 1, 0), (64, None, 1, 8), (16, 1, 2, 0), (32, 3, 2, 0),
+                          (64, None, 2, 8)],
+                         ids=["regs-direct", "regs-split3", "regs-lazy-auto", "prepass-direct",
+                              "prepass-split3", "prepass-lazy-auto"])
+def test_decode_qk_fp8_matches_reference(page, num_splits, qk_fp8, lazy):
+    """FP8 cache, q K^T as E4M3 dots of q split into hi + lo, made in the kernel (1) or by the pre-pass (2)
+    (on the CPU the split is exact E4M3 values, the dots fp32): within bf16's tolerance, where hi alone
+    would be 2-5% off (test_split_q_needs_the_lo_part)."""
+    err = _run(4, 64, page, FP8_DTYPE, torch.bfloat16, num_splits, seed=3 * page + qk_fp8, qk_fp8=qk_fp8,
+               lazy=lazy)
+    assert err < TOL_BF16
+
+
+def test_split_q_needs_the_lo_part():
+    """The pre-pass's split: q ~= s (hi + lo) per head to ~2^-8, while hi alone is off by > 1%, so a
+    kernel that dropped lo would fail the tolerance above; hi and lo are E4M3 values within +-448."""
+    gen = torch.Generator().manual_seed(9)
+    q = (torch.randn(3, 5, 64, generator=gen) * torch.tensor([1e-3, 1.0, 7.0, 300.0, 1e5]).view(1, 5, 1))
+    cache = PagedKVCache.allocate(1, 16, 64, FP8_DTYPE, DEVICE)
+    q8, qs = _split_q(q.to(torch.bfloat16).to(DEVICE), 16, cache, pdl=False)
+    q8, qs, q = q8.float().cpu(), qs.cpu(), q.to(torch.bfloat16).double()
+    hi, lo = q8[:, 0, :5].double(), q8[:, 1, :5].double()
+    for part in (hi, lo):  # E4M3 values: exact after a round trip through the FP8 type
+        assert part.abs().max() <= 448 and torch.equal(part.to(FP8_DTYPE).double(), part)
+    scale = qs[:, :5, None].double()
+    assert rel_err(scale * (hi + lo), q) < 2 ** -7 and rel_err(scale * hi, q) > 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, FP8_DTYPE], ids=["bf16", "fp8"])
+def test_decode_lazy_rescale(dtype, lazy=8):
+    """Lazy rescaling on scores whose max keeps jumping along the sequence (by more and by less than the
+    threshold) and grows past what the dot type holds without rescaling (2^128 for the CPU's fp32 dots,
+    2^16 for fp16 P on the GPU): same result as the eager online softmax and the float64 reference."""
+    gen = torch.Generator().manual_seed(lazy)
+    lengths = [1, 33, 200, 64]
+    cache, block_table, seq_lens = random_paged_cache(lengths, 64, 16, dtype, gen)
+    gain = 3.0 if DEVICE.type == "cuda" else 40.0  # log2 growth of the max: ~30 on the GPU, ~200 on the CPU
+    # fp32 q (fp32 dots on the CPU) holding bf16 values: exact in the GPU's bf16 / fp16 dots too
+    q = (torch.randn(len(lengths), 4, 64, generator=gen) * gain).to(torch.bfloat16).float().to(DEVICE)
+    ramp = torch.linspace(0.05, 2.0, cache.k.shape[0], device=DEVICE)[:, None, None]  # key norm per block
+    cache.k.copy_((cache.k.float() * ramp).clamp(-448, 448).to(dtype))
+    plans = [plan_decode(len(lengths), 200, 64, DEVICE, dtype, 16, num_splits=2, block_n=16, lazy=z)
+             for z in (0, lazy)]
+    eager, lazy_out = (mfa_decode(q, cache, block_table, seq_lens, plan=p) for p in plans)
+    ref = mfa_decode_ref(q, cache, block_table, seq_lens)
+    assert rel_err(lazy_out, ref) < TOL_FP32 and rel_err(lazy_out, eager) < TOL_FP32
+
+
+@pytest.mark.parametrize("qk_fp8", [1, 2], ids=["regs", "prepass"])
+def test_decode_qk_fp8_per_head_scale(qk_fp8):
+    """Heads whose q spans 1e-3..1e5 (beyond fp16) keep their accuracy: the split scales q per head."""
+    gen = torch.Generator().manual_seed(5)
+    cache, block_table, seq_lens = random_paged_cache([40, 129, 1], 64, 32, FP8_DTYPE, gen)
+    gains = torch.tensor([1e-3, 1.0, 30.0, 1e5]).view(1, 4, 1)
+    q = (torch.randn(3, 4, 64, generator=gen) * gains).to(torch.bfloat16).to(DEVICE)
+    plan = plan_decode(3, 129, 64, DEVICE, FP8_DTYPE, 32, num_splits=2, qk_fp8=qk_fp8)
+    assert plan.qk_fp8 == qk_fp8 and plan.num_splits == 2
+    out = mfa_decode(q, cache, block_table, seq_lens, plan=plan)
+    ref = mfa_decode_ref(q, cache, block_table, seq_lens)
+    for h in range(4):  # per head: a large head's error must not hide a small head's
+        assert rel_err(out[:, h], ref[:, h]) < TOL_BF16, h
+    assert plan_decode(3, 129, 64, DEVICE, torch.bfloat16, 32, qk_fp8=qk_fp8).qk_fp8 == 0  # BF16: no split
+
+
 def test_plan_caps_the_chunk_in_pages():
     cpu = torch.device("cpu")
     assert plan_decode(256, 4096, 256, cpu, page=64, chunk_max=4096).chunk == 4096
     assert plan_decode(256, 4096, 256, cpu, page=16, chunk_max=4096).chunk == 16 * MAX_CHUNK_PAGES
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, FP8_DTYPE], ids=["bf16", "fp8"])
-@pytest.mark.parametrize("tile_page", [None, 2], ids=["default", "tile-page2"])
-def test_decode_step3_shape(dtype, tile_page):
+STEP3_LAUNCHES = {"bf16": (torch.bfloat16, None), "fp8": (FP8_DTYPE, None),
+                  "bf16-tile-page2": (torch.bfloat16, (32, None, 2)),
+                  "fp8-tile-page2": (FP8_DTYPE, (32, None, 2)),
+                  "fp8-qk8regs-lazy": (FP8_DTYPE, (32, 3, 2, 1, 8)),
+                  "fp8-64-qk8prepass-lazy": (FP8_DTYPE, (64, 2, 2, 2, 8)),
+                  "fp8-64-qk8prepass": (FP8_DTYPE, (64, 2, 2, 2, 0))}
+
+
+@pytest.mark.parametrize("dtype, launch", STEP3_LAUNCHES.values(), ids=STEP3_LAUNCHES.keys())
+def test_decode_step3_shape(dtype, launch):
     """The real model's 64 heads x 256 with the launcher's own plan (the tuned GPU launch on a GPU), and
-    with tile_page 2 forced (the BF16 GPU default, an FP8 tuning candidate; on the CPU the default is 0)."""
+    with forced (block_n, num_stages, tile_page[, qk_fp8, lazy]): the FP8 tuning candidates, chunked."""
     gen = torch.Generator().manual_seed(64)
     cache, block_table, seq_lens = random_paged_cache([300, 1, 129], 256, 64, dtype, gen)
     q = torch.randn(3, 64, 256, generator=gen).to(torch.bfloat16).to(DEVICE)
-    plan = plan_decode(3, 300, 256, DEVICE, dtype, 64, 64, tile_page=tile_page) if tile_page else None
+    kw = dict(zip(("block_n", "num_stages", "tile_page", "qk_fp8", "lazy"), launch or (), strict=False))
+    plan = plan_decode(3, 300, 256, DEVICE, dtype, 64, 64, **kw) if launch else None
     out = mfa_decode(q, cache, block_table, seq_lens, plan=plan)
     assert rel_err(out, mfa_decode_ref(q, cache, block_table, seq_lens)) < TOL_BF16
 
