@@ -42,6 +42,7 @@ def _softmax_step(q, q_lo, acc, m_i, l_i, k, v, valid, qk_scale, dot_ty: tl.cons
     QK8: q / q_lo are the E4M3 hi / lo parts of the split q (`_split_q_fp8`) and qk_scale [H_PAD] carries
     the per-head scale: scores = two E4M3 x E4M3 dots into ONE accumulator on the raw cache tile, which
     the tensor cores read straight from shared memory (no K conversion, no round trip). P V stays fp16."""
+    v = v.to(dot_ty)  # first: an FP8 V is converted and stored for the wgmma together with K (one barrier)
     if QK8:
         kt = tl.trans(k.to(tl.float32)) if dot_ty == tl.float32 else tl.trans(k)  # CPU: fp32 dots
         scores = tl.dot(q_lo, kt, tl.dot(q, kt)) * qk_scale[:, None]
