@@ -132,20 +132,25 @@ def _sdpa_decode(pools: Pools, batch: int, ctx: int, reps: int, gen: torch.Gener
     return dict(time_us=us, tb_s=(kv_bytes + 2 * batch * H * D * 2) / us / 1e6)
 
 
-LAUNCH_FIELDS = ("block_n", "num_warps", "num_stages", "chunk_max", "tile_page", "pdl")
+LAUNCH_FIELDS = ("block_n", "num_warps", "num_stages", "chunk_max", "tile_page", "pdl", "qk_fp8", "lazy")
 # In-run candidates per KV dtype, in LAUNCH_FIELDS order; the first of each is the library default
 # (mfa_decode._GPU_LAUNCH), the second run 4's default (NOTES_mfa.md, run 5).
 CANDIDATES = {"bf16": [(32, 4, 4, 4096, 2, 1), (32, 4, 4, 512, 2, 0)],
               "fp8": [(32, 4, 3, 512, 0, 1), (32, 4, 3, 512, 0, 0)]}
 TUNE_SHAPES = ((256, 4096), (32, 4096), (1, 32768))
-# --quick (run 5, call 2): launches per (KV dtype, page) on TUNE_SHAPES, the library default first (the BF16
-# page-64 one timed again last, for the run-to-run spread); pdl 1 = both kernels as programmatic dependent
-# launches; a trailing dict holds further plan_decode keywords.
-QUICK = {("bf16", 64): [(32, 4, 4, 4096, 2, 1), (32, 4, 4, 512, 2, 0), (32, 4, 2, 4096, 2, 1),
-                        (32, 4, 2, 4096, 2, 1, dict(min_split_tokens=128))],
-         ("bf16", 16): [(32, 4, 4, 4096, 2, 1), (32, 4, 4, 512, 0, 0), (32, 4, 2, 4096, 2, 1),
-                        (32, 4, 2, 4096, 2, 1, dict(min_split_tokens=128))],
-         ("fp8", 64): [(32, 4, 3, 512, 0, 1), (32, 4, 3, 512, 0, 0)]}
+# --quick (run 7, call 1): launches per (KV dtype, page) on TUNE_SHAPES, the library default first (timed
+# again last, for the run-to-run spread); qk_fp8 1 / 2 = q K^T as E4M3 hi + lo dots, q split in the kernel /
+# by the pre-pass; lazy 8 = rescale only when a row max grew by > 2^8; a trailing dict holds further
+# plan_decode keywords.
+QUICK = {("fp8", 64): [(32, 4, 3, 512, 0, 1), (32, 4, 3, 512, 2, 1, 2, 0), (32, 4, 3, 512, 2, 1, 1, 0),
+                       (32, 4, 3, 512, 2, 1, 2, 8), (32, 4, 4, 512, 2, 1, 2, 0), (32, 4, 3, 4096, 2, 1, 2, 0),
+                       (64, 4, 2, 512, 2, 1, 2, 0), (64, 4, 2, 512, 2, 1, 2, 8), (32, 8, 3, 512, 2, 1, 2, 0)],
+         ("bf16", 64): [(32, 4, 4, 4096, 2, 1)],
+         ("fp8", 16): [(32, 4, 3, 512, 0, 1), (32, 4, 3, 512, 2, 1, 2, 0), (32, 4, 3, 1024, 2, 1, 2, 0)],
+         ("bf16", 16): [(32, 4, 4, 4096, 2, 1)]}
+# --profile: one call each at 256 x 4K (page 64), for a profiler (ncu) to capture: (KV dtype, launch)
+PROFILE = (("bf16", (32, 4, 4, 4096, 2, 1)), ("fp8", (32, 4, 3, 512, 0, 1)),
+           ("fp8", (32, 4, 3, 512, 2, 1, 2, 0)))
 
 
 def launch_kw(t: tuple) -> dict:
@@ -303,6 +308,22 @@ def quick_table(result: dict) -> None:
         print(f"{r['kv']} p{r['page']} {t}: " + " ".join(cells) + err)
 
 
+def profile(gen: torch.Generator, log) -> None:
+    """Each PROFILE launch twice at 256 x 4K (page 64; the first call compiles), no graphs, for ncu."""
+    batch, ctx, page = 256, 4096, 64
+    pools = Pools(batch * ctx + (1 << 16), gen)
+    lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+    q = torch.randn(batch, H, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    for kv, t in PROFILE:
+        cache = pools.cache(kv == "fp8", page)
+        table = block_tables(pools, batch, ctx, page, 1, gen)[0]
+        plan = plan_decode(batch, ctx, D, torch.device("cuda"), cache.k.dtype, page, **launch_kw(t))
+        for _ in range(2):
+            out = mfa_decode(q, cache, table, lens, max_seq_len=ctx, plan=plan)
+        torch.cuda.synchronize()
+        log(f"profile {kv} {t}: done, out finite {bool(out.isfinite().all())}")
+
+
 # ---- the bars (issue 5) ------------------------------------------------------------------------
 def bar(name: str, measured: float | None, target: float, higher_is_better: bool = True) -> dict:
     """One bar at one shape; a figure that could not be measured (None) fails it."""
@@ -394,6 +415,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--page", type=int, default=64, help="KV page (block) size in tokens")
     ap.add_argument("--budget-s", type=float, default=150, help="--quick: start no launch after this long")
+    ap.add_argument("--profile", action="store_true", help="only the PROFILE launches once each (for ncu)")
     args = ap.parse_args()
     start = time.perf_counter()
     log = lambda s: print(f"[{time.perf_counter() - start:6.1f} s] {s}", file=sys.stderr, flush=True)
@@ -403,6 +425,9 @@ def main() -> None:
         result["tests"] = run_tests()
         log(f"tests: {result['tests']['summary']}")
     gen = torch.Generator(device="cuda").manual_seed(0)
+    if args.profile:
+        profile(gen, log)
+        return
     result["copy"] = copy_bandwidth(args.reps)
     result["copy_tb_s"] = copy = result["copy"]["tb_s"]
     log(f"copy bandwidth {result['copy']}")
