@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -59,7 +61,9 @@ LINEAR_SHAPES = {"dense gate/up 18432x7168": (18432, 7168), "dense down 7168x184
 # m16s3 at 512 tokens (each lost to its neighbour by 2% and 19%).
 # Run 6 added the TMA path (ws128, ws128s6: the warp-specialized Gluon kernel; tma128: its Triton twin),
 # which won from 2048 tokens; run 7 the Gluon kernel that quantizes h in its epilogue (ws128q, ws128qs6).
-LARGE = ["ws128q", "ws128qs6", "ws128", "ws128s6", "tma128", "m64w8i", "m64w8id"]
+# Run 8 added the persistent Gluon kernel with a producer warp (wsp*: fp8_gemm_wsp.py) and dropped the
+# kernels that lost to ws128q in run 7 (ws128, ws128s6, tma128, m64w8i, m64w8id).
+LARGE = ["wspsd", "wspsd6", "wsps", "wsp", "ws128q", "ws128qs6"]
 TUNE = {128: ["m16s3", "m16s3i"], 512: ["m32s3", "m64w8i"], 2048: LARGE, 4096: LARGE, 8192: LARGE}
 TUNE_TOL = 3e-2  # a candidate must meet the bar's error against the format-exact reference to win
 TUNE_DEADLINE_S = 150  # seconds into the run; what follows the tuning takes ~35 s on the H200
@@ -243,6 +247,73 @@ def linear_rows(gen: torch.Generator, tokens: tuple[int, ...], reps: int) -> lis
     return rows
 
 
+def profile_layer(T: int, gen, experts, shared, config: MoeConfig, calls: int = 3) -> dict:
+    """GPU time per eager layer call by kernel (torch.profiler over `calls` calls): ms per call of each
+    kernel name, their sum, the span from the first kernel's start to the last one's end, and the wall."""
+    x, weights, ids = inputs(T, gen)
+    fn = lambda: moe_ffn(x, weights, ids, experts, shared, config)
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    t = time.perf_counter()
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    wall = (time.perf_counter() - t) * 1e3 / calls
+    events = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                    key=lambda e: e.time_range.start)
+    per_call = {name: n // calls for name, n in Counter(e.name for e in events).items()}
+    seen: Counter = Counter()
+    kernels: dict[str, float] = {}
+    for e in events:  # the i-th launch of a name within a call, as "name #i" (gate_up and down share one)
+        key = f"{e.name} #{seen[e.name] % max(per_call[e.name], 1)}"
+        seen[e.name] += 1
+        kernels[key] = kernels.get(key, 0.0) + e.time_range.elapsed_us() / 1e3 / calls
+    span = (events[-1].time_range.end - events[0].time_range.start) / 1e3 / calls if events else 0.0
+    top = dict(sorted(kernels.items(), key=lambda kv: -kv[1]))
+    return dict(tokens=T, kernels_ms=top, kernel_sum_ms=sum(top.values()), gpu_span_ms=span, wall_ms=wall)
+
+
+def print_profile(name: str, p: dict) -> None:
+    print(f"profile T={p['tokens']} {name}: kernels {p['kernel_sum_ms']:.3f} ms/call, GPU span "
+          f"{p['gpu_span_ms']:.3f}, wall (profiled) {p['wall_ms']:.3f}")
+    for k, ms in list(p["kernels_ms"].items())[:14]:
+        print(f"    {ms:8.3f} ms  {k[:96]}")
+
+
+def quick(args, result: dict, gen, experts, shared, rate, bw, t0: float) -> None:
+    """The tuning pass: candidates at the chosen token counts; optionally profiles and the FP8 linear."""
+    result["tune"] = []
+    for T in args.tokens:
+        never = math.inf  # as t0: never past TUNE_DEADLINE_S
+        result["tune"] += tune(T, gen, experts, shared, rate, bw, never, args.candidates, args.rounds)[0]
+        (args.out / "moe_ffn_tune.json").write_text(json.dumps(result, indent=1))
+    if args.profile:
+        result["profile"] = {}
+        for name in args.profile:
+            for T in args.tokens:
+                p = profile_layer(T, gen, experts, shared, MOE_CANDIDATES[name])
+                result["profile"][f"{name}@{T}"] = p
+                print_profile(name, p)
+    if args.linear:
+        result["linear"] = linear_rows(gen, (512, 2048), 10)
+        for r in result["linear"]:
+            print(f"linear {r['shape']:28s} T={r['tokens']:5d} ratio {r['ratio']:.3f} err {r['rel_err']:.1e}")
+    (args.out / "moe_ffn_tune.json").write_text(json.dumps(result, indent=1))
+    names = list(dict.fromkeys(r["candidate"] for r in result["tune"]))
+    print(f"\n{'tokens':>6} " + " ".join(f"{n:>9}" for n in names) + "  (min over rounds, ms)")
+    for T in args.tokens:
+        best: dict[str, float] = {}
+        for r in result["tune"]:
+            if r["tokens"] == T and r.get("ours_ms") and r["status"] == "ok":
+                best[r["candidate"]] = min(best.get(r["candidate"], 1e9), r["ours_ms"])
+        floors = [r["floor_ms"] for r in result["tune"] if r["tokens"] == T and "floor_ms" in r]
+        cells = " ".join(f"{best.get(n, float('nan')):9.3f}" for n in names)
+        print(f"{T:6d} {cells}   floor {floors[0] if floors else math.nan:.3f}")
+
+
 # ---- the run ------------------------------------------------------------------------------------
 def run_pytest(out: Path, timeout: float) -> dict:
     cmd = [sys.executable, "-m", "pytest", "tests/runtime/kernels", "-q", "-p", "no:cacheprovider",
@@ -347,11 +418,13 @@ def suggested_defaults(winners: dict[int, str]) -> str:
     return "DEFAULT_MOE_TILES = (" + ", ".join(items) + ")"
 
 
-def tune(T, gen, experts, shared, rate, bw, t0: float) -> tuple[list[dict], MoeConfig, str | None]:
-    """TUNE's candidates at T (the first two only, once past the deadline): (rows, best, its name)."""
+def tune(T, gen, experts, shared, rate, bw, t0: float, names: list[str] | None = None, rounds: int = 1
+         ) -> tuple[list[dict], MoeConfig, str | None]:
+    """TUNE's candidates (or `names`) at T, taking turns in `rounds` rounds (the GPU clock drifts), the first
+    two only once past the deadline: (rows, best, its name)."""
     default = default_moe_config(T, TOP_K, EXPERTS)
     default_name = next(n for n, c in MOE_CANDIDATES.items() if c == default)
-    names = list(dict.fromkeys(TUNE.get(T, [default_name])))
+    names = list(dict.fromkeys(names or TUNE.get(T, [default_name]))) * rounds
     tried = []
     for n in names:
         if len(tried) >= 2 and time.time() - t0 > TUNE_DEADLINE_S:
@@ -370,6 +443,11 @@ def main() -> None:
     ap.add_argument("--tests", type=float, default=None, help="pytest time limit in s (default: 120, none "
                     "with --quick)")
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--tokens", type=int, nargs="+", default=list(TUNE), help="--quick: token counts")
+    ap.add_argument("--candidates", nargs="+", default=None, help="--quick: MOE_CANDIDATES names (TUNE's)")
+    ap.add_argument("--rounds", type=int, default=1, help="--quick: rounds the candidates take turns in")
+    ap.add_argument("--profile", nargs="*", default=None, help="--quick: candidates to profile at each T")
+    ap.add_argument("--no-linear", dest="linear", action="store_false", help="--quick: skip the FP8 linear")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     result: dict = dict(environment=environment(), dims=dict(hidden=HIDDEN, experts=EXPERTS, inter=INTER,
@@ -385,11 +463,7 @@ def main() -> None:
     print(f"copy {bw / 1e12:.2f} TB/s, blockwise FP8 _scaled_mm {rate / 1e12:.0f} TFLOP/s", flush=True)
     experts, shared = make_layer(gen)
     if args.quick:
-        result["tune"] = [r for T in TUNE for r in tune(T, gen, experts, shared, rate, bw, t0)[0]]
-        result["linear"] = linear_rows(gen, (512, 2048), 10)
-        for r in result["linear"]:
-            print(f"linear {r['shape']:28s} T={r['tokens']:5d} ratio {r['ratio']:.3f} err {r['rel_err']:.1e}")
-        (args.out / "moe_ffn_tune.json").write_text(json.dumps(result, indent=1))
+        quick(args, result, gen, experts, shared, rate, bw, t0)
         return
     deq = [dequantize_fp8(w, s) for layer in (experts, shared) for w, s in
            ((layer.gate, layer.gate_scale), (layer.up, layer.up_scale), (layer.down, layer.down_scale))]

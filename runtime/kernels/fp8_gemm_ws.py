@@ -51,9 +51,8 @@ BLOCK_M, HALF_M = gl.constexpr(128), gl.constexpr(64)
 
 
 @gluon.jit
-def _tile(block_expert_ptr, N, K, num_m, TILE_N: gl.constexpr, GROUP_M: gl.constexpr):
-    """(first A row, first B row, n tile, expert, K steps) of this program; K steps 0 past the end."""
-    pid = gl.program_id(0)
+def _tile(pid, block_expert_ptr, N, K, num_m, TILE_N: gl.constexpr, GROUP_M: gl.constexpr):
+    """(first A row, first B row, n tile, expert, K steps) of tile `pid`; K steps 0 past the end."""
     in_group = GROUP_M * (N // TILE_N)
     first_m = (pid // in_group) * GROUP_M
     group_size = gl.minimum(num_m - first_m, GROUP_M)
@@ -152,7 +151,8 @@ def _consumer(half, a_desc, b_desc, b2_desc, a_smem, b_smem, ready, empty, as_pt
     SUB_N: gl.constexpr = 64 if SWIGLU else 128
     SUB: gl.constexpr = 2 if QUANT else 1
     TILE_N: gl.constexpr = SUB * SUB_N
-    off_m, off_b, pid_n, expert, k_tiles = _tile(block_expert_ptr, N, K, num_m, TILE_N, GROUP_M)
+    off_m, off_b, pid_n, expert, k_tiles = _tile(gl.program_id(0), block_expert_ptr, N, K, num_m, TILE_N,
+                                                  GROUP_M)
     lay: gl.constexpr = out_layout if SWIGLU else layout
     offs_m = off_m + half * HALF_M + gl.arange(0, HALF_M, layout=gl.SliceLayout(1, layout))
     scale_off = expert.to(gl.int64) * stride_bse + (pid_n * TILE_N // 128) * stride_bsn
@@ -165,12 +165,24 @@ def _consumer(half, a_desc, b_desc, b2_desc, a_smem, b_smem, ready, empty, as_pt
     acc = _k_loop(0, half, k_tiles, a_desc, b_desc, b2_desc, a_smem, b_smem, ready, empty, as_ptr, bs, b2s,
                   off_m, off_b, offs_m, stride_asg, stride_bsk, SWIGLU, SUB, STAGES, SUB_N, LOADER, layout,
                   out_layout)
-    rows = gl.convert_layout(offs_m, gl.SliceLayout(1, lay)).to(gl.int64)
-    offs_n = pid_n * TILE_N + gl.arange(0, SUB_N, layout=gl.SliceLayout(0, lay))
-    if QUANT:  # the second 64 columns of h, then the format's 1x128 quantization over both
+    h1 = acc
+    if QUANT:  # the second 64 columns of h
         h1 = _k_loop(1, half, k_tiles, a_desc, b_desc, b2_desc, a_smem, b_smem, ready, empty, as_ptr, bs, b2s,
                      off_m, off_b, offs_m, stride_asg, stride_bsk, SWIGLU, SUB, STAGES, SUB_N, LOADER, layout,
                      out_layout)
+    _store(acc, h1, offs_m, pid_n, c_ptr, cs_ptr, rows_ptr, topk_w_ptr, num_pairs, stride_cm, stride_csg,
+           SWIGLU, WEIGHTED, QUANT, TILE_N, SUB_N, lay)
+
+
+@gluon.jit
+def _store(acc, h1, offs_m, pid_n, c_ptr, cs_ptr, rows_ptr, topk_w_ptr, num_pairs, stride_cm, stride_csg,
+           SWIGLU: gl.constexpr, WEIGHTED: gl.constexpr, QUANT: gl.constexpr, TILE_N: gl.constexpr,
+           SUB_N: gl.constexpr, lay: gl.constexpr):
+    """A consumer's epilogue: QUANT: h = [acc | h1] quantized per 1x128 group (FP8 + scale per row); SWIGLU:
+    fp32 h; WEIGHTED: w[pair] * acc scattered to row pair (padding rows dropped)."""
+    rows = gl.convert_layout(offs_m, gl.SliceLayout(1, lay)).to(gl.int64)
+    offs_n = pid_n * TILE_N + gl.arange(0, SUB_N, layout=gl.SliceLayout(0, lay))
+    if QUANT:  # the format's 1x128 quantization over both halves
         amax = gl.maximum(gl.max(gl.abs(acc), axis=1), gl.max(gl.abs(h1), axis=1))
         amax = gl.where(amax > 0, amax, 1.0)
         scale = gl.div_rn(gl.full(amax.shape, 448.0, gl.float32, amax.type.layout), amax)  # IEEE, as torch
@@ -216,6 +228,20 @@ def _ws_gemm_kernel(a_desc, as_ptr, b_desc, b2_desc, bs_ptr, b2s_ptr, c_ptr, cs_
     ], [4], [CONSUMER_REGS])
 
 
+def descriptors(a: torch.Tensor, b: torch.Tensor, b2: torch.Tensor | None) -> tuple:
+    """TMA descriptors of A (64-row boxes: a consumer's half), B and B2 ([E * N, K] views; 64-row boxes for
+    SwiGLU, where gate and up share a stage, else 128); B2 = B when absent. Host block shapes: plain ints."""
+    E, N, K = b.shape
+    block_n = 64 if b2 is not None else 128
+
+    def desc(t: torch.Tensor, rows: int) -> TensorDescriptor:
+        return TensorDescriptor.from_tensor(t, [rows, 128], gl.NVMMASharedLayout.get_default_for([rows, 128],
+                                                                                                gl.float8e4nv))
+
+    b_desc = desc(b.view(E * N, K), block_n)
+    return desc(a, 64), b_desc, b_desc if b2 is None else desc(b2.view(E * N, K), block_n)
+
+
 def ws_grouped_gemm(a: torch.Tensor, a_scale_t: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
                     out: torch.Tensor, block_expert: torch.Tensor, *, b2: torch.Tensor | None = None,
                     b2_scale: torch.Tensor | None = None, out_scale_t: torch.Tensor | None = None,
@@ -234,11 +260,7 @@ def ws_grouped_gemm(a: torch.Tensor, a_scale_t: torch.Tensor, b: torch.Tensor, b
     block_n = 64 if b2 is not None else 128  # SwiGLU: gate and up 64 rows each per pipeline stage
     assert N % 128 == 0 and K % 128 == 0 and a.shape[0] == 128 * block_expert.numel()
     assert a_scale_t.stride(1) == 1 and (not quant or (b2 is not None and out_scale_t.stride(1) == 1))
-    fp8 = gl.float8e4nv
-    desc = lambda t, rows: TensorDescriptor.from_tensor(  # noqa: E731 - four descriptors, one recipe
-        t, [rows, 128], gl.NVMMASharedLayout.get_default_for([rows, 128], fp8))
-    a_desc, b_desc = desc(a, 64), desc(b.view(E * N, K), block_n)  # host block shapes: plain ints
-    b2_desc = b_desc if b2 is None else desc(b2.view(E * N, K), block_n)
+    a_desc, b_desc, b2_desc = descriptors(a, b, b2)
     nil = block_expert  # stands in for the pointers a mode does not use
     grid = (block_expert.numel() * (N // (128 if quant else block_n)),)
     _ws_gemm_kernel[grid](

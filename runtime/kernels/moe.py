@@ -105,6 +105,9 @@ class MoeConfig:
     interleave: bool = False  # gate_up as one dot over interleaved gate/up columns (fp8_gemm INTERLEAVE)
     warp_specialize: bool = False  # "tma" on Hopper: the Gluon producer/consumer kernel (fp8_gemm_ws.py)
     fuse_quant: bool = False  # and h quantized in its gate_up epilogue (no fp32 h, no act_quant launch)
+    persistent: bool = False  # with fuse_quant: the persistent kernel with a producer warp (fp8_gemm_wsp.py)
+    skip_pad: bool = False  # and no wgmma for a consumer whose 64 rows are all padding
+    defer: bool = False  # and two wgmma chains in flight per consumer (one promoted while the next runs)
 
 
 # Tile candidates, by name: benchmarks/moe_ffn.py times them in-run per token count and records all.
@@ -144,6 +147,17 @@ MOE_CANDIDATES = {
     # 64-column sub-tiles through one continuous pipeline; no fp32 h, no act_quant launch)
     "ws128q": MoeConfig(128, 8, 4, 4, 128, 4, 4, backend="tma", warp_specialize=True, fuse_quant=True),
     "ws128qs6": MoeConfig(128, 8, 4, 5, 128, 4, 6, backend="tma", warp_specialize=True, fuse_quant=True),
+    # run 8: ws128q as a persistent grid (a CTA per SM loops over tiles) with a 1-warp TMA producer partition
+    # (fp8_gemm_wsp.py); s: no wgmma for all-padding 64-row halves; d: two chains in flight per consumer;
+    # 6: 5 / 6 stages
+    "wsp": MoeConfig(128, 8, 4, 4, 128, 4, 4, backend="tma", warp_specialize=True, fuse_quant=True,
+                     persistent=True),
+    "wsps": MoeConfig(128, 8, 4, 4, 128, 4, 4, backend="tma", warp_specialize=True, fuse_quant=True,
+                      persistent=True, skip_pad=True),
+    "wspsd": MoeConfig(128, 8, 4, 4, 128, 4, 4, backend="tma", warp_specialize=True, fuse_quant=True,
+                       persistent=True, skip_pad=True, defer=True),
+    "wspsd6": MoeConfig(128, 8, 4, 5, 128, 4, 6, backend="tma", warp_specialize=True, fuse_quant=True,
+                        persistent=True, skip_pad=True, defer=True),
 }
 # default per mean (token, slot) pairs per expert: (upper bound, candidate name), first match wins.
 # H200 run 6's in-run winners up to 512 tokens; from 2048 tokens run 7's ws128q, timed in-run against run

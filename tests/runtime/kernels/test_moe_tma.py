@@ -80,9 +80,12 @@ def test_tma_config_falls_back_on_widths_that_are_not_whole_tiles():
     assert rel_err(out, fused_moe_ref(x, w, ids, ex)) < REQUANT_TOL  # the gathering kernel ran
 
 
+gluon_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and ws_gemm_usable(torch.device("cuda"))),
+                               reason="the Gluon kernels need Hopper and Triton 3.6")
+
+
 @pytest.mark.gpu
-@pytest.mark.skipif(not (torch.cuda.is_available() and ws_gemm_usable(torch.device("cuda"))),
-                    reason="the Gluon kernel needs Hopper and Triton 3.6")
+@gluon_gpu
 def test_ws_gate_up_epilogue_quantizes_h_exactly_like_act_quant():
     """ws128q's epilogue and act_quant over ws128's fp32 h: the same h, so the same FP8 codes and scales
     (padding rows and unused M-blocks included)."""
@@ -91,9 +94,53 @@ def test_ws_gate_up_epilogue_quantizes_h_exactly_like_act_quant():
     _, ids = _routing(41, seed=11)
     rows, block_expert = align_by_expert(ids, 0, E, 128)
     a, a_s = gather_rows(x, rows, K)
-    fused = gate_up_quant(a, a_s, ex, block_expert, MOE_CANDIDATES["ws128q"])
-    plain = gate_up_quant(a, a_s, ex, block_expert, MOE_CANDIDATES["ws128"])
+    fused = gate_up_quant(a, a_s, ex, block_expert, rows, 41 * K, MOE_CANDIDATES["ws128q"])
+    plain = gate_up_quant(a, a_s, ex, block_expert, rows, 41 * K, MOE_CANDIDATES["ws128"])
     assert fused.q.shape == plain.q.shape == (rows.numel(), INTER)
     assert torch.equal(fused.scale_inv, plain.scale_inv)
     assert torch.equal(fused.q.view(torch.uint8), plain.q.view(torch.uint8))
     assert fused.q.float().abs().amax() > 100  # real codes, not an unwritten buffer
+
+
+@pytest.mark.gpu
+@gluon_gpu
+@pytest.mark.parametrize("name", ["wsp", "wsps", "wspsd", "wspsd6"])
+@pytest.mark.parametrize("T, sms, lo, hi", [(37, 132, 0, E), (300, 3, 0, E), (1000, 5, 2, 5)])
+def test_persistent_kernel_equals_ws128q_bit_for_bit(name, T, sms, lo, hi, monkeypatch):
+    """fp8_gemm_wsp.py (persistent, producer warp, padding halves skipped) against ws128q: the same products
+    in the same order, so the same bits; on a pretend GPU of `sms` SMs every CTA loops over many tiles
+    (at 300 tokens ~180 pairs per expert: each expert's second block is half padding)."""
+    from runtime.kernels import fp8_gemm_wsp
+
+    monkeypatch.setitem(fp8_gemm_wsp._SMS, torch.cuda.current_device(), sms)
+    ex = _experts(seed=T, lo=lo, hi=hi)
+    x = randn((T, H), torch.Generator().manual_seed(T))
+    w, ids = _routing(T, seed=T)
+    out = fused_moe(x, w, ids, ex, out_dtype=torch.float32, config=MOE_CANDIDATES[name])
+    plain = fused_moe(x, w, ids, ex, out_dtype=torch.float32, config=MOE_CANDIDATES["ws128q"])
+    assert torch.equal(out, plain)
+    assert rel_err(out, fused_moe_ref(x, w, ids, ex)) < REQUANT_TOL
+
+
+@pytest.mark.gpu
+@gluon_gpu
+@pytest.mark.parametrize("name", ["wsps", "wspsd"])
+def test_persistent_gate_up_skips_padding_halves_and_keeps_real_rows(name):
+    """The skipping kernels' h: rows of pairs bit-equal to ws128q's; a 64-row half that is all padding ran
+    no wgmma (its h is zero: codes 0), where ws128q computed token 0's row there."""
+    ex = _experts(seed=13)
+    x = act_quant(randn((300, H), torch.Generator().manual_seed(13)))
+    _, ids = _routing(300, seed=13)  # 168-190 pairs per expert: each expert's second block is half padding
+    rows, block_expert = align_by_expert(ids, 0, E, 128)
+    a, a_s = gather_rows(x, rows, K)
+    skip = gate_up_quant(a, a_s, ex, block_expert, rows, 300 * K, MOE_CANDIDATES[name])
+    plain = gate_up_quant(a, a_s, ex, block_expert, rows, 300 * K, MOE_CANDIDATES["ws128q"])
+    real = rows < 300 * K
+    assert torch.equal(skip.q.view(torch.uint8)[real], plain.q.view(torch.uint8)[real])
+    assert torch.equal(skip.scale_inv[real], plain.scale_inv[real])
+    half = rows.view(-1, 64)[:, 0] >= 300 * K  # halves that start with padding: all padding
+    used = (block_expert >= 0).repeat_interleave(2)
+    skipped = (half & used).repeat_interleave(64)
+    assert skipped.sum() >= 5 * 64
+    assert (skip.q.view(torch.uint8)[skipped] == 0).all()
+    assert (plain.q.view(torch.uint8)[skipped] != 0).any()

@@ -1,0 +1,282 @@
+"""fp8_gemm_ws.py's grouped block-FP8 GEMM as a persistent kernel with its own TMA producer warp.
+
+Same operands, modes (SWIGLU / QUANT / WEIGHTED), arithmetic and epilogues as fp8_gemm_ws.py (its
+`_tile`, `_halves`, `_mma` and `_store` are reused); what changes is who waits for what:
+- a 1-warp producer partition issues every TMA load (few registers: setmaxnreg), so neither consumer
+  issues loads between its wgmma chains. In fp8_gemm_ws.py consumer 0 issues them, and its load for
+  step + STAGES - 1 waits until consumer 1 has released step - 1's stage: the two consumers run loosely
+  lock-stepped and consumer 0's next wgmma waits behind that.
+- the grid is persistent: one CTA per SM loops over the tiles (tile = program id + i * programs, the
+  same GROUP_M order), and the producer runs on into the next tile while the consumers are still in
+  this one's epilogue; the non-persistent grid exposed every tile's pipeline fill and epilogue.
+- SKIP: a consumer whose 64 rows are all padding (an expert's run is padded to 128 rows; a run ending in
+  the first half of its last block leaves the second half empty) runs no wgmma and no promotion for
+  that tile (it still waits `ready` and releases `empty`), and the producer loads no A rows for it. At
+  2048 tokens (~128 pairs per expert) about half the experts end in such a block.
+- DEFER: a consumer issues two K steps' wgmma chains before it waits for the first, and promotes that
+  one while the second runs, so its promotion also overlaps its own MMA, not only the other consumer's
+  (two 64-register temporaries; ptxas: no spills with SKIP, 268 B without, so DEFER goes with SKIP).
+The consumers' setmaxnreg: the 9 warps are padded to 3 warpgroups (ptxas starts every thread at 168
+registers); the producer's warpgroup gives its registers up and the consumers take CONSUMER_REGS.
+"""
+
+from __future__ import annotations
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+
+from runtime.kernels.fp8_gemm_ws import HALF_M, _halves, _mma, _store, _tile, descriptors
+
+
+@gluon.jit
+def _live(rows_ptr, off_m, half, num_pairs, SKIP: gl.constexpr):
+    """Whether rows off_m + 64 half .. + 63 hold a pair (padding sits at the end of an expert's run, so
+    the first row decides); always True without SKIP."""
+    if SKIP:
+        return gl.load(rows_ptr + off_m + half * HALF_M) < num_pairs
+    else:
+        return True
+
+
+@gluon.jit
+def _producer(a_desc, b_desc, b2_desc, a_smem, b_smem, ready, empty, block_expert_ptr, rows_ptr, N, K, num_m,
+              num_pairs, num_tiles, SWIGLU: gl.constexpr, QUANT: gl.constexpr, STAGES: gl.constexpr,
+              GROUP_M: gl.constexpr, SKIP: gl.constexpr):
+    """Every TMA load of this CTA's tiles, through one STAGES-deep ring (global step counter): per step
+    wait until both consumers released the stage, then A (two 64-row halves, the second only when live)
+    and B (SwiGLU: gate rows into the stage's first 64 rows, up rows into the last 64)."""
+    SUB_N: gl.constexpr = 64 if SWIGLU else 128
+    SUB: gl.constexpr = 2 if QUANT else 1
+    B_BYTES: gl.constexpr = 128 * 128
+    step = 0
+    for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+        off_m, off_b, pid_n, expert, k_tiles = _tile(tile, block_expert_ptr, N, K, num_m, SUB * SUB_N,
+                                                      GROUP_M)
+        live1 = _live(rows_ptr, off_m, 1, num_pairs, SKIP)
+        for i in range(SUB * k_tiles):
+            j = i // k_tiles
+            k = (i - j * k_tiles) * 128
+            s = step % STAGES
+            mbarrier.wait(empty.index(s), ((step // STAGES) & 1) ^ 1)  # the first round passes at once
+            bar = ready.index(s)
+            mbarrier.expect(bar, B_BYTES + 2 * HALF_M * 128, pred=live1)
+            mbarrier.expect(bar, B_BYTES + HALF_M * 128, pred=not live1)
+            tma.async_copy_global_to_shared(a_desc, [off_m, k], bar, a_smem.index(2 * s))
+            tma.async_copy_global_to_shared(a_desc, [off_m + HALF_M, k], bar, a_smem.index(2 * s + 1),
+                                            pred=live1)
+            b = b_smem.index(s)
+            if SWIGLU:
+                tma.async_copy_global_to_shared(b_desc, [off_b + j * SUB_N, k], bar, b.slice(0, SUB_N))
+                tma.async_copy_global_to_shared(b2_desc, [off_b + j * SUB_N, k], bar, b.slice(SUB_N, SUB_N))
+            else:
+                tma.async_copy_global_to_shared(b_desc, [off_b, k], bar, b)
+            step += 1
+
+
+@gluon.jit
+def _scales(as_ptr, bs_ptr, b2s_ptr, kb, offs_m, stride_asg, stride_bsk, SWIGLU: gl.constexpr):
+    """K block kb's scales: A's per row, the weight tile's (gate's and up's); loaded before the stage wait,
+    so their L2 latency hides behind it (fp8_gemm_ws.py run 7)."""
+    a_s = gl.load(as_ptr + kb * stride_asg + offs_m)
+    b_s = gl.load(bs_ptr + kb * stride_bsk)
+    b2_s = gl.load(b2s_ptr + kb * stride_bsk) if SWIGLU else b_s
+    return a_s, b_s, b2_s
+
+
+@gluon.jit
+def _promote(t, acc, acc2, a_s, b_s, b2_s, SWIGLU: gl.constexpr):
+    """acc += t * a_s * b_s (SwiGLU: t's column halves into the gate and up accumulators)."""
+    if SWIGLU:
+        tg, tu = _halves(t)
+        acc = acc + tg * gl.convert_layout(a_s * b_s, gl.SliceLayout(1, tg.type.layout))[:, None]
+        acc2 = acc2 + tu * gl.convert_layout(a_s * b2_s, gl.SliceLayout(1, tu.type.layout))[:, None]
+    else:
+        acc = acc + t * (a_s * b_s)[:, None]
+    return acc, acc2
+
+
+@gluon.jit
+def _issue(a_smem, b_smem, ready, step, half: gl.constexpr, STAGES: gl.constexpr, zero):
+    """Wait for step's stage, then start its m64n128k128 wgmma chain (not waited for)."""
+    s = step % STAGES
+    mbarrier.wait(ready.index(s), (step // STAGES) & 1)
+    return warpgroup_mma(a_smem.index(2 * s + half), b_smem.index(s).permute((1, 0)), zero, use_acc=False,
+                         is_async=True)
+
+
+@gluon.jit
+def _step_done(t, step, acc, acc2, empty, as_ptr, bs_ptr, b2s_ptr, base, offs_m, stride_asg, stride_bsk,
+               OUTSTANDING: gl.constexpr, SWIGLU: gl.constexpr, STAGES: gl.constexpr):
+    """Wait until step's chain t is done (OUTSTANDING younger chains may still run), release its stage,
+    promote it."""
+    a_s, b_s, b2_s = _scales(as_ptr, bs_ptr, b2s_ptr, step - base, offs_m, stride_asg, stride_bsk, SWIGLU)
+    t = warpgroup_mma_wait(OUTSTANDING, deps=[t])
+    mbarrier.arrive(empty.index(step % STAGES), count=1)
+    return _promote(t, acc, acc2, a_s, b_s, b2_s, SWIGLU)
+
+
+@gluon.jit
+def _deferred(base, k_tiles, acc, acc2, a_smem, b_smem, ready, empty, as_ptr, bs_ptr, b2s_ptr, offs_m,
+              stride_asg, stride_bsk, half: gl.constexpr, SWIGLU: gl.constexpr, STAGES: gl.constexpr, zero):
+    """The K loop two steps at a time: both chains issued, then the first promoted while the second runs.
+    No chain stays in flight across a loop boundary: a loop-carried copy of a running chain's registers
+    makes ptxas serialize every wgmma of the kernel (C7514), as a one-step-skewed loop did."""
+    for kb in range(0, k_tiles - 1, 2):
+        t0 = _issue(a_smem, b_smem, ready, base + kb, half, STAGES, zero)
+        t1 = _issue(a_smem, b_smem, ready, base + kb + 1, half, STAGES, zero)
+        acc, acc2 = _step_done(t0, base + kb, acc, acc2, empty, as_ptr, bs_ptr, b2s_ptr, base, offs_m,
+                               stride_asg, stride_bsk, 1, SWIGLU, STAGES)
+        acc, acc2 = _step_done(t1, base + kb + 1, acc, acc2, empty, as_ptr, bs_ptr, b2s_ptr, base, offs_m,
+                               stride_asg, stride_bsk, 0, SWIGLU, STAGES)
+    if k_tiles % 2 == 1:
+        t0 = _issue(a_smem, b_smem, ready, base + k_tiles - 1, half, STAGES, zero)
+        acc, acc2 = _step_done(t0, base + k_tiles - 1, acc, acc2, empty, as_ptr, bs_ptr, b2s_ptr, base,
+                               offs_m, stride_asg, stride_bsk, 0, SWIGLU, STAGES)
+    return acc, acc2
+
+
+@gluon.jit
+def _k_loop(base, k_tiles, live, a_smem, b_smem, ready, empty, as_ptr, bs_ptr, b2s_ptr, offs_m, stride_asg,
+            stride_bsk, half: gl.constexpr, SWIGLU: gl.constexpr, STAGES: gl.constexpr, DEFER: gl.constexpr,
+            layout: gl.constexpr, out_layout: gl.constexpr):
+    """One sub-tile's K loop over global steps base .. base + k_tiles - 1 (fp8_gemm_ws._k_loop without the
+    loads). DEFER: step k + 1's wgmma chain is issued before step k's promotion (two fp32 temporaries, so
+    this warpgroup keeps the tensor cores busy while it promotes); else each chain is waited for at once.
+    Not live: only wait for each stage and release it (the accumulator stays zero)."""
+    zero = gl.zeros([HALF_M, 128], gl.float32, layout)
+    if SWIGLU:
+        acc, acc2 = _halves(zero)
+    else:
+        acc = zero
+        acc2 = zero
+    if live:
+        if DEFER:
+            acc, acc2 = _deferred(base, k_tiles, acc, acc2, a_smem, b_smem, ready, empty, as_ptr, bs_ptr,
+                                      b2s_ptr, offs_m, stride_asg, stride_bsk, half, SWIGLU, STAGES, zero)
+        else:
+            for kb in range(k_tiles):
+                step = base + kb
+                s = step % STAGES
+                a_s, b_s, b2_s = _scales(as_ptr, bs_ptr, b2s_ptr, kb, offs_m, stride_asg, stride_bsk, SWIGLU)
+                mbarrier.wait(ready.index(s), (step // STAGES) & 1)
+                t = _mma(a_smem.index(2 * s + half), b_smem.index(s), zero)
+                mbarrier.arrive(empty.index(s), count=1)
+                acc, acc2 = _promote(t, acc, acc2, a_s, b_s, b2_s, SWIGLU)
+    else:
+        for kb in range(k_tiles):
+            step = base + kb
+            mbarrier.wait(ready.index(step % STAGES), (step // STAGES) & 1)
+            mbarrier.arrive(empty.index(step % STAGES), count=1)
+    if SWIGLU:
+        acc = gl.convert_layout(acc / (1.0 + gl.exp(-acc)) * acc2, out_layout)
+    return acc
+
+
+@gluon.jit
+def _consumer(half: gl.constexpr, a_smem, b_smem, ready, empty, as_ptr, bs_ptr, b2s_ptr, c_ptr, cs_ptr,
+              block_expert_ptr, rows_ptr, topk_w_ptr, N, K, num_m, num_pairs, num_tiles, stride_asg,
+              stride_bse, stride_bsn, stride_bsk, stride_cm, stride_csg, SWIGLU: gl.constexpr,
+              WEIGHTED: gl.constexpr, QUANT: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
+              SKIP: gl.constexpr, DEFER: gl.constexpr):
+    """Rows 64 half .. 64 half + 63 of every tile of this CTA: K loop(s), then the epilogue (the producer
+    meanwhile fills the stages of the next tile)."""
+    layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                     instr_shape=[16, 128, 32])
+    out_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, 64, 32])
+    SUB_N: gl.constexpr = 64 if SWIGLU else 128
+    SUB: gl.constexpr = 2 if QUANT else 1
+    TILE_N: gl.constexpr = SUB * SUB_N
+    lay: gl.constexpr = out_layout if SWIGLU else layout
+    step = 0
+    for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+        off_m, off_b, pid_n, expert, k_tiles = _tile(tile, block_expert_ptr, N, K, num_m, TILE_N, GROUP_M)
+        live = _live(rows_ptr, off_m, half, num_pairs, SKIP)
+        offs_m = off_m + half * HALF_M + gl.arange(0, HALF_M, layout=gl.SliceLayout(1, layout))
+        scale_off = expert.to(gl.int64) * stride_bse + (pid_n * TILE_N // 128) * stride_bsn
+        bs, b2s = bs_ptr + scale_off, b2s_ptr + scale_off
+        acc = _k_loop(step, k_tiles, live, a_smem, b_smem, ready, empty, as_ptr, bs, b2s, offs_m, stride_asg,
+                      stride_bsk, half, SWIGLU, STAGES, DEFER, layout, out_layout)
+        step += k_tiles
+        h1 = acc
+        if QUANT:  # the second 64 columns of h
+            h1 = _k_loop(step, k_tiles, live, a_smem, b_smem, ready, empty, as_ptr, bs, b2s, offs_m,
+                         stride_asg, stride_bsk, half, SWIGLU, STAGES, DEFER, layout, out_layout)
+            step += k_tiles
+        _store(acc, h1, offs_m, pid_n, c_ptr, cs_ptr, rows_ptr, topk_w_ptr, num_pairs, stride_cm, stride_csg,
+               SWIGLU, WEIGHTED, QUANT, TILE_N, SUB_N, lay)
+
+
+@gluon.jit
+def _wsp_gemm_kernel(a_desc, as_ptr, b_desc, b2_desc, bs_ptr, b2s_ptr, c_ptr, cs_ptr, block_expert_ptr,
+                     rows_ptr, topk_w_ptr, N, K, num_m, num_pairs, num_tiles, stride_asg, stride_bse,
+                     stride_bsn, stride_bsk, stride_cm, stride_csg,
+                     SWIGLU: gl.constexpr, WEIGHTED: gl.constexpr, QUANT: gl.constexpr, STAGES: gl.constexpr,
+                     GROUP_M: gl.constexpr, SKIP: gl.constexpr, DEFER: gl.constexpr,
+                     CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+    a_smem = gl.allocate_shared_memory(a_desc.dtype, [2 * STAGES, HALF_M, 128], a_desc.layout)
+    b_smem = gl.allocate_shared_memory(b_desc.dtype, [STAGES, 128, 128], b_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)  # one arrive per consumer warpgroup
+    fence_async_shared()
+    # the argument tuples are spelled out: the frontend takes no *args, and a tuple built by concatenation
+    # turns constexprs into tensors
+    gl.warp_specialize([
+        (_consumer, (0, a_smem, b_smem, ready, empty, as_ptr, bs_ptr, b2s_ptr, c_ptr, cs_ptr,
+                     block_expert_ptr, rows_ptr, topk_w_ptr, N, K, num_m, num_pairs, num_tiles, stride_asg,
+                     stride_bse, stride_bsn, stride_bsk, stride_cm, stride_csg, SWIGLU, WEIGHTED, QUANT,
+                     STAGES, GROUP_M, SKIP, DEFER)),
+        (_consumer, (1, a_smem, b_smem, ready, empty, as_ptr, bs_ptr, b2s_ptr, c_ptr, cs_ptr,
+                     block_expert_ptr, rows_ptr, topk_w_ptr, N, K, num_m, num_pairs, num_tiles, stride_asg,
+                     stride_bse, stride_bsn, stride_bsk, stride_cm, stride_csg, SWIGLU, WEIGHTED, QUANT,
+                     STAGES, GROUP_M, SKIP, DEFER)),
+        (_producer, (a_desc, b_desc, b2_desc, a_smem, b_smem, ready, empty, block_expert_ptr, rows_ptr, N, K,
+                     num_m, num_pairs, num_tiles, SWIGLU, QUANT, STAGES, GROUP_M, SKIP)),
+    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+_SMS: dict[int, int] = {}
+
+
+def wsp_grouped_gemm(a: torch.Tensor, a_scale_t: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                     out: torch.Tensor, block_expert: torch.Tensor, rows: torch.Tensor, num_pairs: int, *,
+                     b2: torch.Tensor | None = None, b2_scale: torch.Tensor | None = None,
+                     out_scale_t: torch.Tensor | None = None, topk_weights: torch.Tensor | None = None,
+                     group_m: int = 8, num_stages: int = 4, skip: bool = True, defer: bool = False,
+                     consumer_regs: int = 240,
+                     producer_regs: int = 24) -> torch.Tensor:
+    """fp8_gemm_ws.ws_grouped_gemm's contract (same operands and outputs) on the persistent kernel; rows
+    (the pair of each A row, padding >= num_pairs) is needed in every mode here (SKIP reads it)."""
+    E, N, K = b.shape
+    quant = out_scale_t is not None
+    assert N % 128 == 0 and K % 128 == 0 and a.shape[0] == 128 * block_expert.numel() == rows.numel()
+    assert a_scale_t.stride(1) == 1 and (not quant or (b2 is not None and out_scale_t.stride(1) == 1))
+    assert (b2 is None) == (not quant) and (topk_weights is None) == quant  # QUANT gate_up or WEIGHTED down
+    a_desc, b_desc, b2_desc = descriptors(a, b, b2)
+    num_tiles = block_expert.numel() * (N // 128)
+    dev = a.device.index if a.device.index is not None else torch.cuda.current_device()
+    if dev not in _SMS:
+        _SMS[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
+    _wsp_gemm_kernel[(max(1, min(num_tiles, _SMS[dev])),)](
+        a_desc, a_scale_t, b_desc, b2_desc, b_scale, b_scale if b2_scale is None else b2_scale, out,
+        out_scale_t if quant else a_scale_t, block_expert, rows,
+        topk_weights if topk_weights is not None else a_scale_t, N, K, block_expert.numel(), num_pairs,
+        num_tiles,
+        a_scale_t.stride(0), b_scale.stride(0), b_scale.stride(1), b_scale.stride(2), out.stride(0),
+        out_scale_t.stride(0) if quant else 0,
+        SWIGLU=b2 is not None, WEIGHTED=topk_weights is not None, QUANT=quant, STAGES=num_stages,
+        GROUP_M=group_m, SKIP=skip, DEFER=defer, CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs,
+        num_warps=4,
+    )
+    return out
