@@ -35,54 +35,42 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _softmax_step(q, q_lo, acc, m_i, l_i, k, v, valid, qk_scale, dot_ty: tl.constexpr, QK8: tl.constexpr,
-                  LAZY: tl.constexpr):
+def _softmax_step(q, q_lo, acc, m_i, l_i, k, v, valid, qk_scale, dot_ty: tl.constexpr, QK8: tl.constexpr):
     """One online-softmax step of the [H_PAD, D] head tile against K, V [BLOCK_N, D] (invalid rows masked).
 
-    QK8: q / q_lo are the E4M3 hi / lo parts of the split q (`_split_q_fp8`) and qk_scale [H_PAD] carries
-    the per-head scale: scores = two E4M3 x E4M3 dots into ONE accumulator on the raw cache tile, which
-    the tensor cores read straight from shared memory (no K conversion, no round trip). P V stays fp16."""
+    The log2-domain scores are raw * qk_scale [H_PAD] (> 0), so the running max m_i is kept in raw units
+    and the scale enters the exponent as one FFMA per score. QK8: q / q_lo are the E4M3 hi / lo parts of
+    the split q (`_split_q_fp8`), whose per-head scale qk_scale carries: raw = two E4M3 x E4M3 dots into
+    ONE accumulator on the raw cache tile, which the tensor cores read straight from shared memory (no K
+    conversion, no round trip). P V stays fp16."""
     v = v.to(dot_ty)  # first: an FP8 V is converted and stored for the wgmma together with K (one barrier)
     if QK8:
         kt = tl.trans(k.to(tl.float32)) if dot_ty == tl.float32 else tl.trans(k)  # CPU: fp32 dots
-        scores = tl.dot(q_lo, kt, tl.dot(q, kt)) * qk_scale[:, None]
+        raw = tl.dot(q_lo, kt, tl.dot(q, kt))
     else:
-        scores = tl.dot(q, tl.trans(k.to(dot_ty))) * qk_scale  # [H_PAD, BLOCK_N], log2 domain
-    scores = tl.where(valid[None, :], scores, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(scores, 1))
-    if LAZY:  # the reference max (and acc, l_i) moves only when some row's max grew by more than LAZY
-        if tl.max(tl.where(m_new > m_i, m_new - m_i, 0.0), 0) > LAZY:  # one scalar test per tile
-            alpha = tl.exp2(m_i - m_new)
-            acc = acc * alpha[:, None]
-            l_i = l_i * alpha
-            m_i = m_new
-        p = tl.exp2(scores - m_i[:, None])  # <= 2^LAZY: in fp16 range for LAZY <= 15
-        l_i = l_i + tl.sum(p, 1)
-        acc = acc + tl.dot(p.to(dot_ty), v.to(dot_ty))
-    else:
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(scores - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(dot_ty), v.to(dot_ty))
-        m_i = m_new
-    return acc, m_i, l_i
+        raw = tl.dot(q, tl.trans(k.to(dot_ty)))  # [H_PAD, BLOCK_N]
+    raw = tl.where(valid[None, :], raw, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(raw, 1))
+    alpha = tl.exp2((m_i - m_new) * qk_scale)
+    p = tl.exp2(raw * qk_scale[:, None] - (m_new * qk_scale)[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(dot_ty), v)
+    return acc, m_new, l_i
 
 
 @triton.jit
 def _split_q_fp8(q, qk_ty: tl.constexpr):
     """q [H_PAD, D] fp32 -> (hi, lo, s) with q ~= s (hi + lo): hi = e4m3(q / s), lo = e4m3(q / s - hi) in
-    qk_ty (E4M3, or fp32 holding E4M3 values for the CPU interpreter, whose own cast mis-rounds), s [H_PAD] =
-    max|q_h| / 448 per head. |q/s - hi| <= |q/s| / 16 <= 28 fits E4M3; hi alone carries 3 mantissa bits
-    (2-5% error on scores), hi + lo about 7, near bf16's 8; no |q| < 65504 limit as with fp16 dots."""
+    qk_ty (E4M3, or fp32 holding E4M3 values for the CPU interpreter), s [H_PAD] = max|q_h| / 448 per head.
+    |q/s - hi| <= |q/s| / 16 <= 28 fits E4M3; hi alone carries 3 mantissa bits (2-5% error on scores),
+    hi + lo about 7, near bf16's 8; no |q| < 65504 limit as with fp16 dots. Both parts are rounded in fp32
+    (`round_to_e4m3`), so the casts to E4M3 are exact: an E4M3 -> fp16 unpack of freshly packed values
+    is what ptxas (CUDA 13, Triton 3.6) miscompiled in this kernel's pre-pass (NOTES_mfa.md, run 7)."""
     s = tl.maximum(tl.max(tl.abs(q), 1), 1e-30) / 448.0
     x = q / s[:, None]
-    if qk_ty == tl.float32:
-        hi = round_to_e4m3(x)
-        lo = round_to_e4m3(x - hi)
-    else:  # one cvt per value pair on the GPU (round to nearest even)
-        hi = x.to(qk_ty)
-        lo = (x - hi.to(tl.float32)).to(qk_ty)
-    return hi, lo, s
+    hi = round_to_e4m3(x)
+    lo = round_to_e4m3(x - hi)
+    return hi.to(qk_ty), lo.to(qk_ty), s
 
 
 @triton.jit
@@ -129,8 +117,7 @@ def _mfa_decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, k_scale_ptr, v_s
                        stride_ob, stride_oh,
                        H: tl.constexpr, H_PAD: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
                        BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, DIRECT: tl.constexpr,
-                       DOT: tl.constexpr, TILE_PAGE: tl.constexpr, PDL: tl.constexpr, QK8: tl.constexpr,
-                       LAZY: tl.constexpr):
+                       DOT: tl.constexpr, TILE_PAGE: tl.constexpr, PDL: tl.constexpr, QK8: tl.constexpr):
     """Program (split s, sequence b): online softmax over tokens [s * tps, (s + 1) * tps) of b.
 
     CHUNK > 0: the block-table entries of CHUNK tokens are loaded once per chunk into registers, so the
@@ -143,7 +130,7 @@ def _mfa_decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, k_scale_ptr, v_s
     kernel in the stream has finished, so it waits for it before reading anything; then it lets the merge
     kernel start, which waits in turn: each launch overlaps the kernel before it instead of following it.
     QK8 (FP8 cache): q split into E4M3 hi + lo, q K^T as two FP8 dots on the raw K tile (`_softmax_step`);
-    1 splits q here (in registers), 2 loads the split `_split_q_kernel` wrote. LAZY: see `_softmax_step`.
+    1 splits q here (in registers), 2 loads the split `_split_q_kernel` wrote.
     """
     if PDL:
         gdc_wait()  # the previous kernel's writes (q, the cache) are complete and visible
@@ -157,7 +144,7 @@ def _mfa_decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, k_scale_ptr, v_s
     dot_ty: tl.constexpr = tl.float16 if DOT == 2 else (tl.bfloat16 if DOT == 1 else tl.float32)  # dot_kind
     h = tl.arange(0, H_PAD)
     d = tl.arange(0, D)
-    qk_scale = sm_scale_log2 * tl.load(k_scale_ptr)  # log2-domain scores, FP8 K scale folded in
+    qk_scale = tl.full([H_PAD], 1.0, tl.float32) * sm_scale_log2 * tl.load(k_scale_ptr)  # FP8 K scale in
     if QK8 == 2:  # hi, lo [H_PAD, D] and the per-head scale, as `_split_q_kernel` wrote them
         hd = b.to(tl.int64) * 2 * H_PAD * D + h[:, None] * D + d[None, :]
         q = tl.load(q8_ptr + hd)
@@ -183,8 +170,7 @@ def _mfa_decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, k_scale_ptr, v_s
             valid = tok < end
             k = load_paged_rows(kc_ptr, bt_row, tok, valid, stride_kb, stride_kt, PAGE, D)
             v = load_paged_rows(vc_ptr, bt_row, tok, valid, stride_vb, stride_vt, PAGE, D)
-            acc, m_i, l_i = _softmax_step(q, q_lo, acc, m_i, l_i, k, v, valid, qk_scale, dot_ty,
-                                              QK8, LAZY)
+            acc, m_i, l_i = _softmax_step(q, q_lo, acc, m_i, l_i, k, v, valid, qk_scale, dot_ty, QK8)
     else:
         cp = tl.arange(0, CHUNK // PAGE)
         full = end  # tiles of [start, full) need no mask when TILE_PAGE == 2; the partial one is peeled
@@ -203,16 +189,14 @@ def _mfa_decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, k_scale_ptr, v_s
                     page = tl.sum(tl.where(pick, pages[None, :], 0), 1)  # [BLOCK_N] register "gather"
                 k = load_page_rows(kc_ptr, page, tok, valid, stride_kb, stride_kt, PAGE, D)
                 v = load_page_rows(vc_ptr, page, tok, valid, stride_vb, stride_vt, PAGE, D)
-                acc, m_i, l_i = _softmax_step(q, q_lo, acc, m_i, l_i, k, v, valid, qk_scale, dot_ty,
-                                              QK8, LAZY)
+                acc, m_i, l_i = _softmax_step(q, q_lo, acc, m_i, l_i, k, v, valid, qk_scale, dot_ty, QK8)
         if TILE_PAGE == 2:  # noqa: SIM102 (a static if around a runtime one)
             if full < end:  # the sequence's last, partial tile: masked, its page ids read directly
                 tok = full + tl.arange(0, BLOCK_N)
                 valid = tok < end
                 k = load_paged_rows(kc_ptr, bt_row, tok, valid, stride_kb, stride_kt, PAGE, D)
                 v = load_paged_rows(vc_ptr, bt_row, tok, valid, stride_vb, stride_vt, PAGE, D)
-                acc, m_i, l_i = _softmax_step(q, q_lo, acc, m_i, l_i, k, v, valid, qk_scale, dot_ty,
-                                              QK8, LAZY)
+                acc, m_i, l_i = _softmax_step(q, q_lo, acc, m_i, l_i, k, v, valid, qk_scale, dot_ty, QK8)
     l_i = tl.where(l_i > 0, l_i, 1.0)  # an empty split: o = 0 and lse = -inf, i.e. weight 0 in the merge
     o = acc * (tl.load(v_scale_ptr) / l_i)[:, None]
     if DIRECT:
@@ -221,7 +205,7 @@ def _mfa_decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, k_scale_ptr, v_s
     else:
         row = (b.to(tl.int64) * num_splits + s) * H + h  # partials: [B, S, H, D] and [B, S, H]
         tl.store(part_o_ptr + row[:, None] * D + d[None, :], o, mask=h[:, None] < H)
-        tl.store(part_lse_ptr + row, m_i + tl.log2(l_i), mask=h < H)
+        tl.store(part_lse_ptr + row, m_i * qk_scale + tl.log2(l_i), mask=h < H)
 
 
 @triton.jit
@@ -265,13 +249,12 @@ class DecodePlan:
     tile_page: int = 0  # chunked: 1 scalar page ids per tile (one per page it covers), 2 also unmasked tiles
     pdl: int = 0  # GPU: 1 launches both kernels as programmatic dependents (see _mfa_decode_kernel)
     qk_fp8: int = 0  # FP8 cache: q K^T as E4M3 dots of q split in hi + lo; 1 split in-kernel, 2 by a pre-pass
-    lazy: int = 0  # > 0: rescale acc only when a row max grew by more than `lazy` (log2); see _softmax_step
 
 
-# (block_n, num_warps, num_stages, chunk_max, tile_page, pdl, qk_fp8, lazy) for head_dim >= 128 on the GPU,
-# by KV bytes per value: the launches the committed H200 runs picked (results/mfa_attention_*h200.json).
-_GPU_LAUNCH = {2: (32, 4, 4, 4096, 2, 1, 0, 0), 1: (32, 4, 3, 512, 0, 1, 0, 0)}
-_CPU_LAUNCH = (32, 4, 2, 128, 0, 0, 0, 0)
+# (block_n, num_warps, num_stages, chunk_max, tile_page, pdl, qk_fp8) for head_dim >= 128 on the GPU, by KV
+# bytes per value: the launches the committed H200 runs picked (results/mfa_attention_*h200.json).
+_GPU_LAUNCH = {2: (32, 4, 4, 4096, 2, 1, 0), 1: (32, 4, 3, 512, 0, 1, 0)}
+_CPU_LAUNCH = (32, 4, 2, 128, 0, 0, 0)
 MAX_SPLITS = 512
 MAX_CHUNK_PAGES = 64  # page ids held in registers per chunk: chunk_max 4096 tokens at page 64, 1024 at 16
 SMEM_PER_SM = 227 * 1024
@@ -309,8 +292,7 @@ def plan_decode(batch: int, max_seq_len: int, head_dim: int, device: torch.devic
                 kv_dtype: torch.dtype = torch.bfloat16, page: int = 64, heads: int = 64,
                 num_splits: int | None = None, block_n: int | None = None, num_warps: int | None = None,
                 num_stages: int | None = None, chunk_max: int | None = None, tile_page: int | None = None,
-                pdl: int | None = None, qk_fp8: int | None = None, lazy: int | None = None,
-                min_split_tokens: int = 256) -> DecodePlan:
+                pdl: int | None = None, qk_fp8: int | None = None, min_split_tokens: int = 256) -> DecodePlan:
     """Launch parameters (tuned table) and the split of the sequence (`_pick_splits`), in one place."""
     on_gpu = device.type == "cuda"
     kv_bytes = torch.empty(0, dtype=kv_dtype).element_size()
@@ -331,8 +313,7 @@ def plan_decode(batch: int, max_seq_len: int, head_dim: int, device: torch.devic
     qk_fp8 = int(tuned[6] if qk_fp8 is None else qk_fp8) if kv_bytes == 1 else 0
     return DecodePlan(num_splits=num_splits, tokens_per_split=tokens, block_n=block_n,
                       num_warps=num_warps, num_stages=num_stages, chunk=_chunk(tokens, granule, chunk_max),
-                      page=page, tile_page=tile_page, pdl=pdl, qk_fp8=qk_fp8,
-                      lazy=int(tuned[7] if lazy is None else lazy))
+                      page=page, tile_page=tile_page, pdl=pdl, qk_fp8=qk_fp8)
 
 
 def _check_decode(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor,
@@ -396,8 +377,7 @@ def mfa_decode(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor, 
         block_table.stride(0), out.stride(0), out.stride(1),
         H=H, H_PAD=h_pad, D=D, PAGE=cache.block_size,
         BLOCK_N=plan.block_n, CHUNK=plan.chunk, DIRECT=direct, DOT=dot_kind(cache),
-        TILE_PAGE=tile_page, PDL=pdl, QK8=qk8, LAZY=plan.lazy, num_warps=plan.num_warps,
-        num_stages=plan.num_stages,
+        TILE_PAGE=tile_page, PDL=pdl, QK8=qk8, num_warps=plan.num_warps, num_stages=plan.num_stages,
         launch_pdl=pdl)
     if not direct:
         s_pad = triton.next_power_of_2(plan.num_splits)
