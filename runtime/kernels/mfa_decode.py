@@ -8,8 +8,9 @@ Long sequences and small batches are cut into `num_splits` slices of the sequenc
 normalized partial output [H, D] fp32 and log2-sum-exp [H], and `_mfa_merge_kernel` combines them:
     out = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M)
 which costs 2 x H x D x 4 bytes per split (`_pick_splits` weighs that against filling the GPU).
-With an FP8 cache the dots take fp16 operands (see kv_cache.dot_kind), so q must satisfy |q| < 65504.
-Measured on an H200 (benchmarks/NOTES_mfa.md, run 5): BF16 256 x 4K at the copy bandwidth, 32 x 4K 68%.
+With an FP8 cache P V takes fp16 operands (see kv_cache.dot_kind) and q K^T either fp16 ones (qk_fp8 0:
+|q| < 65504) or E4M3 ones on the raw K tile, q split per head into hi + lo (qk_fp8 1 / 2, `_split_q_fp8`).
+Measured on an H200 (benchmarks/NOTES_mfa.md, runs 5-7): BF16 256 x 4K at the copy bandwidth, 32 x 4K 68%.
 """
 
 from __future__ import annotations
@@ -253,7 +254,7 @@ class DecodePlan:
 
 # (block_n, num_warps, num_stages, chunk_max, tile_page, pdl, qk_fp8) for head_dim >= 128 on the GPU, by KV
 # bytes per value: the launches the committed H200 runs picked (results/mfa_attention_*h200.json).
-_GPU_LAUNCH = {2: (32, 4, 4, 4096, 2, 1, 0), 1: (32, 4, 3, 512, 0, 1, 0)}
+_GPU_LAUNCH = {2: (32, 4, 4, 4096, 2, 1, 0), 1: (32, 4, 3, 4096, 2, 1, 2)}
 _CPU_LAUNCH = (32, 4, 2, 128, 0, 0, 0)
 MAX_SPLITS = 512
 MAX_CHUNK_PAGES = 64  # page ids held in registers per chunk: chunk_max 4096 tokens at page 64, 1024 at 16

@@ -137,6 +137,7 @@ def test_plan_caps_the_chunk_in_pages():
 STEP3_LAUNCHES = {"bf16": (torch.bfloat16, None), "fp8": (FP8_DTYPE, None),
                   "bf16-tile-page2": (torch.bfloat16, (32, None, 2)),
                   "fp8-tile-page2": (FP8_DTYPE, (32, None, 2)),
+                  "fp8-fp16-dots": (FP8_DTYPE, (32, 3, 0, 0)),
                   "fp8-qk8regs": (FP8_DTYPE, (32, 3, 2, 1)),
                   "fp8-qk8prepass": (FP8_DTYPE, (32, 3, 2, 2)),
                   "fp8-64-qk8prepass": (FP8_DTYPE, (64, 2, 2, 2))}
