@@ -254,7 +254,7 @@ class DecodePlan:
 
 # (block_n, num_warps, num_stages, chunk_max, tile_page, pdl, qk_fp8) for head_dim >= 128 on the GPU, by KV
 # bytes per value: the launches the committed H200 runs picked (results/mfa_attention_*h200.json).
-_GPU_LAUNCH = {2: (32, 4, 4, 4096, 2, 1, 0), 1: (32, 4, 3, 4096, 2, 1, 2)}
+_GPU_LAUNCH = {2: (32, 4, 4, 4096, 2, 1, 0), 1: (32, 4, 3, 2048, 2, 1, 2)}
 _CPU_LAUNCH = (32, 4, 2, 128, 0, 0, 0)
 MAX_SPLITS = 512
 MAX_CHUNK_PAGES = 64  # page ids held in registers per chunk: chunk_max 4096 tokens at page 64, 1024 at 16
