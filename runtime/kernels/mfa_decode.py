@@ -97,13 +97,10 @@ def _split_q_kernel(q_ptr, q8_ptr, qs_ptr, stride_qb, stride_qh, H: tl.constexpr
 
 @triton.jit
 def _tile_pages(pages, cp, first, tok, BLOCK_N: tl.constexpr, PAGE: tl.constexpr):
-    """Page id of each row of the tile that starts at chunk page `first`, from the chunk's ids in registers.
-
-    A tile within one page takes one scalar pick (compare + sum); a tile of k whole pages takes k picks and
-    a select per row, instead of the per-row pick over the whole chunk.
+    """Page id of each row of a tile of k whole pages that starts at chunk page `first`, from the chunk's ids
+    in registers: k scalar picks (compare + sum) and a select per row, instead of the per-row pick over the
+    whole chunk. (A tile within one page takes one pick, made in the kernel's loop.)
     """
-    if BLOCK_N <= PAGE:
-        return tl.sum(tl.where(cp == first, pages, 0), 0) + tl.zeros_like(tok)
     sub = tl.arange(0, BLOCK_N) // PAGE  # which page of the tile each row is in
     page = tl.zeros_like(tok)
     for j in tl.static_range(BLOCK_N // PAGE):
@@ -183,13 +180,21 @@ def _mfa_decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, k_scale_ptr, v_s
             for n in range(c0, c_end, BLOCK_N):
                 tok = n + tl.arange(0, BLOCK_N)
                 valid = tl.full([BLOCK_N], True, tl.int1) if TILE_PAGE == 2 else tok < c_end  # 2: masks fold
-                if TILE_PAGE:  # the tile's page id(s) picked as scalars: one, or one per whole page
-                    page = _tile_pages(pages, cp, (n - c0) // PAGE, tok, BLOCK_N, PAGE)
+                if TILE_PAGE and BLOCK_N <= PAGE:  # one page: a scalar base address, rows affine from it
+                    page = tl.sum(tl.where(cp == (n - c0) // PAGE, pages, 0), 0).to(tl.int64)
+                    rows = (n % PAGE + tl.arange(0, BLOCK_N))[:, None]
+                    k_rows = kc_ptr + page * stride_kb + rows * stride_kt + d[None, :]
+                    v_rows = vc_ptr + page * stride_vb + rows * stride_vt + d[None, :]
+                    k = tl.load(k_rows, mask=valid[:, None], other=0.0)
+                    v = tl.load(v_rows, mask=valid[:, None], other=0.0)
                 else:
-                    pick = ((tok - c0) // PAGE)[:, None] == cp[None, :]
-                    page = tl.sum(tl.where(pick, pages[None, :], 0), 1)  # [BLOCK_N] register "gather"
-                k = load_page_rows(kc_ptr, page, tok, valid, stride_kb, stride_kt, PAGE, D)
-                v = load_page_rows(vc_ptr, page, tok, valid, stride_vb, stride_vt, PAGE, D)
+                    if TILE_PAGE:  # the tile's page ids picked as scalars, one per whole page
+                        page = _tile_pages(pages, cp, (n - c0) // PAGE, tok, BLOCK_N, PAGE)
+                    else:
+                        pick = ((tok - c0) // PAGE)[:, None] == cp[None, :]
+                        page = tl.sum(tl.where(pick, pages[None, :], 0), 1)  # [BLOCK_N] register "gather"
+                    k = load_page_rows(kc_ptr, page, tok, valid, stride_kb, stride_kt, PAGE, D)
+                    v = load_page_rows(vc_ptr, page, tok, valid, stride_vb, stride_vt, PAGE, D)
                 acc, m_i, l_i = _softmax_step(q, q_lo, acc, m_i, l_i, k, v, valid, qk_scale, dot_ty, QK8)
         if TILE_PAGE == 2:  # noqa: SIM102 (a static if around a runtime one)
             if full < end:  # the sequence's last, partial tile: masked, its page ids read directly
