@@ -246,7 +246,15 @@ def _wsp_gemm_kernel(a_desc, as_ptr, b_desc, b2_desc, bs_ptr, b2s_ptr, c_ptr, cs
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
-_SMS: dict[int, int] = {}
+_SMS: dict[int, int] = {}  # multiprocessors per device index (the tests pretend to have fewer)
+
+
+def sm_count(device: torch.device) -> int:
+    """The persistent grid's size: the device's multiprocessor count (one CTA each), asked once."""
+    dev = device.index if device.index is not None else torch.cuda.current_device()
+    if dev not in _SMS:
+        _SMS[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
+    return _SMS[dev]
 
 
 def wsp_grouped_gemm(a: torch.Tensor, a_scale_t: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
@@ -265,10 +273,7 @@ def wsp_grouped_gemm(a: torch.Tensor, a_scale_t: torch.Tensor, b: torch.Tensor, 
     assert (b2 is None) == (not quant) and (topk_weights is None) == quant  # QUANT gate_up or WEIGHTED down
     a_desc, b_desc, b2_desc = descriptors(a, b, b2)
     num_tiles = block_expert.numel() * (N // 128)
-    dev = a.device.index if a.device.index is not None else torch.cuda.current_device()
-    if dev not in _SMS:
-        _SMS[dev] = torch.cuda.get_device_properties(dev).multi_processor_count
-    _wsp_gemm_kernel[(max(1, min(num_tiles, _SMS[dev])),)](
+    _wsp_gemm_kernel[(max(1, min(num_tiles, sm_count(a.device))),)](
         a_desc, a_scale_t, b_desc, b2_desc, b_scale, b_scale if b2_scale is None else b2_scale, out,
         out_scale_t if quant else a_scale_t, block_expert, rows,
         topk_weights if topk_weights is not None else a_scale_t, N, K, block_expert.numel(), num_pairs,

@@ -11,7 +11,7 @@ Launches (no host synchronization, so the whole layer can be captured in a CUDA 
   3. gate_up: fp8_gemm over (M-block, N-tile) gathering token rows, gate and up tiles in one
      program, silu-and-mul and 1x128 re-quantization in the epilogue -> FP8 [P, I];
   4. down: fp8_gemm over the same blocks, times the routing weight, stored at row t*k + j;
-  5. combine: sum over the k slots ([T, k, H] -> [T, H]).
+  5. combine: sum over the k slots ([T, k, H] -> [T, H]) plus the shared expert, one kernel (moe_combine.py).
 Traffic: each weight tile once from HBM per launch (M-blocks sharing it run together), x_q read k
 times (gathered), the FP8 intermediate written and read once, [T*k, H] partials written and read.
 `moe_ffn` can also route the experts through cuBLAS (moe_cublas.py, MoeConfig.backend = "cublas"),
@@ -34,9 +34,10 @@ from runtime.kernels.act_quant import Fp8Act, act_quant
 from runtime.kernels.fp8_gemm import fp8_gemm
 from runtime.kernels.fp8_linear import scaled_mm_usable, scaled_mm_weight_scale
 from runtime.kernels.mlp import MlpWeights, swiglu_mlp, swiglu_mlp_ref
+from runtime.kernels.moe_combine import combine_pairs
 from runtime.kernels.moe_cublas import cublas_moe
 from runtime.kernels.moe_routing import align_by_expert, pair_buffer
-from runtime.kernels.moe_tma import tma_fused_moe, tma_moe_usable
+from runtime.kernels.moe_tma import tma_moe_pairs, tma_moe_usable
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,7 @@ class MoeConfig:
     persistent: bool = False  # with fuse_quant: the persistent kernel with a producer warp (fp8_gemm_wsp.py)
     skip_pad: bool = False  # and no wgmma for a consumer whose 64 rows are all padding
     defer: bool = False  # and two wgmma chains in flight per consumer (one promoted while the next runs)
+    shared_stream: bool = False  # moe_ffn: the shared expert on a side CUDA stream
 
 
 # Tile candidates, by name: benchmarks/moe_ffn.py times them in-run per token count and records all.
@@ -158,6 +160,12 @@ MOE_CANDIDATES = {
                        persistent=True, skip_pad=True, defer=True),
     "wspsd6": MoeConfig(128, 8, 4, 5, 128, 4, 6, backend="tma", warp_specialize=True, fuse_quant=True,
                         persistent=True, skip_pad=True, defer=True),
+    "wspsd_side": MoeConfig(128, 8, 4, 4, 128, 4, 4, backend="tma", warp_specialize=True, fuse_quant=True,
+                            persistent=True, skip_pad=True, defer=True, shared_stream=True),
+    "wspsdg4": MoeConfig(128, 4, 4, 4, 128, 4, 4, backend="tma", warp_specialize=True, fuse_quant=True,
+                         persistent=True, skip_pad=True, defer=True),
+    "wspsdg16": MoeConfig(128, 16, 4, 4, 128, 4, 4, backend="tma", warp_specialize=True, fuse_quant=True,
+                          persistent=True, skip_pad=True, defer=True),
 }
 # default per mean (token, slot) pairs per expert: (upper bound, candidate name), first match wins.
 # H200 run 6's in-run winners up to 512 tokens; from 2048 tokens run 7's ws128q, timed in-run against run
@@ -181,6 +189,13 @@ def default_moe_config(tokens: int, top_k: int, num_experts: int) -> MoeConfig:
 def fused_moe(x: torch.Tensor | Fp8Act, weights: torch.Tensor, ids: torch.Tensor, experts: ExpertWeights,
               out_dtype: torch.dtype | None = None, config: MoeConfig | None = None) -> torch.Tensor:
     """Routed experts of this rank: x [T, H], weights/ids [T, k] -> [T, H] partial sum (out_dtype)."""
+    return combine_pairs(routed_pairs(x, weights, ids, experts, out_dtype, config), ids.shape[1])
+
+
+def routed_pairs(x: torch.Tensor | Fp8Act, weights: torch.Tensor, ids: torch.Tensor, experts: ExpertWeights,
+                 out_dtype: torch.dtype | None = None, config: MoeConfig | None = None) -> torch.Tensor:
+    """fused_moe before the combine: [T * k, H] in out_dtype, row t * k + j = w[t, j] times expert
+    ids[t, j]'s output for token t (zeros where that expert is on another rank)."""
     T, k = ids.shape
     if experts.fp8 and not isinstance(x, Fp8Act):
         out_dtype, x = out_dtype or x.dtype, act_quant(x)
@@ -191,7 +206,7 @@ def fused_moe(x: torch.Tensor | Fp8Act, weights: torch.Tensor, ids: torch.Tensor
                          f"{tuple(ids.shape)} do not fit hidden size {experts.gate.shape[2]}")
     config = config or default_moe_config(T, k, experts.num_local)
     if config.backend == "tma" and tma_moe_usable(experts):
-        return tma_fused_moe(x, weights, ids, experts, out_dtype, config)
+        return tma_moe_pairs(x, weights, ids, experts, out_dtype, config)
     bm = config.block_m
     rows, block_expert = align_by_expert(ids, experts.first, experts.num_local, bm)
     inter = experts.gate.shape[1]
@@ -207,25 +222,55 @@ def fused_moe(x: torch.Tensor | Fp8Act, weights: torch.Tensor, ids: torch.Tensor
     fp8_gemm(h, h_scale, experts.down, experts.down_scale, partial, topk_weights=weights.reshape(-1).float(),
              block_n=config.block_n_down, num_warps=config.warps_down, num_stages=config.stages_down,
              **grouped)
-    return partial.view(T, k, -1).sum(dim=1)
+    return partial
 
 
 def moe_ffn(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: ExpertWeights,
             shared: MlpWeights | None, config: MoeConfig | None = None) -> torch.Tensor:
-    """A MoE layer's FFN on one rank: routed experts + (this rank's slice of) the shared expert."""
+    """A MoE layer's FFN on one rank: routed experts + (this rank's slice of) the shared expert, summed
+    by one combine kernel (moe_combine.py). config.shared_stream: the shared expert runs on a side CUDA
+    stream, beside the routing and the routed GEMMs."""
     config = config or default_moe_config(ids.shape[0], ids.shape[1], experts.num_local)
     xq = act_quant(x) if experts.fp8 else x
     hidden, inter = experts.gate.shape[2], experts.gate.shape[1]
     cublas = (experts.fp8 and scaled_mm_usable(x.device, inter, hidden)
               and scaled_mm_usable(x.device, hidden, inter))
+    shared_fn = None if shared is None else (lambda: swiglu_mlp(xq if experts.fp8 else x, shared,
+                                                                 out_dtype=x.dtype,
+                                                                 first_half=config.shared_first_half))
     if config.backend == "cublas" and cublas:
         y = cublas_moe(xq, weights, ids, experts, out_dtype=x.dtype, num_streams=config.streams)
+        return y if shared_fn is None else y + shared_fn()
+    side = config.shared_stream and x.is_cuda and shared_fn is not None
+    if side:
+        y_shared, join = on_side_stream(shared_fn, x.device)
     else:
-        y = fused_moe(xq, weights, ids, experts, out_dtype=x.dtype, config=config)
-    if shared is not None:
-        first_half = config.shared_first_half
-        y = y + swiglu_mlp(xq if experts.fp8 else x, shared, out_dtype=x.dtype, first_half=first_half)
-    return y
+        y_shared, join = (None if shared_fn is None else shared_fn()), None
+    pairs = routed_pairs(xq, weights, ids, experts, out_dtype=x.dtype, config=config)
+    if join is not None:
+        join()
+    return combine_pairs(pairs, ids.shape[1], y_shared)
+
+
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def on_side_stream(fn, device: torch.device):
+    """Run fn's launches on a side stream that starts after the current stream's work so far: (its result,
+    join), join making the current stream wait for them (a fork and join that CUDA graphs capture)."""
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    main, side = torch.cuda.current_stream(device), _SIDE_STREAMS[device]
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        out = fn()
+
+    def join() -> None:
+        # no record_stream for `out` (it is not captured in CUDA graphs): its block goes back to the side
+        # stream's pool, whose next user waits for the main stream first (the wait_stream above)
+        main.wait_stream(side)
+
+    return out, join
 
 
 def fused_moe_ref(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,

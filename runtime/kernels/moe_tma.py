@@ -83,9 +83,9 @@ def gate_up_quant(a, a_scale_t, experts, block_expert, rows, num_pairs, config) 
     return act_quant(h)
 
 
-def tma_fused_moe(x: Fp8Act, weights: torch.Tensor, ids: torch.Tensor, experts, out_dtype: torch.dtype,
+def tma_moe_pairs(x: Fp8Act, weights: torch.Tensor, ids: torch.Tensor, experts, out_dtype: torch.dtype,
                   config) -> torch.Tensor:
-    """moe.fused_moe's routed experts (same arguments, x already quantized) on the TMA kernels."""
+    """moe.routed_pairs (same arguments, x already quantized) on the TMA kernels: [T * k, H]."""
     T, k = ids.shape
     bm = config.block_m
     rows, block_expert = align_by_expert(ids, experts.first, experts.num_local, bm)
@@ -95,4 +95,4 @@ def tma_fused_moe(x: Fp8Act, weights: torch.Tensor, ids: torch.Tensor, experts, 
     partial = pair_buffer(experts, T * k, out_dtype, a.device)
     gemm(hq.q, hq.scale_inv.t(), experts.down, experts.down_scale, partial, block_expert, rows=rows,
          topk_weights=weights.reshape(-1).float(), num_pairs=T * k, num_stages=config.stages_down)
-    return partial.view(T, k, -1).sum(dim=1)
+    return partial

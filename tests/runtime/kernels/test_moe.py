@@ -156,6 +156,28 @@ def test_moe_ffn_adds_the_shared_expert():
     assert rel_err(out, fused_moe_ref(x, w, ids, ex) + swiglu_mlp_ref(x, shared)) < REQUANT_TOL
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_moe_ffn_shared_expert_on_a_side_stream_is_the_same_layer_and_captures():
+    ex = _experts(seed=23)
+    gen = torch.Generator().manual_seed(23)
+    (g, gs), (u, us), (d, ds) = (fp8_weight(s, gen) for s in ((256, H), (256, H), (H, 256)))
+    shared = MlpWeights(g, gs, u, us, d, ds)
+    x = randn((70, H), gen).bfloat16()
+    w, ids = _routing(70, seed=23)
+    plain = moe_ffn(x, w, ids, ex, shared, MoeConfig())
+    side = MoeConfig(shared_stream=True)
+    assert torch.equal(moe_ffn(x, w, ids, ex, shared, side), plain)
+    out = torch.zeros_like(plain)
+    moe_ffn(x, w, ids, ex, shared, side)  # compiled and warm before the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out.copy_(moe_ffn(x, w, ids, ex, shared, side))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, plain)
+
+
 def test_fused_moe_names_bad_inputs():
     ex = _experts(seed=0)
     w, ids = _routing(4, seed=0)
