@@ -160,27 +160,32 @@ MOE_CANDIDATES = {
                        persistent=True, skip_pad=True, defer=True),
     "wspsd6": MoeConfig(128, 8, 4, 5, 128, 4, 6, backend="tma", warp_specialize=True, fuse_quant=True,
                         persistent=True, skip_pad=True, defer=True),
-    "wspsd_side": MoeConfig(128, 8, 4, 4, 128, 4, 4, backend="tma", warp_specialize=True, fuse_quant=True,
-                            persistent=True, skip_pad=True, defer=True, shared_stream=True),
+    # g4 / g16: GROUP_M 4 / 16; side: the shared expert on a side stream (moe_ffn)
     "wspsdg4": MoeConfig(128, 4, 4, 4, 128, 4, 4, backend="tma", warp_specialize=True, fuse_quant=True,
                          persistent=True, skip_pad=True, defer=True),
     "wspsdg16": MoeConfig(128, 16, 4, 4, 128, 4, 4, backend="tma", warp_specialize=True, fuse_quant=True,
                           persistent=True, skip_pad=True, defer=True),
+    "wspsd_side": MoeConfig(128, 8, 4, 4, 128, 4, 4, backend="tma", warp_specialize=True, fuse_quant=True,
+                            persistent=True, skip_pad=True, defer=True, shared_stream=True),
+    "wspsdg4_side": MoeConfig(128, 4, 4, 4, 128, 4, 4, backend="tma", warp_specialize=True, fuse_quant=True,
+                              persistent=True, skip_pad=True, defer=True, shared_stream=True),
+    "wspsdg16_side": MoeConfig(128, 16, 4, 4, 128, 4, 4, backend="tma", warp_specialize=True, fuse_quant=True,
+                               persistent=True, skip_pad=True, defer=True, shared_stream=True),
 }
 # default per mean (token, slot) pairs per expert: (upper bound, candidate name), first match wins.
-# H200 run 6's in-run winners up to 512 tokens; from 2048 tokens run 7's ws128q, timed in-run against run
-# 6's kernel (results/moe_ffn_run7_probe.json: 1.02-1.14x) and confirmed by the full run 7
-# (results/moe_ffn_h200.json; its other winners were within the run-to-run spread of these);
-# benchmarks/moe_ffn.py prints this line for each full run's winners.
-DEFAULT_MOE_TILES = ((16, "m16s3"), (64, "m32s3"), (float("inf"), "ws128q"))
+# H200 run 6's in-run winners up to 512 tokens; from 2048 tokens run 8's persistent kernel with skipped
+# padding halves and two chains in flight (1.07-1.13x run 7's ws128q in-run, results/moe_ffn_run8_call1.json)
+# and the shared expert on a side stream (call 2: 1-7% better than without, within the rounds' spread at
+# 2048); benchmarks/moe_ffn.py prints this line for each full run's winners.
+DEFAULT_MOE_TILES = ((16, "m16s3"), (64, "m32s3"), (float("inf"), "wspsd_side"))
 
 
 def default_moe_config(tokens: int, top_k: int, num_experts: int) -> MoeConfig:
     """The fastest candidate per mean pairs per expert on the H200 (DEFAULT_MOE_TILES).
 
     16- and 32-row gathering tiles while experts get up to ~32 pairs (weight-bandwidth bound: little
-    padding); above, the TMA path over expert-contiguous rows (128-row tiles, warp-specialized on
-    Hopper). The cuBLAS backend never won (CPU-launch bound, NOTES_ffn.md).
+    padding); above, the TMA path over expert-contiguous rows (128-row tiles, warp-specialized and
+    persistent on Hopper). The cuBLAS backend never won (CPU-launch bound, NOTES_ffn.md).
     """
     mean = tokens * top_k / max(num_experts, 1)
     return MOE_CANDIDATES[next(name for bound, name in DEFAULT_MOE_TILES if mean <= bound)]
