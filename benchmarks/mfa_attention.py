@@ -133,33 +133,30 @@ def _sdpa_decode(pools: Pools, batch: int, ctx: int, reps: int, gen: torch.Gener
 
 
 LAUNCH_FIELDS = ("block_n", "num_warps", "num_stages", "chunk_max", "tile_page", "pdl", "qk_fp8")
-# In-run candidates per KV dtype, in LAUNCH_FIELDS order; the first of each is the library default
-# (mfa_decode._GPU_LAUNCH), then run 4's BF16 default / FP8: run 6's default (fp16 dots) and variants of run
-# 7's quick pass (qk_fp8 2: q K^T as E4M3 hi + lo dots, q split by the pre-pass; 1: split in the kernel).
-# chunk_max 2048 at page 64: 32 page ids per chunk, picked within a warp (64 ids: a cross-warp sum, 3 more
-# bar.sync per tile in the Triton 3.6 SASS); (64, 4, 4, ...): one program per SM (176 KB shared memory).
-CANDIDATES = {"bf16": [(32, 4, 4, 4096, 2, 1), (32, 4, 4, 512, 2, 0), (32, 4, 4, 2048, 2, 1)],
-              "fp8": [(32, 4, 3, 2048, 2, 1, 2), (32, 4, 3, 512, 0, 1), (32, 4, 3, 4096, 2, 1, 2),
-                      (32, 4, 4, 2048, 2, 1, 2), (64, 4, 2, 2048, 2, 1, 2), (64, 4, 4, 2048, 2, 1, 2),
-                      (32, 4, 3, 4096, 2, 1, 1)]}
+# In-run candidates per KV dtype, in LAUNCH_FIELDS order; () is the library default (mfa_decode._GPU_LAUNCH;
+# for FP8 it switches launch at QK8_MIN_TOKENS), then the launches it is made of and run 7's runners-up.
+# Give every field: a shorter tuple takes the rest from the library default, which for FP8 depends on the
+# shape (run 7's full run lost its fp16-dot candidate that way: (32, 4, 3, 512, 0, 1) got qk_fp8 2).
+CANDIDATES = {"bf16": [(), (32, 4, 4, 4096, 2, 1, 0), (32, 4, 4, 512, 2, 0, 0)],
+              "fp8": [(), (32, 4, 3, 2048, 2, 1, 2), (32, 4, 3, 512, 0, 1, 0), (64, 4, 2, 2048, 2, 1, 2),
+                      (32, 4, 4, 2048, 2, 1, 2)]}
 TUNE_SHAPES = ((256, 4096), (32, 4096), (1, 32768))
-# --quick (run 7's quick pass, less its deleted lazy-rescale rows): launches per (KV dtype, page) on
-# TUNE_SHAPES, the library default first (timed again last, for the run-to-run spread); a trailing dict
-# holds further plan_decode keywords.
-QUICK = {("fp8", 64): [(32, 4, 3, 512, 0, 1), (32, 4, 3, 512, 2, 1, 2), (32, 4, 3, 512, 2, 1, 1),
-                       (32, 4, 4, 512, 2, 1, 2), (32, 4, 3, 4096, 2, 1, 2), (64, 4, 2, 512, 2, 1, 2),
-                       (32, 8, 3, 512, 2, 1, 2)],
-         ("bf16", 64): [(32, 4, 4, 4096, 2, 1)],
-         ("fp8", 16): [(32, 4, 3, 512, 0, 1), (32, 4, 3, 512, 2, 1, 2), (32, 4, 3, 1024, 2, 1, 2)],
-         ("bf16", 16): [(32, 4, 4, 4096, 2, 1)]}
+# --quick (run 7's quick pass, less its deleted lazy-rescale and in-kernel-split rows): launches per (KV
+# dtype, page) on TUNE_SHAPES, the library default first (timed again last, for the run-to-run spread); a
+# trailing dict holds further plan_decode keywords.
+QUICK = {("fp8", 64): [(32, 4, 3, 512, 0, 1, 0), (32, 4, 3, 512, 2, 1, 2), (32, 4, 4, 512, 2, 1, 2),
+                       (32, 4, 3, 4096, 2, 1, 2), (64, 4, 2, 512, 2, 1, 2), (32, 8, 3, 512, 2, 1, 2)],
+         ("bf16", 64): [(32, 4, 4, 4096, 2, 1, 0)],
+         ("fp8", 16): [(32, 4, 3, 512, 0, 1, 0), (32, 4, 3, 512, 2, 1, 2), (32, 4, 3, 1024, 2, 1, 2)],
+         ("bf16", 16): [(32, 4, 4, 4096, 2, 1, 0)]}
 # --profile: one call each at 256 x 4K (page 64), for a profiler (ncu) to capture: (KV dtype, launch)
-PROFILE = (("bf16", (32, 4, 4, 4096, 2, 1)), ("fp8", (32, 4, 3, 2048, 2, 1, 2)),
-           ("fp8", (64, 4, 2, 2048, 2, 1, 2)))
+PROFILE = (("bf16", ()), ("fp8", (32, 4, 3, 2048, 2, 1, 2)), ("fp8", (64, 4, 2, 2048, 2, 1, 2)))
 
 
 def launch_kw(t: tuple) -> dict:
-    """(block_n, num_warps, num_stages, chunk_max[, tile_page[, pdl]][, {more}]) -> plan_decode keywords."""
-    more = t[-1] if isinstance(t[-1], dict) else {}
+    """(block_n, num_warps, num_stages, chunk_max[, tile_page[, pdl[, qk_fp8]]][, {more}]) -> plan_decode
+    keywords; () -> {} (the library default)."""
+    more = t[-1] if t and isinstance(t[-1], dict) else {}
     return dict(zip(LAUNCH_FIELDS, t[: len(t) - bool(more)], strict=False)) | more
 
 
@@ -463,7 +460,7 @@ def summary(result: dict, log) -> None:
     total = len(result["bars"])
     print(f"copy {result['copy_tb_s']:.2f} TB/s; bars passed {total - len(misses)}/{total}")
     for kv, pick in result["launch"].items():  # the lead copies these into mfa_decode._GPU_LAUNCH
-        launch = pick["launch"] and tuple(pick["launch"].values())
+        launch = pick["launch"] and tuple(pick["launch"].values()) or pick["launch"]  # {}: library default
         print(f"launch {kv}: {launch} ({pick['gain_vs_default'] or float('nan'):.2f}x the default, geometric "
               f"mean over {len(TUNE_SHAPES)} shapes)")
     shown = ((256, 4096), (128, 32768), (32, 4096), (1, 32768))

@@ -9,7 +9,7 @@ normalized partial output [H, D] fp32 and log2-sum-exp [H], and `_mfa_merge_kern
     out = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M)
 which costs 2 x H x D x 4 bytes per split (`_pick_splits` weighs that against filling the GPU).
 With an FP8 cache P V takes fp16 operands (see kv_cache.dot_kind) and q K^T either fp16 ones (qk_fp8 0:
-|q| < 65504) or E4M3 ones on the raw K tile, q split per head into hi + lo (qk_fp8 1 / 2, `_split_q_fp8`).
+|q| < 65504) or E4M3 ones on the raw K tile, q split per head into hi + lo by a pre-pass (qk_fp8 2).
 Measured on an H200 (benchmarks/NOTES_mfa.md, runs 5-7): BF16 256 x 4K at the copy bandwidth, 32 x 4K 68%.
 """
 
@@ -77,9 +77,10 @@ def _split_q_fp8(q, qk_ty: tl.constexpr):
 @triton.jit
 def _split_q_kernel(q_ptr, q8_ptr, qs_ptr, stride_qb, stride_qh, H: tl.constexpr, H_PAD: tl.constexpr,
                     D: tl.constexpr, PDL: tl.constexpr):
-    """QK8 == 2: sequence b's q split once (`_split_q_fp8`) into q8 [B, 2, H_PAD, D] and qs [B, H_PAD], so
+    """qk_fp8 2: sequence b's q split once (`_split_q_fp8`) into q8 [B, 2, H_PAD, D] and qs [B, H_PAD], so
     the decode kernel LOADS hi / lo (the tensor cores then read them from shared memory, as the BF16 path
-    reads q) instead of making them in registers, which Triton reloads from shared memory every tile."""
+    reads q). Splitting in the decode kernel instead (run 7's qk_fp8 1, deleted) left them in registers,
+    which Triton reloads from shared memory every tile, and was slower."""
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
@@ -127,8 +128,8 @@ def _mfa_decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, k_scale_ptr, v_s
     partial tile. PDL (programmatic dependent launch, Hopper): this grid may start before the previous
     kernel in the stream has finished, so it waits for it before reading anything; then it lets the merge
     kernel start, which waits in turn: each launch overlaps the kernel before it instead of following it.
-    QK8 (FP8 cache): q split into E4M3 hi + lo, q K^T as two FP8 dots on the raw K tile (`_softmax_step`);
-    1 splits q here (in registers), 2 loads the split `_split_q_kernel` wrote.
+    QK8 (FP8 cache, 2): q K^T as two E4M3 dots on the raw K tile (`_softmax_step`) of the q split that
+    `_split_q_kernel` wrote (hi, lo and a scale per head).
     """
     if PDL:
         gdc_wait()  # the previous kernel's writes (q, the cache) are complete and visible
@@ -143,7 +144,7 @@ def _mfa_decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, k_scale_ptr, v_s
     h = tl.arange(0, H_PAD)
     d = tl.arange(0, D)
     qk_scale = tl.full([H_PAD], 1.0, tl.float32) * sm_scale_log2 * tl.load(k_scale_ptr)  # FP8 K scale in
-    if QK8 == 2:  # hi, lo [H_PAD, D] and the per-head scale, as `_split_q_kernel` wrote them
+    if QK8:  # hi, lo [H_PAD, D] and the per-head scale, as `_split_q_kernel` wrote them
         hd = b.to(tl.int64) * 2 * H_PAD * D + h[:, None] * D + d[None, :]
         q = tl.load(q8_ptr + hd)
         q_lo = tl.load(q8_ptr + H_PAD * D + hd)
@@ -151,13 +152,8 @@ def _mfa_decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, k_scale_ptr, v_s
     else:
         q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + h[:, None] * stride_qh + d[None, :],
                     mask=h[:, None] < H, other=0.0)  # [H_PAD, D]
-        if QK8 == 1:
-            qk_ty: tl.constexpr = tl.float32 if DOT == 0 else kc_ptr.dtype.element_ty
-            q, q_lo, q_scale = _split_q_fp8(q.to(tl.float32), qk_ty)
-            qk_scale = qk_scale * q_scale
-        else:
-            q = q.to(dot_ty)
-            q_lo = q  # unused
+        q = q.to(dot_ty)
+        q_lo = q  # unused
     bt_row = bt_ptr + b.to(tl.int64) * stride_bt
     m_i = tl.full([H_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([H_PAD], tl.float32)
@@ -254,12 +250,16 @@ class DecodePlan:
     page: int
     tile_page: int = 0  # chunked: 1 scalar page ids per tile (one per page it covers), 2 also unmasked tiles
     pdl: int = 0  # GPU: 1 launches both kernels as programmatic dependents (see _mfa_decode_kernel)
-    qk_fp8: int = 0  # FP8 cache: q K^T as E4M3 dots of q split in hi + lo; 1 split in-kernel, 2 by a pre-pass
+    qk_fp8: int = 0  # FP8 cache, 2: q K^T as E4M3 dots of q split in hi + lo by a pre-pass (1: deleted)
 
 
 # (block_n, num_warps, num_stages, chunk_max, tile_page, pdl, qk_fp8) for head_dim >= 128 on the GPU, by KV
-# bytes per value: the launches the committed H200 runs picked (results/mfa_attention_*h200.json).
-_GPU_LAUNCH = {2: (32, 4, 4, 4096, 2, 1, 0), 1: (32, 4, 3, 2048, 2, 1, 2)}
+# bytes per value: the launches the committed H200 runs picked (results/mfa_attention_*h200.json, NOTES_mfa.md
+# run 7). FP8 takes the E4M3 q K^T (qk_fp8 2) from QK8_MIN_TOKENS cached tokens per call, where its cheaper
+# tile outweighs the q-split pre-pass (~7 us in run 7); below, run 6's fp16-dot launch.
+_GPU_LAUNCH = {2: (32, 4, 4, 2048, 2, 1, 0), 1: (32, 4, 3, 2048, 2, 1, 2)}
+_GPU_LAUNCH_FP8_SMALL = (32, 4, 3, 512, 0, 1, 0)
+QK8_MIN_TOKENS = 256 * 1024
 _CPU_LAUNCH = (32, 4, 2, 128, 0, 0, 0)
 MAX_SPLITS = 512
 MAX_CHUNK_PAGES = 64  # page ids held in registers per chunk: chunk_max 4096 tokens at page 64, 1024 at 16
@@ -302,7 +302,10 @@ def plan_decode(batch: int, max_seq_len: int, head_dim: int, device: torch.devic
     """Launch parameters (tuned table) and the split of the sequence (`_pick_splits`), in one place."""
     on_gpu = device.type == "cuda"
     kv_bytes = torch.empty(0, dtype=kv_dtype).element_size()
-    tuned = _GPU_LAUNCH[kv_bytes] if on_gpu and head_dim >= 128 else _CPU_LAUNCH
+    tuned = _CPU_LAUNCH
+    if on_gpu and head_dim >= 128:
+        small_fp8 = kv_bytes == 1 and batch * max_seq_len < QK8_MIN_TOKENS
+        tuned = _GPU_LAUNCH_FP8_SMALL if small_fp8 else _GPU_LAUNCH[kv_bytes]
     block_n, num_warps, num_stages = block_n or tuned[0], num_warps or tuned[1], num_stages or tuned[2]
     chunk_max = min(tuned[3] if chunk_max is None else chunk_max, MAX_CHUNK_PAGES * page)
     tile_page = int(tuned[4] if tile_page is None else tile_page) if chunk_max > 0 else 0
@@ -375,7 +378,7 @@ def mfa_decode(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor, 
     pdl = bool(plan.pdl) and q.is_cuda
     h_pad = max(16, triton.next_power_of_2(H))
     qk8 = plan.qk_fp8 if cache.is_fp8 else 0
-    q8, qs = _split_q(q, h_pad, cache, pdl) if qk8 == 2 else (out, out)  # (out: never read)
+    q8, qs = _split_q(q, h_pad, cache, pdl) if qk8 else (out, out)  # (out: never read)
     _mfa_decode_kernel[(plan.num_splits, B)](
         q, cache.k, cache.v, block_table, seq_lens, cache.k_scale, cache.v_scale, out, part_o, part_lse,
         q8, qs, D ** -0.5 * LOG2E, plan.tokens_per_split, plan.num_splits,

@@ -8,6 +8,7 @@ from converters.errors import Step3Error
 from runtime.kernels.kv_cache import FP8_DTYPE, PagedKVCache, write_kv_ref
 from runtime.kernels.mfa_decode import (
     MAX_CHUNK_PAGES,
+    QK8_MIN_TOKENS,
     _pick_splits,
     _split_q,
     mfa_decode,
@@ -81,15 +82,13 @@ def test_decode_pdl(dtype, num_splits):
         assert rel_err(out, mfa_decode_ref(q, cache, block_table, seq_lens)) < TOL_BF16, call
 
 
-@pytest.mark.parametrize("page, num_splits, qk_fp8",
-                         [(16, 1, 1), (32, 3, 1), (64, None, 1), (16, 1, 2), (32, 3, 2), (64, None, 2)],
-                         ids=["regs-direct", "regs-split3", "regs-auto", "prepass-direct", "prepass-split3",
-                              "prepass-auto"])
-def test_decode_qk_fp8_matches_reference(page, num_splits, qk_fp8):
-    """FP8 cache, q K^T as E4M3 dots of q split into hi + lo, made in the kernel (1) or by the pre-pass (2)
-    (on the CPU the split is exact E4M3 values, the dots fp32): within bf16's tolerance, where hi alone
-    would be 2-5% off (test_split_q_needs_the_lo_part)."""
-    err = _run(4, 64, page, FP8_DTYPE, torch.bfloat16, num_splits, seed=3 * page + qk_fp8, qk_fp8=qk_fp8)
+@pytest.mark.parametrize("page, num_splits", [(16, 1), (32, 3), (64, None)],
+                         ids=["direct", "split3", "auto"])
+def test_decode_qk_fp8_matches_reference(page, num_splits):
+    """FP8 cache, q K^T as E4M3 dots of q split into hi + lo by the pre-pass (on the CPU the split is exact
+    E4M3 values, the dots fp32): within bf16's tolerance, where hi alone would be 2-5% off
+    (test_split_q_needs_the_lo_part)."""
+    err = _run(4, 64, page, FP8_DTYPE, torch.bfloat16, num_splits, seed=3 * page + 2, qk_fp8=2)
     assert err < TOL_BF16
 
 
@@ -112,8 +111,7 @@ def test_split_q_needs_the_lo_part():
     assert not q8[:, :, 5:].any()
 
 
-@pytest.mark.parametrize("qk_fp8", [1, 2], ids=["regs", "prepass"])
-def test_decode_qk_fp8_per_head_scale(qk_fp8):
+def test_decode_qk_fp8_per_head_scale(qk_fp8=2):
     """Heads whose q spans 1e-3..1e5 (beyond fp16) keep their accuracy: the split scales q per head."""
     gen = torch.Generator().manual_seed(5)
     cache, block_table, seq_lens = random_paged_cache([40, 129, 1], 64, 32, FP8_DTYPE, gen)
@@ -128,6 +126,19 @@ def test_decode_qk_fp8_per_head_scale(qk_fp8):
     assert plan_decode(3, 129, 64, DEVICE, torch.bfloat16, 32, qk_fp8=qk_fp8).qk_fp8 == 0  # BF16: no split
 
 
+def test_plan_gpu_fp8_launch_by_size():
+    """On the GPU an FP8 cache takes the E4M3 q K^T launch from QK8_MIN_TOKENS cached tokens per call and the
+    fp16-dot launch below (the pre-pass costs more than it saves there); BF16 never splits q. (num_splits is
+    given so that no GPU is asked for its SM count: this runs anywhere.)"""
+    gpu = torch.device("cuda")
+    big = plan_decode(256, 4096, 256, gpu, FP8_DTYPE, 64, num_splits=1)
+    small = plan_decode(32, 4096, 256, gpu, FP8_DTYPE, 64, num_splits=4)
+    assert 256 * 4096 >= QK8_MIN_TOKENS > 32 * 4096
+    assert (big.qk_fp8, big.tile_page, small.qk_fp8, small.tile_page) == (2, 2, 0, 0)
+    assert plan_decode(256, 4096, 256, gpu, torch.bfloat16, 64, num_splits=1).qk_fp8 == 0
+    assert plan_decode(32, 4096, 256, gpu, FP8_DTYPE, 64, num_splits=4, qk_fp8=2).qk_fp8 == 2  # override
+
+
 def test_plan_caps_the_chunk_in_pages():
     cpu = torch.device("cpu")
     assert plan_decode(256, 4096, 256, cpu, page=64, chunk_max=4096).chunk == 4096
@@ -138,7 +149,6 @@ STEP3_LAUNCHES = {"bf16": (torch.bfloat16, None), "fp8": (FP8_DTYPE, None),
                   "bf16-tile-page2": (torch.bfloat16, (32, None, 2)),
                   "fp8-tile-page2": (FP8_DTYPE, (32, None, 2)),
                   "fp8-fp16-dots": (FP8_DTYPE, (32, 3, 0, 0)),
-                  "fp8-qk8regs": (FP8_DTYPE, (32, 3, 2, 1)),
                   "fp8-qk8prepass": (FP8_DTYPE, (32, 3, 2, 2)),
                   "fp8-64-qk8prepass": (FP8_DTYPE, (64, 2, 2, 2))}
 
