@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from benchmarks.common import capture_graph, event_median_ms, gpu_versions  # noqa: E402
 from runtime.kernels.kv_cache import FP8_DTYPE, PagedKVCache  # noqa: E402
-from runtime.kernels.mfa_decode import mfa_decode, mfa_decode_ref, plan_decode  # noqa: E402
+from runtime.kernels.mfa_decode import mfa_decode, mfa_decode_ref  # noqa: E402
+from runtime.kernels.mfa_plan import plan_decode  # noqa: E402
 from runtime.kernels.mfa_prefill import mfa_prefill, mfa_prefill_ref  # noqa: E402
 
 H, D = 64, 256
@@ -133,7 +134,7 @@ def _sdpa_decode(pools: Pools, batch: int, ctx: int, reps: int, gen: torch.Gener
 
 
 LAUNCH_FIELDS = ("block_n", "num_warps", "num_stages", "chunk_max", "tile_page", "pdl", "qk_fp8")
-# In-run candidates per KV dtype, in LAUNCH_FIELDS order; () is the library default (mfa_decode._GPU_LAUNCH;
+# In-run candidates per KV dtype, in LAUNCH_FIELDS order; () is the library default (mfa_plan._GPU_LAUNCH;
 # for FP8 it switches launch at QK8_MIN_TOKENS), then the launches it is made of and run 7's runners-up.
 # Give every field: a shorter tuple takes the rest from the library default, which for FP8 depends on the
 # shape (run 7's full run lost its fp16-dot candidate that way: (32, 4, 3, 512, 0, 1) got qk_fp8 2).
@@ -459,7 +460,7 @@ def summary(result: dict, log) -> None:
     misses = [b for b in result["bars"] if not b["passed"]]
     total = len(result["bars"])
     print(f"copy {result['copy_tb_s']:.2f} TB/s; bars passed {total - len(misses)}/{total}")
-    for kv, pick in result["launch"].items():  # the lead copies these into mfa_decode._GPU_LAUNCH
+    for kv, pick in result["launch"].items():  # the lead copies these into mfa_plan._GPU_LAUNCH
         launch = pick["launch"] and tuple(pick["launch"].values()) or pick["launch"]  # {}: library default
         print(f"launch {kv}: {launch} ({pick['gain_vs_default'] or float('nan'):.2f}x the default, geometric "
               f"mean over {len(TUNE_SHAPES)} shapes)")

@@ -6,15 +6,8 @@ from paged_inputs import DEVICE, boundary_lengths, random_paged_cache, rel_err
 
 from converters.errors import Step3Error
 from runtime.kernels.kv_cache import FP8_DTYPE, PagedKVCache, write_kv_ref
-from runtime.kernels.mfa_decode import (
-    MAX_CHUNK_PAGES,
-    QK8_MIN_TOKENS,
-    _pick_splits,
-    _split_q,
-    mfa_decode,
-    mfa_decode_ref,
-    plan_decode,
-)
+from runtime.kernels.mfa_decode import _split_q, mfa_decode, mfa_decode_ref
+from runtime.kernels.mfa_plan import MAX_CHUNK_PAGES, QK8_MIN_TOKENS, _pick_splits, plan_decode
 from runtime.model import reference
 
 # bf16 q/out: the output's own rounding (the CPU interpreter truncates) dominates; fp32 q on the CPU

@@ -1,0 +1,100 @@
+"""Launch plans of the MFA decode kernel (`mfa_decode`): the tuned launch table and the split of the sequence.
+
+`plan_decode` picks everything in one place; every field can be overridden (the benchmark's tuning passes do).
+The table holds what the committed H200 runs picked (benchmarks/NOTES_mfa.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """Launch choices, picked in one place (`plan_decode`); every field can be overridden for tuning."""
+
+    num_splits: int
+    tokens_per_split: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    chunk: int  # tokens whose page ids are loaded at once (0: per tile); divides tokens_per_split
+    page: int
+    tile_page: int = 0  # chunked: 1 scalar page ids per tile (one per page it covers), 2 also unmasked tiles
+    pdl: int = 0  # GPU: 1 launches both kernels as programmatic dependents (see _mfa_decode_kernel)
+    qk_fp8: int = 0  # FP8 cache, 2: q K^T as E4M3 dots of q split in hi + lo by a pre-pass (1: deleted)
+
+
+# (block_n, num_warps, num_stages, chunk_max, tile_page, pdl, qk_fp8) for head_dim >= 128 on the GPU, by KV
+# bytes per value: the launches the committed H200 runs picked (results/mfa_attention_*h200.json, NOTES_mfa.md
+# run 7). FP8 takes the E4M3 q K^T (qk_fp8 2) from QK8_MIN_TOKENS cached tokens per call, where its cheaper
+# tile outweighs the q-split pre-pass (~7 us in run 7); below, run 6's fp16-dot launch.
+_GPU_LAUNCH = {2: (32, 4, 4, 2048, 2, 1, 0), 1: (32, 4, 3, 2048, 2, 1, 2)}
+_GPU_LAUNCH_FP8_SMALL = (32, 4, 3, 512, 0, 1, 0)
+QK8_MIN_TOKENS = 256 * 1024
+_CPU_LAUNCH = (32, 4, 2, 128, 0, 0, 0)
+MAX_SPLITS = 512
+MAX_CHUNK_PAGES = 64  # page ids held in registers per chunk: chunk_max 4096 tokens at page 64, 1024 at 16
+SMEM_PER_SM = 227 * 1024
+SPLIT_COST_TOKENS = 128  # a split's q load + fp32 partial write + merge read, in cached-token equivalents
+
+
+def _chunk(tokens: int, granule: int, chunk_max: int) -> int:
+    """The largest granule x 2^k <= max(chunk_max, granule) that divides tokens (0 if chunk_max is 0)."""
+    if chunk_max == 0:
+        return 0
+    chunk = granule
+    while tokens % (2 * chunk) == 0 and 2 * chunk <= chunk_max:
+        chunk *= 2
+    return chunk
+
+
+def _split_tokens(max_seq_len: int, splits: int, granule: int) -> int:
+    return triton.cdiv(triton.cdiv(max_seq_len, splits), granule) * granule
+
+
+def _pick_splits(batch: int, max_seq_len: int, slots: int, granule: int, max_splits: int) -> int:
+    """Fewest waves x (split length + per-split cost), preferring splits that fill >= 3/4 of the slots.
+
+    slots = SMs x programs that fit one SM; a wave is `slots` programs running side by side.
+    """
+    def cost(s: int) -> tuple[bool, int]:
+        tokens = _split_tokens(max_seq_len, s, granule)
+        waves = triton.cdiv(batch * triton.cdiv(max_seq_len, tokens), slots)
+        return batch * s < 0.75 * slots, waves * (tokens + (SPLIT_COST_TOKENS if s > 1 else 0))
+
+    return min(range(1, max_splits + 1), key=cost)
+
+
+def plan_decode(batch: int, max_seq_len: int, head_dim: int, device: torch.device,
+                kv_dtype: torch.dtype = torch.bfloat16, page: int = 64, heads: int = 64,
+                num_splits: int | None = None, block_n: int | None = None, num_warps: int | None = None,
+                num_stages: int | None = None, chunk_max: int | None = None, tile_page: int | None = None,
+                pdl: int | None = None, qk_fp8: int | None = None, min_split_tokens: int = 256) -> DecodePlan:
+    """Launch parameters (tuned table) and the split of the sequence (`_pick_splits`), in one place."""
+    on_gpu = device.type == "cuda"
+    kv_bytes = torch.empty(0, dtype=kv_dtype).element_size()
+    tuned = _CPU_LAUNCH
+    if on_gpu and head_dim >= 128:
+        small_fp8 = kv_bytes == 1 and batch * max_seq_len < QK8_MIN_TOKENS
+        tuned = _GPU_LAUNCH_FP8_SMALL if small_fp8 else _GPU_LAUNCH[kv_bytes]
+    block_n, num_warps, num_stages = block_n or tuned[0], num_warps or tuned[1], num_stages or tuned[2]
+    chunk_max = min(tuned[3] if chunk_max is None else chunk_max, MAX_CHUNK_PAGES * page)
+    tile_page = int(tuned[4] if tile_page is None else tile_page) if chunk_max > 0 else 0
+    granule = max(block_n, page) if chunk_max else block_n  # splits start on a page when chunking
+    if num_splits is None:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if on_gpu else 4
+        smem = max(16, heads) * head_dim * 2 + num_stages * 2 * block_n * head_dim * kv_bytes  # q, K/V stages
+        slots = sms * max(1, min(2, SMEM_PER_SM // smem))  # registers cap it at 2 (fp32 acc [64, D])
+        max_splits = max(1, min(MAX_SPLITS, max_seq_len // max(min_split_tokens, granule)))
+        num_splits = _pick_splits(batch, max_seq_len, slots, granule, max_splits)
+    tokens = _split_tokens(max_seq_len, num_splits, granule)
+    num_splits = triton.cdiv(max_seq_len, tokens)
+    pdl = int(tuned[5] if pdl is None else pdl) if on_gpu else 0
+    qk_fp8 = int(tuned[6] if qk_fp8 is None else qk_fp8) if kv_bytes == 1 else 0
+    return DecodePlan(num_splits=num_splits, tokens_per_split=tokens, block_n=block_n,
+                      num_warps=num_warps, num_stages=num_stages, chunk=_chunk(tokens, granule, chunk_max),
+                      page=page, tile_page=tile_page, pdl=pdl, qk_fp8=qk_fp8)
