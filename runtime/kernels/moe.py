@@ -173,11 +173,13 @@ MOE_CANDIDATES = {
                                persistent=True, skip_pad=True, defer=True, shared_stream=True),
 }
 # default per mean (token, slot) pairs per expert: (upper bound, candidate name), first match wins.
-# H200 run 6's in-run winners up to 512 tokens; from 2048 tokens run 8's persistent kernel with skipped
-# padding halves and two chains in flight (1.07-1.13x run 7's ws128q in-run, results/moe_ffn_run8_call1.json)
-# and the shared expert on a side stream (call 2: 1-7% better than without, within the rounds' spread at
-# 2048); benchmarks/moe_ffn.py prints this line for each full run's winners.
-DEFAULT_MOE_TILES = ((16, "m16s3"), (64, "m32s3"), (float("inf"), "wspsd_side"))
+# The in-run winners of H200 run 8's full run (results/moe_ffn_h200.json), as benchmarks/moe_ffn.py prints
+# them: the persistent Gluon GEMM with skipped padding halves and two chains in flight from 2048 tokens
+# (GROUP_M 4 / 8, shared expert on a side stream or not): 1.11x / 1.08x / 1.23x run 7's ws128q at 2048 /
+# 4096 / 8192 tokens in the same run. The wsp* candidates differ by less than the spread between two
+# rounds (up to ~5%, once 25%), so the choice among them is weak.
+DEFAULT_MOE_TILES = ((16, "m16s3i"), (64, "m32s3"), (192, "wspsdg4"), (384, "wspsd_side"),
+                     (float("inf"), "wspsdg4_side"))
 
 
 def default_moe_config(tokens: int, top_k: int, num_experts: int) -> MoeConfig:
