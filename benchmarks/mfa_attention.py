@@ -142,14 +142,15 @@ CANDIDATES = {"bf16": [(), (32, 4, 4, 4096, 2, 1, 0), (32, 4, 4, 512, 2, 0, 0)],
               "fp8": [(), (32, 4, 3, 2048, 2, 1, 2), (32, 4, 3, 512, 0, 1, 0), (64, 4, 2, 2048, 2, 1, 2),
                       (32, 4, 4, 2048, 2, 1, 2)]}
 TUNE_SHAPES = ((256, 4096), (32, 4096), (1, 32768))
-# --quick (run 7's quick pass, less its deleted lazy-rescale and in-kernel-split rows): launches per (KV
-# dtype, page) on TUNE_SHAPES, the library default first (timed again last, for the run-to-run spread); a
-# trailing dict holds further plan_decode keywords.
-QUICK = {("fp8", 64): [(32, 4, 3, 512, 0, 1, 0), (32, 4, 3, 512, 2, 1, 2), (32, 4, 4, 512, 2, 1, 2),
-                       (32, 4, 3, 4096, 2, 1, 2), (64, 4, 2, 512, 2, 1, 2), (32, 8, 3, 512, 2, 1, 2)],
-         ("bf16", 64): [(32, 4, 4, 4096, 2, 1, 0)],
-         ("fp8", 16): [(32, 4, 3, 512, 0, 1, 0), (32, 4, 3, 512, 2, 1, 2), (32, 4, 3, 1024, 2, 1, 2)],
-         ("bf16", 16): [(32, 4, 4, 4096, 2, 1, 0)]}
+GLUON = {"gluon": 1}  # mfa_decode_ws.py's warp-specialized kernel (Hopper + Triton 3.6; FP8 with qk_fp8 2)
+# --quick (run 8): the Gluon FP8 kernel (64-token tiles, 3 / 4 stages; 32-token tiles, 4 stages) against both
+# tiers of the Triton FP8 default and the BF16 default, per (KV dtype, page) on TUNE_SHAPES, the first launch
+# timed again last (the run-to-run spread); a trailing dict holds further plan_decode keywords.
+QUICK = {("fp8", 64): [(32, 4, 3, 2048, 2, 1, 2), (64, 4, 3, 2048, 2, 1, 2, GLUON),
+                       (64, 4, 4, 2048, 2, 1, 2, GLUON), (32, 4, 4, 2048, 2, 1, 2, GLUON),
+                       (32, 4, 3, 512, 0, 1, 0)],
+         ("bf16", 64): [(32, 4, 4, 2048, 2, 1, 0)],
+         ("fp8", 16): [(32, 4, 3, 2048, 2, 1, 2), (64, 4, 3, 2048, 2, 1, 2, GLUON)]}
 # --profile: one call each at 256 x 4K (page 64), for a profiler (ncu) to capture: (KV dtype, launch)
 PROFILE = (("bf16", ()), ("fp8", (32, 4, 3, 2048, 2, 1, 2)), ("fp8", (64, 4, 2, 2048, 2, 1, 2)))
 

@@ -29,7 +29,7 @@ from runtime.kernels.kv_cache import (
     load_paged_rows,
     round_to_e4m3,
 )
-from runtime.kernels.mfa_plan import DecodePlan, plan_decode
+from runtime.kernels.mfa_plan import DecodePlan, plan_decode, ws_decode_usable
 
 LOG2E = 1.4426950408889634
 
@@ -290,15 +290,21 @@ def mfa_decode(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor, 
     h_pad = max(16, triton.next_power_of_2(H))
     qk8 = plan.qk_fp8 if cache.is_fp8 else 0
     q8, qs = _split_q(q, h_pad, cache, pdl) if qk8 else (out, out)  # (out: never read)
-    _mfa_decode_kernel[(plan.num_splits, B)](
-        q, cache.k, cache.v, block_table, seq_lens, cache.k_scale, cache.v_scale, out, part_o, part_lse,
-        q8, qs, D ** -0.5 * LOG2E, plan.tokens_per_split, plan.num_splits,
-        q.stride(0), q.stride(1), cache.k.stride(0), cache.k.stride(1), cache.v.stride(0), cache.v.stride(1),
-        block_table.stride(0), out.stride(0), out.stride(1),
-        H=H, H_PAD=h_pad, D=D, PAGE=cache.block_size,
-        BLOCK_N=plan.block_n, CHUNK=plan.chunk, DIRECT=direct, DOT=dot_kind(cache),
-        TILE_PAGE=tile_page, PDL=pdl, QK8=qk8, num_warps=plan.num_warps, num_stages=plan.num_stages,
-        launch_pdl=pdl)
+    if qk8 and plan.gluon and ws_decode_usable(q, cache):
+        from runtime.kernels.mfa_decode_ws import mfa_decode_ws  # Gluon: imported where it runs
+
+        mfa_decode_ws(q8, qs, cache, block_table, seq_lens, out, part_o, part_lse, plan.num_splits,
+                      plan.tokens_per_split, block_n=plan.block_n, stages=plan.num_stages)
+    else:
+        _mfa_decode_kernel[(plan.num_splits, B)](
+            q, cache.k, cache.v, block_table, seq_lens, cache.k_scale, cache.v_scale, out, part_o, part_lse,
+            q8, qs, D ** -0.5 * LOG2E, plan.tokens_per_split, plan.num_splits,
+            q.stride(0), q.stride(1), cache.k.stride(0), cache.k.stride(1), cache.v.stride(0),
+            cache.v.stride(1), block_table.stride(0), out.stride(0), out.stride(1),
+            H=H, H_PAD=h_pad, D=D, PAGE=cache.block_size,
+            BLOCK_N=plan.block_n, CHUNK=plan.chunk, DIRECT=direct, DOT=dot_kind(cache),
+            TILE_PAGE=tile_page, PDL=pdl, QK8=qk8, num_warps=plan.num_warps, num_stages=plan.num_stages,
+            launch_pdl=pdl)
     if not direct:
         s_pad = triton.next_power_of_2(plan.num_splits)
         d_block = min(D, max(16, 8192 // s_pad))  # a [S_PAD, D_BLOCK] fp32 tile of <= 32 KiB

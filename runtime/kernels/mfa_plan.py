@@ -26,6 +26,7 @@ class DecodePlan:
     tile_page: int = 0  # chunked: 1 scalar page ids per tile (one per page it covers), 2 also unmasked tiles
     pdl: int = 0  # GPU: 1 launches both kernels as programmatic dependents (see _mfa_decode_kernel)
     qk_fp8: int = 0  # FP8 cache, 2: q K^T as E4M3 dots of q split in hi + lo by a pre-pass (1: deleted)
+    gluon: int = 0  # FP8 cache with qk_fp8 2 on Hopper + Triton 3.6: 1 runs mfa_decode_ws's Gluon kernel
 
 
 # (block_n, num_warps, num_stages, chunk_max, tile_page, pdl, qk_fp8) for head_dim >= 128 on the GPU, by KV
@@ -73,7 +74,8 @@ def plan_decode(batch: int, max_seq_len: int, head_dim: int, device: torch.devic
                 kv_dtype: torch.dtype = torch.bfloat16, page: int = 64, heads: int = 64,
                 num_splits: int | None = None, block_n: int | None = None, num_warps: int | None = None,
                 num_stages: int | None = None, chunk_max: int | None = None, tile_page: int | None = None,
-                pdl: int | None = None, qk_fp8: int | None = None, min_split_tokens: int = 256) -> DecodePlan:
+                pdl: int | None = None, qk_fp8: int | None = None, gluon: int = 0,
+                min_split_tokens: int = 256) -> DecodePlan:
     """Launch parameters (tuned table) and the split of the sequence (`_pick_splits`), in one place."""
     on_gpu = device.type == "cuda"
     kv_bytes = torch.empty(0, dtype=kv_dtype).element_size()
@@ -89,12 +91,25 @@ def plan_decode(batch: int, max_seq_len: int, head_dim: int, device: torch.devic
         sms = torch.cuda.get_device_properties(device).multi_processor_count if on_gpu else 4
         smem = max(16, heads) * head_dim * 2 + num_stages * 2 * block_n * head_dim * kv_bytes  # q, K/V stages
         slots = sms * max(1, min(2, SMEM_PER_SM // smem))  # registers cap it at 2 (fp32 acc [64, D])
+        slots = sms if gluon else slots  # the Gluon kernel: one 9-warp CTA per SM
         max_splits = max(1, min(MAX_SPLITS, max_seq_len // max(min_split_tokens, granule)))
         num_splits = _pick_splits(batch, max_seq_len, slots, granule, max_splits)
     tokens = _split_tokens(max_seq_len, num_splits, granule)
     num_splits = triton.cdiv(max_seq_len, tokens)
     pdl = int(tuned[5] if pdl is None else pdl) if on_gpu else 0
     qk_fp8 = int(tuned[6] if qk_fp8 is None else qk_fp8) if kv_bytes == 1 else 0
+    gluon = int(gluon and qk_fp8 == 2 and on_gpu)
     return DecodePlan(num_splits=num_splits, tokens_per_split=tokens, block_n=block_n,
                       num_warps=num_warps, num_stages=num_stages, chunk=_chunk(tokens, granule, chunk_max),
-                      page=page, tile_page=tile_page, pdl=pdl, qk_fp8=qk_fp8)
+                      page=page, tile_page=tile_page, pdl=pdl, qk_fp8=qk_fp8, gluon=gluon)
+
+
+def ws_decode_usable(q: torch.Tensor, cache) -> bool:
+    """Whether mfa_decode_ws's Gluon kernel can run: Hopper, Triton 3.6 (the Gluon API it is written against;
+    no interpreter), an FP8 cache whose [num_blocks * page, 256] view is a TMA tensor (contiguous), pages of
+    >= 8 rows (the swizzle atom) and 33..64 heads (one 64-row wgmma tile)."""
+    if not (q.is_cuda and cache.is_fp8 and triton.__version__.startswith("3.6.")):
+        return False
+    return (torch.cuda.get_device_capability(q.device)[0] == 9 and cache.head_dim == 256
+            and cache.block_size >= 8 and 32 < q.shape[1] <= 64 and cache.k.is_contiguous()
+            and cache.v.is_contiguous())

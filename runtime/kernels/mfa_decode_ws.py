@@ -1,0 +1,287 @@
+"""FP8-KV MFA decode on Hopper in Gluon: warp-specialized, TMA loads, no V conversion in the dot warps.
+
+Same contract as `mfa_decode._mfa_decode_kernel` with qk_fp8 2 (program = (split, sequence), the q split by
+`_split_q_kernel` into E4M3 hi + lo and a per-head scale, partials merged by `_mfa_merge_kernel`), but the
+work of a tile is spread over three partitions that meet only at mbarriers:
+- loader (1 warp, 24 registers): reads the block table and issues every TMA load: q's hi / lo halves once,
+  then per BLOCK_N-token tile K and V as [min(page, BLOCK_N), 128] boxes of the cache viewed as
+  [num_blocks * page, D] (each D half its own 128-byte-swizzled buffer) into a STAGES ring.
+- converter (4 warps): V's E4M3 tile -> fp16 into a VSTAGES ring (rows past the sequence end zeroed: the
+  cache there may hold anything, NaN codes too), so the dot warps never touch V's bytes.
+- consumer (the default partition, 4 warps): S = q_hi K^T + q_lo K^T as E4M3 wgmma chains on the raw K tile
+  (K-major as stored), online softmax in registers, O += P V with P fp16 from registers and V fp16 from
+  shared memory. Tile n+1's S chains are issued before tile n's softmax and run under it. (Leaving tile n's
+  P V in flight across the loop's back edge as well, FA3-style, made ptxas serialize every wgmma of the
+  kernel: the in-flight P registers and accumulators are loop-carried; so is a consumer below 256 registers.)
+The Triton kernel does all of this in each of its warps, one step after the other (NOTES_mfa.md run 7:
+445 instructions per warp per 32-token tile, latency-bound at 2 warps per scheduler).
+Needs Hopper and Triton 3.6's Gluon API (`mfa_plan.ws_decode_usable`); elsewhere mfa_decode runs the Triton
+kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_init,
+    warpgroup_mma_wait,
+)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from runtime.kernels.kv_cache import PagedKVCache
+
+DH = gl.constexpr(128)  # columns of one D half: a 128-byte E4M3 row, the TMA box's and the swizzle's width
+
+
+@gluon.jit
+def _tile_bounds(start, end, i, BLOCK_N: gl.constexpr):
+    """First token of tile i and its count of valid tokens (BLOCK_N except in the split's last tile)."""
+    n = start + i * BLOCK_N
+    return n, gl.minimum(end - n, BLOCK_N)
+
+
+@gluon.jit
+def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, bt_ptr,
+            stride_bt, b, start, end, n_tiles, PAGE: gl.constexpr, BLOCK_N: gl.constexpr,
+            STAGES: gl.constexpr, NH: gl.constexpr):
+    """q's 2 x NH boxes once, then each tile's K and V: BLOCK_N / R boxes of R = min(PAGE, BLOCK_N) rows per D
+    half. A box past the sequence end re-reads its last token's page (rows the consumer masks and the
+    converter zeroes), so every tile has the same byte count."""
+    R: gl.constexpr = PAGE if PAGE < BLOCK_N else BLOCK_N
+    mbarrier.expect(q_bar, 2 * NH * q_desc.block_type.nbytes)
+    for j in gl.static_range(2 * NH):  # (hi | lo) x D half; q8 is [B * 2 * 64, D]
+        tma.async_copy_global_to_shared(q_desc, [(b * 2 + j // NH) * 64, (j % NH) * DH], q_bar,
+                                        q_smem.index(j))
+    bt_row = bt_ptr + b.to(gl.int64) * stride_bt
+    for i in range(n_tiles):
+        s = i % STAGES
+        phase = ((i // STAGES) & 1) ^ 1  # the first round passes at once
+        n, _ = _tile_bounds(start, end, i, BLOCK_N)
+        mbarrier.wait(k_empty.index(s), phase)
+        mbarrier.expect(k_ready.index(s), BLOCK_N * NH * DH)
+        for j in gl.static_range(BLOCK_N // R):
+            t = gl.minimum(n + j * R, end - 1)
+            row = gl.load(bt_row + t // PAGE) * PAGE + t % PAGE
+            for h in gl.static_range(NH):
+                tma.async_copy_global_to_shared(k_desc, [row, h * DH], k_ready.index(s),
+                                                k_smem.index(s * NH + h).slice(j * R, R))
+        mbarrier.wait(v_empty.index(s), phase)
+        mbarrier.expect(v_ready.index(s), BLOCK_N * NH * DH)
+        for j in gl.static_range(BLOCK_N // R):
+            t = gl.minimum(n + j * R, end - 1)
+            row = gl.load(bt_row + t // PAGE) * PAGE + t % PAGE
+            for h in gl.static_range(NH):
+                tma.async_copy_global_to_shared(v_desc, [row, h * DH], v_ready.index(s),
+                                                v_smem.index(s * NH + h).slice(j * R, R))
+
+
+@gluon.jit
+def _converter(v_smem, v16_smem, v_ready, v_empty, v16_ready, v16_empty, start, end, n_tiles,
+               BLOCK_N: gl.constexpr, STAGES: gl.constexpr, VSTAGES: gl.constexpr, NH: gl.constexpr):
+    """Each tile's V: E4M3 stage -> registers (16 bytes a thread a row) -> fp16 stage; releases the E4M3 stage
+    as soon as it is read. Rows past the sequence end become 0 (P is 0 there, but 0 x NaN is not)."""
+    layout: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [4, 1], [1, 0])
+    rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, layout))
+    for i in range(n_tiles):
+        s = i % STAGES
+        j = i % VSTAGES
+        _, valid = _tile_bounds(start, end, i, BLOCK_N)
+        mbarrier.wait(v_ready.index(s), (i // STAGES) & 1)
+        mbarrier.wait(v16_empty.index(j), ((i // VSTAGES) & 1) ^ 1)
+        for h in gl.static_range(NH):
+            v = v_smem.index(s * NH + h).load(layout).to(gl.float16)
+            if valid < BLOCK_N:
+                v = gl.where(rows[:, None] < valid, v, 0.0)
+            v16_smem.index(j * NH + h).store(v)
+        fence_async_shared()  # the loads before the TMA that refills the stage, the stores before the wgmma
+        mbarrier.arrive(v_empty.index(s), count=1)
+        mbarrier.arrive(v16_ready.index(j), count=1)
+
+
+@gluon.jit
+def _qk(q_smem, k_smem, k_ready, i, zero, STAGES: gl.constexpr, NH: gl.constexpr):
+    """Tile i's raw scores: wait for its K stage, then q_hi K^T + q_lo K^T as 2 x NH E4M3 wgmma chains into
+    one fp32 accumulator (not waited for: the caller waits, then releases the stage)."""
+    s = i % STAGES
+    mbarrier.wait(k_ready.index(s), (i // STAGES) & 1)
+    acc = warpgroup_mma_init(zero)
+    for j in gl.static_range(2 * NH):
+        acc = warpgroup_mma(q_smem.index(j), k_smem.index(s * NH + j % NH).permute((1, 0)), acc,
+                            use_acc=j > 0, is_async=True)
+    return acc
+
+
+@gluon.jit
+def _softmax(raw, m_i, l_i, qk_scale, valid, BLOCK_N: gl.constexpr, MASK: gl.constexpr):
+    """Online-softmax step on raw scores [64, BLOCK_N] (log2 domain: raw * qk_scale; the max kept in raw
+    units): P (fp32), the rescale factor of the old sums, the new max and sum."""
+    if MASK:  # the split's last tile: tokens >= valid are -inf
+        cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, raw.type.layout))
+        raw = gl.where(cols[None, :] < valid, raw, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(raw, 1))
+    alpha = gl.exp2((m_i - m_new) * qk_scale)
+    p = gl.exp2(raw * qk_scale[:, None] - (m_new * qk_scale)[:, None])
+    l_i = l_i * alpha + gl.sum(p, 1)
+    return p, alpha, m_new, l_i
+
+
+@gluon.jit
+def _pv(p, alpha, acc0, acc1, v16_smem, v16_ready, i, VSTAGES: gl.constexpr, o_layout: gl.constexpr):
+    """Rescale O (two [64, 128] halves) by alpha and issue O += P V (P from registers, fp16)."""
+    a = gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    p16 = gl.convert_layout(p.to(gl.float16), p_layout)
+    j = i % VSTAGES
+    mbarrier.wait(v16_ready.index(j), (i // VSTAGES) & 1)
+    acc0 = warpgroup_mma(p16, v16_smem.index(2 * j), acc0 * a, is_async=True)
+    acc1 = warpgroup_mma(p16, v16_smem.index(2 * j + 1), acc1 * a, is_async=True)
+    return p16, acc0, acc1
+
+
+@gluon.jit
+def _consumer(q_smem, k_smem, v16_smem, q_bar, k_empty, k_ready, v16_ready, v16_empty, k_scale_ptr,
+              v_scale_ptr, qs_ptr, out_ptr, part_o_ptr, part_lse_ptr, sm_scale_log2, b, split, start, end,
+              n_tiles, num_splits, stride_ob, stride_oh, H: gl.constexpr, BLOCK_N: gl.constexpr,
+              STAGES: gl.constexpr, VSTAGES: gl.constexpr, NH: gl.constexpr, DIRECT: gl.constexpr):
+    """Scores, softmax and P V of every tile (the loop peels the last one, the only one masked), then the
+    normalized partial output and its log2-sum-exp (or the output itself when there is one split)."""
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 32])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, 128, 16])
+    heads = gl.arange(0, 64, layout=gl.SliceLayout(1, s_layout))
+    qk_scale = sm_scale_log2 * gl.load(k_scale_ptr) * gl.load(qs_ptr + b.to(gl.int64) * 64 + heads)
+    m_i = gl.full([64], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
+    l_i = gl.zeros([64], gl.float32, gl.SliceLayout(1, s_layout))
+    zero_s = gl.zeros([64, BLOCK_N], gl.float32, s_layout)
+    acc0 = gl.zeros([64, DH], gl.float32, o_layout)
+    acc1 = gl.zeros([64, DH], gl.float32, o_layout)
+    mbarrier.wait(q_bar, 0)
+    if n_tiles > 0:
+        raw = warpgroup_mma_wait(0, deps=[_qk(q_smem, k_smem, k_ready, 0, zero_s, STAGES, NH)])
+        mbarrier.arrive(k_empty.index(0), count=1)
+        p16 = gl.zeros([64, BLOCK_N], gl.float16, gl.DotOperandLayout(operand_index=0, parent=o_layout,
+                                                                        k_width=2))
+        t0 = warpgroup_mma_init(acc0)
+        t1 = warpgroup_mma_init(acc1)
+        for i in range(n_tiles - 1):
+            nxt = _qk(q_smem, k_smem, k_ready, i + 1, zero_s, STAGES, NH)  # runs under this tile's softmax
+            p, alpha, m_i, l_i = _softmax(raw, m_i, l_i, qk_scale, BLOCK_N, BLOCK_N, False)
+            acc0, acc1 = warpgroup_mma_wait(2 * NH, deps=[t0, t1])  # done already: only the types change
+            p16, t0, t1 = _pv(p, alpha, acc0, acc1, v16_smem, v16_ready, i, VSTAGES, o_layout)
+            raw = warpgroup_mma_wait(0, deps=[nxt])  # and this tile's P V
+            mbarrier.arrive(v16_empty.index(i % VSTAGES), count=1)
+            mbarrier.arrive(k_empty.index((i + 1) % STAGES), count=1)
+        last = n_tiles - 1
+        _, valid = _tile_bounds(start, end, last, BLOCK_N)
+        p, alpha, m_i, l_i = _softmax(raw, m_i, l_i, qk_scale, valid, BLOCK_N, True)
+        acc0, acc1, p16 = warpgroup_mma_wait(0, deps=[t0, t1, p16])
+        p16, t0, t1 = _pv(p, alpha, acc0, acc1, v16_smem, v16_ready, last, VSTAGES, o_layout)
+        acc0, acc1, p16 = warpgroup_mma_wait(0, deps=[t0, t1, p16])
+    _epilogue(acc0, acc1, m_i, l_i, qk_scale, v_scale_ptr, out_ptr, part_o_ptr, part_lse_ptr, b, split,
+              num_splits, stride_ob, stride_oh, H, DIRECT, o_layout)
+
+
+@gluon.jit
+def _epilogue(acc0, acc1, m_i, l_i, qk_scale, v_scale_ptr, out_ptr, part_o_ptr, part_lse_ptr, b, split,
+              num_splits, stride_ob, stride_oh, H: gl.constexpr, DIRECT: gl.constexpr,
+              o_layout: gl.constexpr):
+    """o = O * v_scale / l for heads < H, into out (one split) or the fp32 partials [B, S, H, D] and
+    lse [B, S, H] (an empty split: o = 0, lse = -inf, weight 0 in the merge)."""
+    l_i = gl.where(l_i > 0, l_i, 1.0)
+    inv = gl.convert_layout(gl.load(v_scale_ptr) / l_i, gl.SliceLayout(1, o_layout))[:, None]
+    h = gl.arange(0, 64, layout=gl.SliceLayout(1, o_layout))
+    d = gl.arange(0, DH, layout=gl.SliceLayout(0, o_layout))
+    mask = (h < H)[:, None]
+    if DIRECT:
+        ptr = out_ptr + b.to(gl.int64) * stride_ob + h[:, None] * stride_oh + d[None, :]
+        gl.store(ptr, (acc0 * inv).to(out_ptr.dtype.element_ty), mask=mask)
+        gl.store(ptr + DH, (acc1 * inv).to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        row = (b.to(gl.int64) * num_splits + split) * H + h
+        ptr = part_o_ptr + row[:, None] * (2 * DH) + d[None, :]
+        gl.store(ptr, acc0 * inv, mask=mask)
+        gl.store(ptr + DH, acc1 * inv, mask=mask)
+        hs = gl.arange(0, 64, layout=m_i.type.layout)
+        row_s = (b.to(gl.int64) * num_splits + split) * H + hs
+        gl.store(part_lse_ptr + row_s, m_i * qk_scale + gl.log2(l_i), mask=hs < H)
+
+
+@gluon.jit
+def _mfa_decode_ws_kernel(q_desc, k_desc, v_desc, bt_ptr, lens_ptr, k_scale_ptr, v_scale_ptr, qs_ptr, out_ptr,
+                          part_o_ptr, part_lse_ptr, sm_scale_log2, tokens_per_split, num_splits, stride_bt,
+                          stride_ob, stride_oh, H: gl.constexpr, PAGE: gl.constexpr, BLOCK_N: gl.constexpr,
+                          STAGES: gl.constexpr, VSTAGES: gl.constexpr, DIRECT: gl.constexpr,
+                          CONVERTER_REGS: gl.constexpr):
+    """Program (split, sequence b): tokens [split * tps, min((split + 1) * tps, seq_len)) of b."""
+    NH: gl.constexpr = 2  # D = 256 as two 128-column halves
+    split = gl.program_id(0)
+    b = gl.program_id(1)
+    start = split * tokens_per_split
+    end = gl.minimum(start + tokens_per_split, gl.load(lens_ptr + b))
+    n_tiles = gl.cdiv(gl.maximum(end - start, 0), BLOCK_N)
+    kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, DH], gl.float8e4nv)
+    v16_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, DH], gl.float16)
+    q_smem = gl.allocate_shared_memory(gl.float8e4nv, [2 * NH, 64, DH], q_desc.layout)
+    k_smem = gl.allocate_shared_memory(gl.float8e4nv, [STAGES * NH, BLOCK_N, DH], kv_layout)
+    v_smem = gl.allocate_shared_memory(gl.float8e4nv, [STAGES * NH, BLOCK_N, DH], kv_layout)
+    v16_smem = gl.allocate_shared_memory(gl.float16, [VSTAGES * NH, BLOCK_N, DH], v16_layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v16_ready = gl.allocate_shared_memory(gl.int64, [VSTAGES, 1], mbarrier.MBarrierLayout())
+    v16_empty = gl.allocate_shared_memory(gl.int64, [VSTAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar.index(0), count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(v_empty.index(i), count=1)
+    for i in gl.static_range(VSTAGES):
+        mbarrier.init(v16_ready.index(i), count=1)
+        mbarrier.init(v16_empty.index(i), count=1)
+    fence_async_shared()
+    gl.warp_specialize([
+        (_consumer, (q_smem, k_smem, v16_smem, q_bar.index(0), k_empty, k_ready, v16_ready, v16_empty,
+                     k_scale_ptr, v_scale_ptr, qs_ptr, out_ptr, part_o_ptr, part_lse_ptr, sm_scale_log2, b,
+                     split, start, end, n_tiles, num_splits, stride_ob, stride_oh, H, BLOCK_N, STAGES,
+                     VSTAGES, NH, DIRECT)),
+        (_converter, (v_smem, v16_smem, v_ready, v_empty, v16_ready, v16_empty, start, end, n_tiles, BLOCK_N,
+                      STAGES, VSTAGES, NH)),
+        (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar.index(0), k_ready, k_empty, v_ready,
+                   v_empty, bt_ptr, stride_bt, b, start, end, n_tiles, PAGE, BLOCK_N, STAGES, NH)),
+    ], [4, 1], [CONVERTER_REGS, 24])
+
+
+def _descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
+    layout = gl.NVMMASharedLayout.get_default_for([rows, 128], gl.float8e4nv)
+    return TensorDescriptor.from_tensor(t, [rows, 128], layout)
+
+
+def mfa_decode_ws(q8: torch.Tensor, qs: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor,
+                  seq_lens: torch.Tensor, out: torch.Tensor, part_o: torch.Tensor, part_lse: torch.Tensor,
+                  num_splits: int, tokens_per_split: int, block_n: int = 64, stages: int = 3,
+                  vstages: int = 2, converter_regs: int = 152) -> None:
+    """The decode grid (num_splits, B) into out (one split) or the partials, which mfa_decode then merges.
+
+    q8 [B, 2, 64, 256] E4M3 and qs [B, 64] from mfa_decode._split_q; tokens_per_split a multiple of block_n.
+    """
+    B, H, D = out.shape
+    pg = cache.block_size
+    kv_rows = min(pg, block_n)
+    q_desc = _descriptor(q8.view(-1, D), 64)
+    k_desc = _descriptor(cache.k.view(-1, D), kv_rows)
+    v_desc = _descriptor(cache.v.view(-1, D), kv_rows)
+    _mfa_decode_ws_kernel[(num_splits, B)](
+        q_desc, k_desc, v_desc, block_table, seq_lens, cache.k_scale, cache.v_scale, qs, out, part_o,
+        part_lse, D ** -0.5 * 1.4426950408889634, tokens_per_split, num_splits, block_table.stride(0),
+        out.stride(0), out.stride(1), H=H, PAGE=pg, BLOCK_N=block_n, STAGES=stages, VSTAGES=vstages,
+        DIRECT=num_splits == 1, CONVERTER_REGS=converter_regs, num_warps=4)

@@ -1,0 +1,99 @@
+"""The Gluon FP8 decode kernel (mfa_decode_ws.py, Hopper + Triton 3.6 only) vs the float64 reference."""
+
+import pytest
+import torch
+import triton
+from paged_inputs import DEVICE, boundary_lengths, random_paged_cache, rel_err
+
+from runtime.kernels.kv_cache import FP8_DTYPE
+from runtime.kernels.mfa_decode import mfa_decode, mfa_decode_ref
+from runtime.kernels.mfa_plan import plan_decode, ws_decode_usable
+
+HOPPER_36 = (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+             and triton.__version__.startswith("3.6."))
+gluon_gpu = pytest.mark.skipif(not HOPPER_36, reason="needs Hopper and Triton 3.6 (Gluon)")
+TOL = 1e-2
+
+
+def _plan(batch, longest, page, **kw):
+    kw = dict(block_n=64, num_stages=3, chunk_max=2048, tile_page=2, pdl=1, qk_fp8=2, gluon=1) | kw
+    return plan_decode(batch, longest, 256, DEVICE, FP8_DTYPE, page, 64, min_split_tokens=64, **kw)
+
+
+def _check(q, cache, table, lens, plan):
+    """The Gluon launch against float64 and against the Triton kernel with the same q split (qk_fp8 2)."""
+    assert plan.gluon == 1 and ws_decode_usable(q, cache)
+    out = mfa_decode(q, cache, table, lens, plan=plan)
+    ref = mfa_decode_ref(q, cache, table, lens)
+    triton_out = mfa_decode(q, cache, table, lens, plan=plan_decode(
+        q.shape[0], int(lens.max()), 256, DEVICE, FP8_DTYPE, cache.block_size, q.shape[1], qk_fp8=2,
+        num_splits=plan.num_splits))
+    assert out.isfinite().all()
+    assert rel_err(out, ref) < TOL
+    assert rel_err(out, triton_out) < 5e-3  # the same split q and E4M3 dots: only summation order differs
+    return out
+
+
+@pytest.mark.gpu
+@gluon_gpu
+@pytest.mark.parametrize("page, stages", [(16, 3), (32, 3), (64, 3), (64, 4)])
+@pytest.mark.parametrize("num_splits", [1, 3, None], ids=["direct", "split3", "auto"])
+def test_ws_decode_matches_reference(page, stages, num_splits):
+    """Step-3's 64 heads x 256, random shuffled block tables, lengths 1, page, page + 1, 2 page - 1 and random
+    ones up to 9 pages (tiles that end mid-tile, mid-page, on a page; empty splits), one split to auto."""
+    gen = torch.Generator().manual_seed(page + stages + (num_splits or 0))
+    lengths = boundary_lengths(page, 9, gen, longest=9 * 64)
+    cache, table, lens = random_paged_cache(lengths, 256, page, FP8_DTYPE, gen)
+    q = torch.randn(len(lengths), 64, 256, generator=gen).to(torch.bfloat16).to(DEVICE)
+    plan = _plan(len(lengths), max(lengths), page, num_splits=num_splits, num_stages=stages)
+    assert num_splits is None or plan.num_splits == num_splits
+    _check(q, cache, table, lens, plan)
+
+
+
+@pytest.mark.gpu
+@gluon_gpu
+@pytest.mark.parametrize("heads", [64, 40])
+def test_ws_decode_ignores_nan_past_the_end(heads):
+    """Rows past each sequence's end (the rest of its last page, which the TMA boxes still read) hold NaN
+    codes in K and V: the output must not see them (masked scores, zeroed V rows); 40 heads: padded rows
+    dropped."""
+    gen = torch.Generator().manual_seed(heads)
+    page = 16
+    lengths = [1, 17, 64 + 3, 130, 200]
+    cache, table, lens = random_paged_cache(lengths, 256, page, FP8_DTYPE, gen)
+    for b, n in enumerate(lengths):
+        if n % page:
+            blk = int(table[b, n // page])
+            cache.k[blk, n % page:].view(torch.uint8).fill_(0x7F)  # E4M3 NaN
+            cache.v[blk, n % page:].view(torch.uint8).fill_(0xFF)
+    q = (torch.randn(len(lengths), heads, 256, generator=gen) * 3).to(torch.bfloat16).to(DEVICE)
+    for splits in (1, 2):
+        _check(q, cache, table, lens, _plan(len(lengths), max(lengths), page, num_splits=splits))
+
+
+@pytest.mark.gpu
+@gluon_gpu
+def test_ws_decode_long_sequences():
+    """Long splits (many pipeline rounds through the stage rings) and a lone long sequence: 2 x 5000 tokens,
+    1 x 32K with the planner's own split count."""
+    gen = torch.Generator().manual_seed(7)
+    for lengths in ([5000, 4999], [32768]):
+        cache, table, lens = random_paged_cache(lengths, 256, 64, FP8_DTYPE, gen)
+        q = torch.randn(len(lengths), 64, 256, generator=gen).to(torch.bfloat16).to(DEVICE)
+        _check(q, cache, table, lens, _plan(len(lengths), max(lengths), 64))
+
+
+def test_ws_plan_and_guard():
+    """gluon=1 holds only with the E4M3 q K^T (qk_fp8 2) on a GPU; off Hopper + Triton 3.6, or for shapes the
+    kernel does not take (head_dim 64, 16 heads), the guard says no and mfa_decode runs the Triton kernel."""
+    gpu = torch.device("cuda")
+    assert plan_decode(256, 4096, 256, gpu, FP8_DTYPE, 64, num_splits=1, qk_fp8=2, gluon=1).gluon == 1
+    assert plan_decode(256, 4096, 256, gpu, FP8_DTYPE, 64, num_splits=1, qk_fp8=0, gluon=1).gluon == 0
+    assert plan_decode(256, 4096, 256, torch.device("cpu"), FP8_DTYPE, 64, qk_fp8=2, gluon=1).gluon == 0
+    gen = torch.Generator().manual_seed(3)
+    cache, table, lens = random_paged_cache([40, 7], 64, 16, FP8_DTYPE, gen)
+    q = torch.randn(2, 16, 64, generator=gen).to(torch.bfloat16).to(DEVICE)
+    assert not ws_decode_usable(q, cache)
+    plan = plan_decode(2, 40, 64, DEVICE, FP8_DTYPE, 16, 16, num_splits=2, qk_fp8=2, gluon=1)
+    assert rel_err(mfa_decode(q, cache, table, lens, plan=plan), mfa_decode_ref(q, cache, table, lens)) < TOL
