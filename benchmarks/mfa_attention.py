@@ -133,31 +133,32 @@ def _sdpa_decode(pools: Pools, batch: int, ctx: int, reps: int, gen: torch.Gener
     return dict(time_us=us, tb_s=(kv_bytes + 2 * batch * H * D * 2) / us / 1e6)
 
 
-LAUNCH_FIELDS = ("block_n", "num_warps", "num_stages", "chunk_max", "tile_page", "pdl", "qk_fp8")
+LAUNCH_FIELDS = ("block_n", "num_warps", "num_stages", "chunk_max", "tile_page", "pdl", "qk_fp8", "gluon")
 # In-run candidates per KV dtype, in LAUNCH_FIELDS order; () is the library default (mfa_plan._GPU_LAUNCH;
-# for FP8 it switches launch at QK8_MIN_TOKENS), then the launches it is made of and run 7's runners-up.
-# Give every field: a shorter tuple takes the rest from the library default, which for FP8 depends on the
-# shape (run 7's full run lost its fp16-dot candidate that way: (32, 4, 3, 512, 0, 1) got qk_fp8 2).
-CANDIDATES = {"bf16": [(), (32, 4, 4, 4096, 2, 1, 0), (32, 4, 4, 512, 2, 0, 0)],
-              "fp8": [(), (32, 4, 3, 2048, 2, 1, 2), (32, 4, 3, 512, 0, 1, 0), (64, 4, 2, 2048, 2, 1, 2),
-                      (32, 4, 4, 2048, 2, 1, 2)]}
+# for FP8 it switches launch at QK8_MIN_TOKENS), then the launches it is made of and the runners-up (gluon 1:
+# mfa_decode_ws.py's warp-specialized kernel, 2 with paired tiles; 0 the Triton kernel). Give every field: a
+# shorter tuple takes the rest from the library default, which for FP8 depends on the shape (run 7's full run
+# lost its fp16-dot candidate that way: (32, 4, 3, 512, 0, 1) got qk_fp8 2).
+CANDIDATES = {"bf16": [(), (32, 4, 4, 4096, 2, 1, 0, 0), (32, 4, 4, 512, 2, 0, 0, 0)],
+              "fp8": [(), (64, 4, 4, 2048, 2, 1, 2, 1), (64, 4, 4, 2048, 2, 1, 2, 2),
+                      (64, 4, 3, 2048, 2, 1, 2, 1), (32, 4, 3, 2048, 2, 1, 2, 0),
+                      (32, 4, 3, 512, 0, 1, 0, 0)]}
 TUNE_SHAPES = ((256, 4096), (32, 4096), (1, 32768))
-GLUON = {"gluon": 1}  # mfa_decode_ws.py's warp-specialized kernel (Hopper + Triton 3.6; FP8 with qk_fp8 2)
-# --quick (run 8): the Gluon FP8 kernel (64-token tiles, 3 / 4 stages; 32-token tiles, 4 stages) against both
-# tiers of the Triton FP8 default and the BF16 default, per (KV dtype, page) on TUNE_SHAPES, the first launch
-# timed again last (the run-to-run spread); a trailing dict holds further plan_decode keywords.
-QUICK = {("fp8", 64): [(32, 4, 3, 2048, 2, 1, 2), (64, 4, 3, 2048, 2, 1, 2, GLUON),
-                       (64, 4, 4, 2048, 2, 1, 2, GLUON), (32, 4, 4, 2048, 2, 1, 2, GLUON),
-                       (32, 4, 3, 512, 0, 1, 0)],
-         ("bf16", 64): [(32, 4, 4, 2048, 2, 1, 0)],
-         ("fp8", 16): [(32, 4, 3, 2048, 2, 1, 2), (64, 4, 3, 2048, 2, 1, 2, GLUON)]}
+# --quick (run 8, call 1): the Gluon FP8 kernel (64-token tiles, 3 / 4 stages; 32-token tiles, 4 stages)
+# against both tiers of the Triton FP8 default and the BF16 default, per (KV dtype, page) on TUNE_SHAPES, the
+# first launch timed again last (the run-to-run spread); a trailing dict holds further plan_decode keywords.
+QUICK = {("fp8", 64): [(32, 4, 3, 2048, 2, 1, 2, 0), (64, 4, 3, 2048, 2, 1, 2, 1),
+                       (64, 4, 4, 2048, 2, 1, 2, 1), (32, 4, 4, 2048, 2, 1, 2, 1),
+                       (32, 4, 3, 512, 0, 1, 0, 0)],
+         ("bf16", 64): [(32, 4, 4, 2048, 2, 1, 0, 0)],
+         ("fp8", 16): [(32, 4, 3, 2048, 2, 1, 2, 0), (64, 4, 3, 2048, 2, 1, 2, 1)]}
 # --profile: one call each at 256 x 4K (page 64), for a profiler (ncu) to capture: (KV dtype, launch)
-PROFILE = (("bf16", ()), ("fp8", (32, 4, 3, 2048, 2, 1, 2)), ("fp8", (64, 4, 2, 2048, 2, 1, 2)))
+PROFILE = (("bf16", ()), ("fp8", (32, 4, 3, 2048, 2, 1, 2, 0)), ("fp8", (64, 4, 4, 2048, 2, 1, 2, 1)))
 
 
 def launch_kw(t: tuple) -> dict:
-    """(block_n, num_warps, num_stages, chunk_max[, tile_page[, pdl[, qk_fp8]]][, {more}]) -> plan_decode
-    keywords; () -> {} (the library default)."""
+    """(block_n, num_warps, num_stages, chunk_max[, tile_page[, pdl[, qk_fp8[, gluon]]]][, {more}]) ->
+    plan_decode keywords; () -> {} (the library default)."""
     more = t[-1] if t and isinstance(t[-1], dict) else {}
     return dict(zip(LAUNCH_FIELDS, t[: len(t) - bool(more)], strict=False)) | more
 

@@ -26,17 +26,18 @@ class DecodePlan:
     tile_page: int = 0  # chunked: 1 scalar page ids per tile (one per page it covers), 2 also unmasked tiles
     pdl: int = 0  # GPU: 1 launches both kernels as programmatic dependents (see _mfa_decode_kernel)
     qk_fp8: int = 0  # FP8 cache, 2: q K^T as E4M3 dots of q split in hi + lo by a pre-pass (1: deleted)
-    gluon: int = 0  # FP8 cache with qk_fp8 2 on Hopper + Triton 3.6: 1 runs mfa_decode_ws's Gluon kernel
+    gluon: int = 0  # FP8, qk_fp8 2, Hopper + Triton 3.6: mfa_decode_ws's Gluon kernel, 2 with paired tiles
 
 
-# (block_n, num_warps, num_stages, chunk_max, tile_page, pdl, qk_fp8) for head_dim >= 128 on the GPU, by KV
-# bytes per value: the launches the committed H200 runs picked (results/mfa_attention_*h200.json, NOTES_mfa.md
-# run 7). FP8 takes the E4M3 q K^T (qk_fp8 2) from QK8_MIN_TOKENS cached tokens per call, where its cheaper
-# tile outweighs the q-split pre-pass (~7 us in run 7); below, run 6's fp16-dot launch.
-_GPU_LAUNCH = {2: (32, 4, 4, 2048, 2, 1, 0), 1: (32, 4, 3, 2048, 2, 1, 2)}
-_GPU_LAUNCH_FP8_SMALL = (32, 4, 3, 512, 0, 1, 0)
+# (block_n, num_warps, num_stages, chunk_max, tile_page, pdl, qk_fp8, gluon) for head_dim >= 128 on the GPU,
+# by KV bytes per value: the launches the committed H200 runs picked (results/mfa_attention_*h200.json,
+# NOTES_mfa.md runs 7-8). FP8 takes the E4M3 q K^T (qk_fp8 2) in the Gluon kernel (64-token tiles, 4 stages;
+# the Triton kernel where Gluon cannot run) from QK8_MIN_TOKENS cached tokens per call, where its cheaper tile
+# outweighs the q-split pre-pass (~7 us in run 7); below, run 6's fp16-dot launch.
+_GPU_LAUNCH = {2: (32, 4, 4, 2048, 2, 1, 0, 0), 1: (64, 4, 4, 2048, 2, 1, 2, 1)}
+_GPU_LAUNCH_FP8_SMALL = (32, 4, 3, 512, 0, 1, 0, 0)
 QK8_MIN_TOKENS = 256 * 1024
-_CPU_LAUNCH = (32, 4, 2, 128, 0, 0, 0)
+_CPU_LAUNCH = (32, 4, 2, 128, 0, 0, 0, 0)
 MAX_SPLITS = 512
 MAX_CHUNK_PAGES = 64  # page ids held in registers per chunk: chunk_max 4096 tokens at page 64, 1024 at 16
 SMEM_PER_SM = 227 * 1024
@@ -74,7 +75,7 @@ def plan_decode(batch: int, max_seq_len: int, head_dim: int, device: torch.devic
                 kv_dtype: torch.dtype = torch.bfloat16, page: int = 64, heads: int = 64,
                 num_splits: int | None = None, block_n: int | None = None, num_warps: int | None = None,
                 num_stages: int | None = None, chunk_max: int | None = None, tile_page: int | None = None,
-                pdl: int | None = None, qk_fp8: int | None = None, gluon: int = 0,
+                pdl: int | None = None, qk_fp8: int | None = None, gluon: int | None = None,
                 min_split_tokens: int = 256) -> DecodePlan:
     """Launch parameters (tuned table) and the split of the sequence (`_pick_splits`), in one place."""
     on_gpu = device.type == "cuda"
@@ -98,7 +99,7 @@ def plan_decode(batch: int, max_seq_len: int, head_dim: int, device: torch.devic
     num_splits = triton.cdiv(max_seq_len, tokens)
     pdl = int(tuned[5] if pdl is None else pdl) if on_gpu else 0
     qk_fp8 = int(tuned[6] if qk_fp8 is None else qk_fp8) if kv_bytes == 1 else 0
-    gluon = int(gluon and qk_fp8 == 2 and on_gpu)
+    gluon = int(tuned[7] if gluon is None else gluon) if qk_fp8 == 2 and on_gpu else 0
     return DecodePlan(num_splits=num_splits, tokens_per_split=tokens, block_n=block_n,
                       num_warps=num_warps, num_stages=num_stages, chunk=_chunk(tokens, granule, chunk_max),
                       page=page, tile_page=tile_page, pdl=pdl, qk_fp8=qk_fp8, gluon=gluon)
