@@ -12,11 +12,13 @@ work of a tile is spread over three partitions that meet only at mbarriers:
   (K-major as stored), online softmax in registers, O += P V with P fp16 from registers and V fp16 from
   shared memory. Tile n+1's S chains are issued before tile n's softmax and run under it. (Leaving tile n's
   P V in flight across the loop's back edge as well, FA3-style, made ptxas serialize every wgmma of the
-  kernel: the in-flight P registers and accumulators are loop-carried; so is a consumer below 256 registers.)
+  kernel, silently: the in-flight P registers and accumulators are loop-carried. So did a consumer held
+  below 256 registers: hence the converter's 152.)
 The Triton kernel does all of this in each of its warps, one step after the other (NOTES_mfa.md run 7:
 445 instructions per warp per 32-token tile, latency-bound at 2 warps per scheduler).
-Needs Hopper and Triton 3.6's Gluon API (`mfa_plan.ws_decode_usable`); elsewhere mfa_decode runs the Triton
-kernel.
+Measured (H200, NOTES_mfa.md run 8): 256 x 4K 211.8 us with the q pre-pass (the Triton kernel 230.1, BF16
+258.5); from 256K cached tokens per call it is the library's FP8 launch. Needs Hopper and Triton 3.6's Gluon
+API (`mfa_plan.ws_decode_usable`); elsewhere mfa_decode runs the Triton kernel.
 """
 
 from __future__ import annotations
@@ -148,8 +150,7 @@ def _pv(p, alpha, acc0, acc1, v16_smem, v16_ready, i, VSTAGES: gl.constexpr, o_l
 def _consumer(q_smem, k_smem, v16_smem, q_bar, k_empty, k_ready, v16_ready, v16_empty, k_scale_ptr,
               v_scale_ptr, qs_ptr, out_ptr, part_o_ptr, part_lse_ptr, sm_scale_log2, b, split, start, end,
               n_tiles, num_splits, stride_ob, stride_oh, H: gl.constexpr, BLOCK_N: gl.constexpr,
-              STAGES: gl.constexpr, VSTAGES: gl.constexpr, NH: gl.constexpr, DIRECT: gl.constexpr,
-              PAIR: gl.constexpr):
+              STAGES: gl.constexpr, VSTAGES: gl.constexpr, NH: gl.constexpr, DIRECT: gl.constexpr):
     """Scores, softmax and P V of every tile (the loop peels the last one, the only one masked), then the
     normalized partial output and its log2-sum-exp (or the output itself when there is one split)."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -171,24 +172,7 @@ def _consumer(q_smem, k_smem, v16_smem, q_bar, k_empty, k_ready, v16_ready, v16_
                                                                         k_width=2))
         t0 = warpgroup_mma_init(acc0)
         t1 = warpgroup_mma_init(acc1)
-        n_pairs = (n_tiles - 1) // 2 if PAIR else 0
-        for k in range(n_pairs):  # tiles 2k, 2k + 1: 2k's P V runs under 2k + 1's softmax
-            i = 2 * k
-            nxt = _qk(q_smem, k_smem, k_ready, i + 1, zero_s, STAGES, NH)
-            p, alpha, m_i, l_i = _softmax(raw, m_i, l_i, qk_scale, BLOCK_N, BLOCK_N, False)
-            acc0, acc1 = warpgroup_mma_wait(2 * NH, deps=[t0, t1])  # done already: only the types change
-            p16, t0, t1 = _pv(p, alpha, acc0, acc1, v16_smem, v16_ready, i, VSTAGES, o_layout)
-            raw = warpgroup_mma_wait(2, deps=[nxt])  # S(i + 1) is older than P V(i): only it
-            mbarrier.arrive(k_empty.index((i + 1) % STAGES), count=1)
-            nxt = _qk(q_smem, k_smem, k_ready, i + 2, zero_s, STAGES, NH)
-            p, alpha, m_i, l_i = _softmax(raw, m_i, l_i, qk_scale, BLOCK_N, BLOCK_N, False)
-            acc0, acc1, p16 = warpgroup_mma_wait(2 * NH, deps=[t0, t1, p16])  # P V(i), not S(i + 2)
-            mbarrier.arrive(v16_empty.index(i % VSTAGES), count=1)
-            p16, t0, t1 = _pv(p, alpha, acc0, acc1, v16_smem, v16_ready, i + 1, VSTAGES, o_layout)
-            raw = warpgroup_mma_wait(0, deps=[nxt])  # and P V(i + 1)
-            mbarrier.arrive(v16_empty.index((i + 1) % VSTAGES), count=1)
-            mbarrier.arrive(k_empty.index((i + 2) % STAGES), count=1)
-        for i in range(2 * n_pairs, n_tiles - 1):  # PAIR: at most one tile left before the last
+        for i in range(n_tiles - 1):
             nxt = _qk(q_smem, k_smem, k_ready, i + 1, zero_s, STAGES, NH)  # runs under this tile's softmax
             p, alpha, m_i, l_i = _softmax(raw, m_i, l_i, qk_scale, BLOCK_N, BLOCK_N, False)
             acc0, acc1 = warpgroup_mma_wait(2 * NH, deps=[t0, t1])  # done already: only the types change
@@ -236,7 +220,7 @@ def _mfa_decode_ws_kernel(q_desc, k_desc, v_desc, bt_ptr, lens_ptr, k_scale_ptr,
                           part_o_ptr, part_lse_ptr, sm_scale_log2, tokens_per_split, num_splits, stride_bt,
                           stride_ob, stride_oh, H: gl.constexpr, PAGE: gl.constexpr, BLOCK_N: gl.constexpr,
                           STAGES: gl.constexpr, VSTAGES: gl.constexpr, DIRECT: gl.constexpr,
-                          PAIR: gl.constexpr, CONVERTER_REGS: gl.constexpr):
+                          CONVERTER_REGS: gl.constexpr):
     """Program (split, sequence b): tokens [split * tps, min((split + 1) * tps, seq_len)) of b."""
     NH: gl.constexpr = 2  # D = 256 as two 128-column halves
     split = gl.program_id(0)
@@ -271,7 +255,7 @@ def _mfa_decode_ws_kernel(q_desc, k_desc, v_desc, bt_ptr, lens_ptr, k_scale_ptr,
         (_consumer, (q_smem, k_smem, v16_smem, q_bar.index(0), k_empty, k_ready, v16_ready, v16_empty,
                      k_scale_ptr, v_scale_ptr, qs_ptr, out_ptr, part_o_ptr, part_lse_ptr, sm_scale_log2, b,
                      split, start, end, n_tiles, num_splits, stride_ob, stride_oh, H, BLOCK_N, STAGES,
-                     VSTAGES, NH, DIRECT, PAIR)),
+                     VSTAGES, NH, DIRECT)),
         (_converter, (v_smem, v16_smem, v_ready, v_empty, v16_ready, v16_empty, start, end, n_tiles, BLOCK_N,
                       STAGES, VSTAGES, NH)),
         (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar.index(0), k_ready, k_empty, v_ready,
@@ -287,7 +271,7 @@ def _descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
 def mfa_decode_ws(q8: torch.Tensor, qs: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor,
                   seq_lens: torch.Tensor, out: torch.Tensor, part_o: torch.Tensor, part_lse: torch.Tensor,
                   num_splits: int, tokens_per_split: int, block_n: int = 64, stages: int = 3,
-                  vstages: int = 2, pair: bool = False, converter_regs: int = 152) -> None:
+                  vstages: int = 2, converter_regs: int = 152) -> None:
     """The decode grid (num_splits, B) into out (one split) or the partials, which mfa_decode then merges.
 
     q8 [B, 2, 64, 256] E4M3 and qs [B, 64] from mfa_decode._split_q; tokens_per_split a multiple of block_n.
@@ -302,4 +286,4 @@ def mfa_decode_ws(q8: torch.Tensor, qs: torch.Tensor, cache: PagedKVCache, block
         q_desc, k_desc, v_desc, block_table, seq_lens, cache.k_scale, cache.v_scale, qs, out, part_o,
         part_lse, D ** -0.5 * 1.4426950408889634, tokens_per_split, num_splits, block_table.stride(0),
         out.stride(0), out.stride(1), H=H, PAGE=pg, BLOCK_N=block_n, STAGES=stages, VSTAGES=vstages,
-        DIRECT=num_splits == 1, PAIR=pair, CONVERTER_REGS=converter_regs, num_warps=4)
+        DIRECT=num_splits == 1, CONVERTER_REGS=converter_regs, num_warps=4)

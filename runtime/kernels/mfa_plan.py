@@ -26,7 +26,7 @@ class DecodePlan:
     tile_page: int = 0  # chunked: 1 scalar page ids per tile (one per page it covers), 2 also unmasked tiles
     pdl: int = 0  # GPU: 1 launches both kernels as programmatic dependents (see _mfa_decode_kernel)
     qk_fp8: int = 0  # FP8 cache, 2: q K^T as E4M3 dots of q split in hi + lo by a pre-pass (1: deleted)
-    gluon: int = 0  # FP8, qk_fp8 2, Hopper + Triton 3.6: mfa_decode_ws's Gluon kernel, 2 with paired tiles
+    gluon: int = 0  # FP8 with qk_fp8 2 on Hopper + Triton 3.6: 1 runs mfa_decode_ws's Gluon kernel
 
 
 # (block_n, num_warps, num_stages, chunk_max, tile_page, pdl, qk_fp8, gluon) for head_dim >= 128 on the GPU,
@@ -34,7 +34,7 @@ class DecodePlan:
 # NOTES_mfa.md runs 7-8). FP8 takes the E4M3 q K^T (qk_fp8 2) in the Gluon kernel (64-token tiles, 4 stages;
 # the Triton kernel where Gluon cannot run) from QK8_MIN_TOKENS cached tokens per call, where its cheaper tile
 # outweighs the q-split pre-pass (~7 us in run 7); below, run 6's fp16-dot launch.
-_GPU_LAUNCH = {2: (32, 4, 4, 2048, 2, 1, 0, 0), 1: (64, 4, 4, 2048, 2, 1, 2, 1)}
+_GPU_LAUNCH = {2: (32, 4, 4, 4096, 2, 1, 0, 0), 1: (64, 4, 4, 2048, 2, 1, 2, 1)}
 _GPU_LAUNCH_FP8_SMALL = (32, 4, 3, 512, 0, 1, 0, 0)
 QK8_MIN_TOKENS = 256 * 1024
 _CPU_LAUNCH = (32, 4, 2, 128, 0, 0, 0, 0)
