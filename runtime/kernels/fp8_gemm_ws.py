@@ -202,11 +202,10 @@ def _store(acc, h1, offs_m, pid_n, c_ptr, cs_ptr, rows_ptr, topk_w_ptr, num_pair
 
 
 @gluon.jit
-def _ws_gemm_kernel(a_desc, as_ptr, b_desc, b2_desc, bs_ptr, b2s_ptr, c_ptr, cs_ptr, block_expert_ptr,
-                    rows_ptr, topk_w_ptr, N, K, num_m, num_pairs, stride_asg, stride_bse, stride_bsn,
-                    stride_bsk, stride_cm, stride_csg,
-                    SWIGLU: gl.constexpr, WEIGHTED: gl.constexpr, QUANT: gl.constexpr, STAGES: gl.constexpr,
-                    GROUP_M: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+def smem_ring(a_desc, b_desc, STAGES: gl.constexpr):
+    """The K-step ring of both grouped GEMMs (this one and fp8_gemm_wsp.py): per stage two 64-row A halves
+    and one [128, 128] B tile, a `ready` mbarrier (the stage's TMA bytes landed) and an `empty` one (both
+    consumer warpgroups are done with it)."""
     a_smem = gl.allocate_shared_memory(a_desc.dtype, [2 * STAGES, HALF_M, 128], a_desc.layout)
     b_smem = gl.allocate_shared_memory(b_desc.dtype, [STAGES, 128, 128], b_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -215,6 +214,16 @@ def _ws_gemm_kernel(a_desc, as_ptr, b_desc, b2_desc, bs_ptr, b2s_ptr, c_ptr, cs_
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=2)  # one arrive per consumer warpgroup
     fence_async_shared()
+    return a_smem, b_smem, ready, empty
+
+
+@gluon.jit
+def _ws_gemm_kernel(a_desc, as_ptr, b_desc, b2_desc, bs_ptr, b2s_ptr, c_ptr, cs_ptr, block_expert_ptr,
+                    rows_ptr, topk_w_ptr, N, K, num_m, num_pairs, stride_asg, stride_bse, stride_bsn,
+                    stride_bsk, stride_cm, stride_csg,
+                    SWIGLU: gl.constexpr, WEIGHTED: gl.constexpr, QUANT: gl.constexpr, STAGES: gl.constexpr,
+                    GROUP_M: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+    a_smem, b_smem, ready, empty = smem_ring(a_desc, b_desc, STAGES)
     # the argument tuples are spelled out: a tuple built by concatenation turns constexprs into tensors
     gl.warp_specialize([
         (_consumer, (0, a_desc, b_desc, b2_desc, a_smem, b_smem, ready, empty, as_ptr, bs_ptr, b2s_ptr, c_ptr,
