@@ -48,6 +48,11 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 BLOCK_M, HALF_M = gl.constexpr(128), gl.constexpr(64)
+# a consumer's [64, 128] fp32 accumulator (m64n128 wgmma) and its [64, 64] h (SwiGLU) register layouts
+ACC_LAYOUT = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                    instr_shape=[16, 128, 32]))
+H_LAYOUT = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                  instr_shape=[16, 64, 32]))
 
 
 @gluon.jit
@@ -144,10 +149,8 @@ def _consumer(half, a_desc, b_desc, b2_desc, a_smem, b_smem, ready, empty, as_pt
               stride_bse, stride_bsn, stride_bsk, stride_cm, stride_csg,
               SWIGLU: gl.constexpr, WEIGHTED: gl.constexpr, QUANT: gl.constexpr, STAGES: gl.constexpr,
               GROUP_M: gl.constexpr, LOADER: gl.constexpr):
-    layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                     instr_shape=[16, 128, 32])
-    out_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                         instr_shape=[16, 64, 32])
+    layout: gl.constexpr = ACC_LAYOUT
+    out_layout: gl.constexpr = H_LAYOUT
     SUB_N: gl.constexpr = 64 if SWIGLU else 128
     SUB: gl.constexpr = 2 if QUANT else 1
     TILE_N: gl.constexpr = SUB * SUB_N

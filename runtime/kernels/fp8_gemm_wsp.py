@@ -32,7 +32,17 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from runtime.kernels.fp8_gemm_ws import HALF_M, _halves, _mma, _store, _tile, descriptors, smem_ring
+from runtime.kernels.fp8_gemm_ws import (
+    ACC_LAYOUT,
+    H_LAYOUT,
+    HALF_M,
+    _halves,
+    _mma,
+    _store,
+    _tile,
+    descriptors,
+    smem_ring,
+)
 
 
 @gluon.jit
@@ -187,10 +197,8 @@ def _consumer(half: gl.constexpr, a_smem, b_smem, ready, empty, as_ptr, bs_ptr, 
               SKIP: gl.constexpr, DEFER: gl.constexpr):
     """Rows 64 half .. 64 half + 63 of every tile of this CTA: K loop(s), then the epilogue (the producer
     meanwhile fills the stages of the next tile)."""
-    layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                     instr_shape=[16, 128, 32])
-    out_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                         instr_shape=[16, 64, 32])
+    layout: gl.constexpr = ACC_LAYOUT
+    out_layout: gl.constexpr = H_LAYOUT
     SUB_N: gl.constexpr = 64 if SWIGLU else 128
     SUB: gl.constexpr = 2 if QUANT else 1
     TILE_N: gl.constexpr = SUB * SUB_N
