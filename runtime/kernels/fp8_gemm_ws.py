@@ -83,7 +83,13 @@ def _load(step, k_tiles, a_desc, b_desc, b2_desc, a_smem, b_smem, ready, empty, 
     mbarrier.expect(bar, (BLOCK_M + 128) * 128)
     tma.async_copy_global_to_shared(a_desc, [off_m, k], bar, a_smem.index(2 * s))
     tma.async_copy_global_to_shared(a_desc, [off_m + HALF_M, k], bar, a_smem.index(2 * s + 1))
-    b = b_smem.index(s)
+    load_b(b_desc, b2_desc, b_smem.index(s), bar, off_b, j, k, SWIGLU, SUB_N)
+
+
+@gluon.jit
+def load_b(b_desc, b2_desc, b, bar, off_b, j, k, SWIGLU: gl.constexpr, SUB_N: gl.constexpr):
+    """The weight tile of sub-tile j at K offset k into stage b: SwiGLU gate rows into its first SUB_N rows
+    and up rows into the last SUB_N (one m64n128 wgmma multiplies A by both), else B's 128 rows."""
     if SWIGLU:
         tma.async_copy_global_to_shared(b_desc, [off_b + j * SUB_N, k], bar, b.slice(0, SUB_N))
         tma.async_copy_global_to_shared(b2_desc, [off_b + j * SUB_N, k], bar, b.slice(SUB_N, SUB_N))

@@ -41,6 +41,7 @@ from runtime.kernels.fp8_gemm_ws import (
     _store,
     _tile,
     descriptors,
+    load_b,
     smem_ring,
 )
 
@@ -81,12 +82,7 @@ def _producer(a_desc, b_desc, b2_desc, a_smem, b_smem, ready, empty, block_exper
             tma.async_copy_global_to_shared(a_desc, [off_m, k], bar, a_smem.index(2 * s))
             tma.async_copy_global_to_shared(a_desc, [off_m + HALF_M, k], bar, a_smem.index(2 * s + 1),
                                             pred=live1)
-            b = b_smem.index(s)
-            if SWIGLU:
-                tma.async_copy_global_to_shared(b_desc, [off_b + j * SUB_N, k], bar, b.slice(0, SUB_N))
-                tma.async_copy_global_to_shared(b2_desc, [off_b + j * SUB_N, k], bar, b.slice(SUB_N, SUB_N))
-            else:
-                tma.async_copy_global_to_shared(b_desc, [off_b, k], bar, b)
+            load_b(b_desc, b2_desc, b_smem.index(s), bar, off_b, j, k, SWIGLU, SUB_N)
             step += 1
 
 
