@@ -105,6 +105,28 @@ def _halves(t):
 
 
 @gluon.jit
+def scales(as_ptr, bs_ptr, b2s_ptr, kb, offs_m, stride_asg, stride_bsk, SWIGLU: gl.constexpr):
+    """K block kb's scales: A's per row, the weight tile's (gate's and up's); loaded before the stage wait,
+    so their L2 latency hides behind it (NOTES_ffn.md run 7)."""
+    a_s = gl.load(as_ptr + kb * stride_asg + offs_m)
+    b_s = gl.load(bs_ptr + kb * stride_bsk)
+    b2_s = gl.load(b2s_ptr + kb * stride_bsk) if SWIGLU else b_s
+    return a_s, b_s, b2_s
+
+
+@gluon.jit
+def promote(t, acc, acc2, a_s, b_s, b2_s, SWIGLU: gl.constexpr):
+    """acc += t * a_s * b_s (SwiGLU: t's column halves into the gate and up accumulators)."""
+    if SWIGLU:
+        tg, tu = _halves(t)
+        acc = acc + tg * gl.convert_layout(a_s * b_s, gl.SliceLayout(1, tg.type.layout))[:, None]
+        acc2 = acc2 + tu * gl.convert_layout(a_s * b2_s, gl.SliceLayout(1, tu.type.layout))[:, None]
+    else:
+        acc = acc + t * (a_s * b_s)[:, None]
+    return acc, acc2
+
+
+@gluon.jit
 def _mma(a, b, zero):
     """a b^T on the tensor cores into a fresh fp32 tile, waited for (the promotion reads it next)."""
     t = warpgroup_mma(a, b.permute((1, 0)), zero, use_acc=False, is_async=True)
@@ -123,27 +145,18 @@ def _k_loop(j, half, k_tiles, a_desc, b_desc, b2_desc, a_smem, b_smem, ready, em
     if SWIGLU:
         acc, acc2 = _halves(zero)
     else:
-        acc = zero
+        acc, acc2 = zero, zero  # acc2 unused
     for kb in range(k_tiles):
         step = j * k_tiles + kb
         s = step % STAGES
-        # the scales first: their L2 latency then hides behind the stage wait and the wgmma chain (a load
-        # after the wait would stall the promotion: no load moves across the wait's inline asm)
-        a_s = gl.load(as_ptr + kb * stride_asg + offs_m)
-        b_s = gl.load(bs_ptr + kb * stride_bsk)
-        b2_s = gl.load(b2s_ptr + kb * stride_bsk) if SWIGLU else b_s
+        a_s, b_s, b2_s = scales(as_ptr, bs_ptr, b2s_ptr, kb, offs_m, stride_asg, stride_bsk, SWIGLU)
         mbarrier.wait(ready.index(s), (step // STAGES) & 1)
         t = _mma(a_smem.index(2 * s + half), b_smem.index(s), zero)
         mbarrier.arrive(empty.index(s), count=1)
         if LOADER and step + STAGES - 1 < SUB * k_tiles:  # the stage of step - 1, both consumers past it
             _load(step + STAGES - 1, k_tiles, a_desc, b_desc, b2_desc, a_smem, b_smem, ready, empty,
                   off_m, off_b, SWIGLU, STAGES, SUB_N)
-        if SWIGLU:
-            tg, tu = _halves(t)
-            acc = acc + tg * gl.convert_layout(a_s * b_s, gl.SliceLayout(1, tg.type.layout))[:, None]
-            acc2 = acc2 + tu * gl.convert_layout(a_s * b2_s, gl.SliceLayout(1, tu.type.layout))[:, None]
-        else:
-            acc = acc + t * (a_s * b_s)[:, None]
+        acc, acc2 = promote(t, acc, acc2, a_s, b_s, b2_s, SWIGLU)
     if SWIGLU:
         acc = gl.convert_layout(acc / (1.0 + gl.exp(-acc)) * acc2, out_layout)
     return acc

@@ -42,6 +42,8 @@ from runtime.kernels.fp8_gemm_ws import (
     _tile,
     descriptors,
     load_b,
+    promote,
+    scales,
     smem_ring,
 )
 
@@ -87,28 +89,6 @@ def _producer(a_desc, b_desc, b2_desc, a_smem, b_smem, ready, empty, block_exper
 
 
 @gluon.jit
-def _scales(as_ptr, bs_ptr, b2s_ptr, kb, offs_m, stride_asg, stride_bsk, SWIGLU: gl.constexpr):
-    """K block kb's scales: A's per row, the weight tile's (gate's and up's); loaded before the stage wait,
-    so their L2 latency hides behind it (fp8_gemm_ws.py run 7)."""
-    a_s = gl.load(as_ptr + kb * stride_asg + offs_m)
-    b_s = gl.load(bs_ptr + kb * stride_bsk)
-    b2_s = gl.load(b2s_ptr + kb * stride_bsk) if SWIGLU else b_s
-    return a_s, b_s, b2_s
-
-
-@gluon.jit
-def _promote(t, acc, acc2, a_s, b_s, b2_s, SWIGLU: gl.constexpr):
-    """acc += t * a_s * b_s (SwiGLU: t's column halves into the gate and up accumulators)."""
-    if SWIGLU:
-        tg, tu = _halves(t)
-        acc = acc + tg * gl.convert_layout(a_s * b_s, gl.SliceLayout(1, tg.type.layout))[:, None]
-        acc2 = acc2 + tu * gl.convert_layout(a_s * b2_s, gl.SliceLayout(1, tu.type.layout))[:, None]
-    else:
-        acc = acc + t * (a_s * b_s)[:, None]
-    return acc, acc2
-
-
-@gluon.jit
 def _issue(a_smem, b_smem, ready, step, half: gl.constexpr, STAGES: gl.constexpr, zero):
     """Wait for step's stage, then start its m64n128k128 wgmma chain (not waited for)."""
     s = step % STAGES
@@ -122,10 +102,10 @@ def _step_done(t, step, acc, acc2, empty, as_ptr, bs_ptr, b2s_ptr, base, offs_m,
                OUTSTANDING: gl.constexpr, SWIGLU: gl.constexpr, STAGES: gl.constexpr):
     """Wait until step's chain t is done (OUTSTANDING younger chains may still run), release its stage,
     promote it."""
-    a_s, b_s, b2_s = _scales(as_ptr, bs_ptr, b2s_ptr, step - base, offs_m, stride_asg, stride_bsk, SWIGLU)
+    a_s, b_s, b2_s = scales(as_ptr, bs_ptr, b2s_ptr, step - base, offs_m, stride_asg, stride_bsk, SWIGLU)
     t = warpgroup_mma_wait(OUTSTANDING, deps=[t])
     mbarrier.arrive(empty.index(step % STAGES), count=1)
-    return _promote(t, acc, acc2, a_s, b_s, b2_s, SWIGLU)
+    return promote(t, acc, acc2, a_s, b_s, b2_s, SWIGLU)
 
 
 @gluon.jit
@@ -170,11 +150,11 @@ def _k_loop(base, k_tiles, live, a_smem, b_smem, ready, empty, as_ptr, bs_ptr, b
             for kb in range(k_tiles):
                 step = base + kb
                 s = step % STAGES
-                a_s, b_s, b2_s = _scales(as_ptr, bs_ptr, b2s_ptr, kb, offs_m, stride_asg, stride_bsk, SWIGLU)
+                a_s, b_s, b2_s = scales(as_ptr, bs_ptr, b2s_ptr, kb, offs_m, stride_asg, stride_bsk, SWIGLU)
                 mbarrier.wait(ready.index(s), (step // STAGES) & 1)
                 t = _mma(a_smem.index(2 * s + half), b_smem.index(s), zero)
                 mbarrier.arrive(empty.index(s), count=1)
-                acc, acc2 = _promote(t, acc, acc2, a_s, b_s, b2_s, SWIGLU)
+                acc, acc2 = promote(t, acc, acc2, a_s, b_s, b2_s, SWIGLU)
     else:
         for kb in range(k_tiles):
             step = base + kb
