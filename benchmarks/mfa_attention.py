@@ -140,19 +140,19 @@ LAUNCH_FIELDS = ("block_n", "num_warps", "num_stages", "chunk_max", "tile_page",
 # shorter tuple takes the rest from the library default, which for FP8 depends on the shape (run 7's full run
 # lost its fp16-dot candidate that way: (32, 4, 3, 512, 0, 1) got qk_fp8 2).
 CANDIDATES = {"bf16": [(), (32, 4, 4, 2048, 2, 1, 0, 0), (32, 4, 4, 512, 2, 0, 0, 0)],
-              "fp8": [(), (64, 4, 4, 2048, 2, 1, 2, 1), (64, 4, 3, 2048, 2, 1, 2, 1),
-                      (32, 4, 3, 2048, 2, 1, 2, 0), (32, 4, 3, 512, 0, 1, 0, 0)]}
+              "fp8": [(), (64, 4, 4, 2048, 2, 1, 2, 2), (64, 4, 4, 2048, 2, 1, 2, 1),
+                      (64, 4, 4, 2048, 2, 0, 2, 1, {"gluon_vec": 16}), (32, 4, 3, 512, 0, 1, 0, 0)]}
 TUNE_SHAPES = ((256, 4096), (32, 4096), (1, 32768))
-# --quick (run 8, call 1): the Gluon FP8 kernel (64-token tiles, 3 / 4 stages; 32-token tiles, 4 stages)
-# against both tiers of the Triton FP8 default and the BF16 default, per (KV dtype, page) on TUNE_SHAPES, the
-# first launch timed again last (the run-to-run spread); a trailing dict holds further plan_decode keywords.
-QUICK = {("fp8", 64): [(32, 4, 3, 2048, 2, 1, 2, 0), (64, 4, 3, 2048, 2, 1, 2, 1),
-                       (64, 4, 4, 2048, 2, 1, 2, 1), (32, 4, 4, 2048, 2, 1, 2, 1),
-                       (32, 4, 3, 512, 0, 1, 0, 0)],
-         ("bf16", 64): [(32, 4, 4, 2048, 2, 1, 0, 0)],
-         ("fp8", 16): [(32, 4, 3, 2048, 2, 1, 2, 0), (64, 4, 3, 2048, 2, 1, 2, 1)]}
+# --quick (run 9): run 8's Gluon kernel (gluon 1, converter vec 16, no PDL) first and again last, then the
+# conflict-free converter layout (vec 8, the new plan default), + PDL, + tile pairs (gluon 2), run 8's gluon 2
+# (vec 16, no PDL), the BF16 default, and page 16; a trailing dict holds further plan_decode keywords.
+RUN8 = (64, 4, 4, 2048, 2, 0, 2, 1, {"gluon_vec": 16})
+QUICK = {("fp8", 64): [RUN8, (64, 4, 4, 2048, 2, 0, 2, 1), (64, 4, 4, 2048, 2, 1, 2, 1),
+                       (64, 4, 4, 2048, 2, 1, 2, 2), (64, 4, 4, 2048, 2, 0, 2, 2, {"gluon_vec": 16})],
+         ("bf16", 64): [(32, 4, 4, 4096, 2, 1, 0, 0)],
+         ("fp8", 16): [(64, 4, 4, 2048, 2, 1, 2, 1), (64, 4, 4, 2048, 2, 1, 2, 2)]}
 # --profile: one call each at 256 x 4K (page 64), for a profiler (ncu) to capture: (KV dtype, launch)
-PROFILE = (("bf16", ()), ("fp8", (32, 4, 3, 2048, 2, 1, 2, 0)), ("fp8", (64, 4, 4, 2048, 2, 1, 2, 1)))
+PROFILE = (("bf16", ()), ("fp8", RUN8), ("fp8", (64, 4, 4, 2048, 2, 1, 2, 2)))
 
 
 def launch_kw(t: tuple) -> dict:
@@ -395,11 +395,13 @@ def plot(path: Path, decode: list[dict], prefill: list[dict], copy_tbs: float) -
     fig.savefig(path, dpi=110)
 
 
-def run_tests() -> dict:
-    """The kernel tests on the GPU (no interpreter): pass/fail and pytest's summary line."""
+def run_tests(log_path: Path) -> dict:
+    """The kernel tests on the GPU (no interpreter): pass/fail and pytest's summary line; the whole output,
+    failure messages included (-rf --tb=short), goes to log_path."""
     cmd = [sys.executable, "-m", "pytest", "tests/runtime/kernels", "-q", "-k", "mfa or kv_cache or rope",
-           "-p", "no:cacheprovider"]
+           "-rf", "--tb=short", "-p", "no:cacheprovider"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    log_path.write_text(proc.stdout + proc.stderr)
     lines = [s for s in proc.stdout.splitlines() if s.strip()]
     return dict(passed=proc.returncode == 0, summary=lines[-1] if lines else proc.stderr[-500:],
                 failures=[s for s in lines if s.startswith("FAILED")][:20])
@@ -426,7 +428,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     result: dict = dict(machine=machine(), heads=H, head_dim=D, reps=args.reps)
     if args.tests:
-        result["tests"] = run_tests()
+        result["tests"] = run_tests(args.out / "mfa_tests_h200.log")
         log(f"tests: {result['tests']['summary']}")
     gen = torch.Generator(device="cuda").manual_seed(0)
     if args.profile:

@@ -42,6 +42,12 @@ DH = gl.constexpr(128)  # columns of one D half: a 128-byte E4M3 row, the TMA bo
 
 
 @gluon.jit
+def _gdc(asm: gl.constexpr):
+    """A griddepcontrol instruction (programmatic dependent launch), as triton.language.extra.cuda's gdc_*."""
+    gl.inline_asm_elementwise(asm, "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
 def _tile_bounds(start, end, i, BLOCK_N: gl.constexpr):
     """First token of tile i and its count of valid tokens (BLOCK_N except in the split's last tile)."""
     n = start + i * BLOCK_N
@@ -85,10 +91,15 @@ def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_em
 
 @gluon.jit
 def _converter(v_smem, v16_smem, v_ready, v_empty, v16_ready, v16_empty, start, end, n_tiles,
-               BLOCK_N: gl.constexpr, STAGES: gl.constexpr, VSTAGES: gl.constexpr, NH: gl.constexpr):
-    """Each tile's V: E4M3 stage -> registers (16 bytes a thread a row) -> fp16 stage; releases the E4M3 stage
-    as soon as it is read. Rows past the sequence end become 0 (P is 0 there, but 0 x NaN is not)."""
-    layout: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [4, 1], [1, 0])
+               BLOCK_N: gl.constexpr, STAGES: gl.constexpr, VSTAGES: gl.constexpr, NH: gl.constexpr,
+               VEC: gl.constexpr):
+    """Each tile's V: E4M3 stage -> registers (VEC bytes a thread a row) -> fp16 stage; releases the E4M3
+    stage as soon as it is read. Rows past the sequence end become 0 (P is 0 there, but 0 x NaN is not).
+    VEC 8 (16 threads along a 128-column row, 2 rows a warp): the fp16 STS.128 of a warp cover 2 x 256
+    bytes of the 128-byte-swizzled tile, conflict-free (gl.bank_conflicts 0); VEC 16, run 8's layout (8
+    threads a row, 4 rows a warp), put both 64-column halves on the same banks (ncu: 12.8 wavefronts per
+    request where 4 would do)."""
+    layout: gl.constexpr = gl.BlockedLayout([1, VEC], [32 * VEC // DH, DH // VEC], [4, 1], [1, 0])
     rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, layout))
     for i in range(n_tiles):
         s = i % STAGES
@@ -147,12 +158,40 @@ def _pv(p, alpha, acc0, acc1, v16_smem, v16_ready, i, VSTAGES: gl.constexpr, o_l
 
 
 @gluon.jit
+def _tile(bufs, st, qk_scale, zero_s, i, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, VSTAGES: gl.constexpr,
+          NH: gl.constexpr, o_layout: gl.constexpr, PEND: gl.constexpr, KEEP: gl.constexpr):
+    """Tile i (not the last; its scores in st's raw): issue S(i + 1), softmax(i) under it, then P V(i).
+    PEND: P V(i - 1) is still in flight (waited for here, then its V stage released). KEEP: leave P V(i)
+    in flight (wait only for S(i + 1), older than it); else wait for both and release V stage i."""
+    q_smem, k_smem, k_ready, k_empty, v16_smem, v16_ready, v16_empty = bufs
+    raw, m_i, l_i, t0, t1, p16 = st
+    nxt = _qk(q_smem, k_smem, k_ready, i + 1, zero_s, STAGES, NH)  # runs under this tile's softmax
+    p, alpha, m_i, l_i = _softmax(raw, m_i, l_i, qk_scale, BLOCK_N, BLOCK_N, False)
+    if PEND:
+        acc0, acc1, p16 = warpgroup_mma_wait(2 * NH, deps=[t0, t1, p16])  # P V(i - 1), not S(i + 1)
+        mbarrier.arrive(v16_empty.index((i - 1) % VSTAGES), count=1)
+    else:
+        acc0, acc1 = warpgroup_mma_wait(2 * NH, deps=[t0, t1])  # done already: only the types change
+    p16, t0, t1 = _pv(p, alpha, acc0, acc1, v16_smem, v16_ready, i, VSTAGES, o_layout)
+    if KEEP:
+        raw = warpgroup_mma_wait(2, deps=[nxt])  # S(i + 1) is older than P V(i): only it
+    else:
+        raw = warpgroup_mma_wait(0, deps=[nxt])  # and this tile's P V
+        mbarrier.arrive(v16_empty.index(i % VSTAGES), count=1)
+    mbarrier.arrive(k_empty.index((i + 1) % STAGES), count=1)
+    return raw, m_i, l_i, t0, t1, p16
+
+
+@gluon.jit
 def _consumer(q_smem, k_smem, v16_smem, q_bar, k_empty, k_ready, v16_ready, v16_empty, k_scale_ptr,
               v_scale_ptr, qs_ptr, out_ptr, part_o_ptr, part_lse_ptr, sm_scale_log2, b, split, start, end,
               n_tiles, num_splits, stride_ob, stride_oh, H: gl.constexpr, BLOCK_N: gl.constexpr,
-              STAGES: gl.constexpr, VSTAGES: gl.constexpr, NH: gl.constexpr, DIRECT: gl.constexpr):
+              STAGES: gl.constexpr, VSTAGES: gl.constexpr, NH: gl.constexpr, DIRECT: gl.constexpr,
+              PAIR: gl.constexpr):
     """Scores, softmax and P V of every tile (the loop peels the last one, the only one masked), then the
-    normalized partial output and its log2-sum-exp (or the output itself when there is one split)."""
+    normalized partial output and its log2-sum-exp (or the output itself when there is one split).
+    PAIR: the loop body takes two tiles, P V of the first running under the second's softmax (a P V left
+    in flight across the loop's back edge instead makes ptxas serialize every wgmma)."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 32])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -172,14 +211,16 @@ def _consumer(q_smem, k_smem, v16_smem, q_bar, k_empty, k_ready, v16_ready, v16_
                                                                         k_width=2))
         t0 = warpgroup_mma_init(acc0)
         t1 = warpgroup_mma_init(acc1)
-        for i in range(n_tiles - 1):
-            nxt = _qk(q_smem, k_smem, k_ready, i + 1, zero_s, STAGES, NH)  # runs under this tile's softmax
-            p, alpha, m_i, l_i = _softmax(raw, m_i, l_i, qk_scale, BLOCK_N, BLOCK_N, False)
-            acc0, acc1 = warpgroup_mma_wait(2 * NH, deps=[t0, t1])  # done already: only the types change
-            p16, t0, t1 = _pv(p, alpha, acc0, acc1, v16_smem, v16_ready, i, VSTAGES, o_layout)
-            raw = warpgroup_mma_wait(0, deps=[nxt])  # and this tile's P V
-            mbarrier.arrive(v16_empty.index(i % VSTAGES), count=1)
-            mbarrier.arrive(k_empty.index((i + 1) % STAGES), count=1)
+        bufs = (q_smem, k_smem, k_ready, k_empty, v16_smem, v16_ready, v16_empty)
+        st = (raw, m_i, l_i, t0, t1, p16)
+        n_pairs = (n_tiles - 1) // 2 if PAIR else 0
+        for k in range(n_pairs):  # tiles 2k, 2k + 1
+            st = _tile(bufs, st, qk_scale, zero_s, 2 * k, BLOCK_N, STAGES, VSTAGES, NH, o_layout, False, True)
+            st = _tile(bufs, st, qk_scale, zero_s, 2 * k + 1, BLOCK_N, STAGES, VSTAGES, NH, o_layout, True,
+                       False)
+        for i in range(2 * n_pairs, n_tiles - 1):  # PAIR: at most one tile left before the last
+            st = _tile(bufs, st, qk_scale, zero_s, i, BLOCK_N, STAGES, VSTAGES, NH, o_layout, False, False)
+        raw, m_i, l_i, t0, t1, p16 = st
         last = n_tiles - 1
         _, valid = _tile_bounds(start, end, last, BLOCK_N)
         p, alpha, m_i, l_i = _softmax(raw, m_i, l_i, qk_scale, valid, BLOCK_N, True)
@@ -220,9 +261,17 @@ def _mfa_decode_ws_kernel(q_desc, k_desc, v_desc, bt_ptr, lens_ptr, k_scale_ptr,
                           part_o_ptr, part_lse_ptr, sm_scale_log2, tokens_per_split, num_splits, stride_bt,
                           stride_ob, stride_oh, H: gl.constexpr, PAGE: gl.constexpr, BLOCK_N: gl.constexpr,
                           STAGES: gl.constexpr, VSTAGES: gl.constexpr, DIRECT: gl.constexpr,
-                          CONVERTER_REGS: gl.constexpr):
-    """Program (split, sequence b): tokens [split * tps, min((split + 1) * tps, seq_len)) of b."""
+                          CONVERTER_REGS: gl.constexpr, VEC: gl.constexpr, PAIR: gl.constexpr,
+                          PDL: gl.constexpr):
+    """Program (split, sequence b): tokens [split * tps, min((split + 1) * tps, seq_len)) of b.
+
+    PDL: launched as a programmatic dependent of the q pre-pass (as the Triton kernel is), so the grid's
+    launch and the CTAs' start overlap the pre-pass; it waits for the pre-pass (and whatever ran before)
+    before reading anything, and lets the merge kernel launch, which waits in turn."""
     NH: gl.constexpr = 2  # D = 256 as two 128-column halves
+    if PDL:  # before every global read, the workers' too: they start at warp_specialize, after this
+        _gdc("griddepcontrol.wait; // $0")
+        _gdc("griddepcontrol.launch_dependents; // $0")
     split = gl.program_id(0)
     b = gl.program_id(1)
     start = split * tokens_per_split
@@ -255,9 +304,9 @@ def _mfa_decode_ws_kernel(q_desc, k_desc, v_desc, bt_ptr, lens_ptr, k_scale_ptr,
         (_consumer, (q_smem, k_smem, v16_smem, q_bar.index(0), k_empty, k_ready, v16_ready, v16_empty,
                      k_scale_ptr, v_scale_ptr, qs_ptr, out_ptr, part_o_ptr, part_lse_ptr, sm_scale_log2, b,
                      split, start, end, n_tiles, num_splits, stride_ob, stride_oh, H, BLOCK_N, STAGES,
-                     VSTAGES, NH, DIRECT)),
+                     VSTAGES, NH, DIRECT, PAIR)),
         (_converter, (v_smem, v16_smem, v_ready, v_empty, v16_ready, v16_empty, start, end, n_tiles, BLOCK_N,
-                      STAGES, VSTAGES, NH)),
+                      STAGES, VSTAGES, NH, VEC)),
         (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar.index(0), k_ready, k_empty, v_ready,
                    v_empty, bt_ptr, stride_bt, b, start, end, n_tiles, PAGE, BLOCK_N, STAGES, NH)),
     ], [4, 1], [CONVERTER_REGS, 24])
@@ -271,10 +320,13 @@ def _descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
 def mfa_decode_ws(q8: torch.Tensor, qs: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor,
                   seq_lens: torch.Tensor, out: torch.Tensor, part_o: torch.Tensor, part_lse: torch.Tensor,
                   num_splits: int, tokens_per_split: int, block_n: int = 64, stages: int = 3,
-                  vstages: int = 2, converter_regs: int = 152) -> None:
+                  vstages: int = 2, converter_regs: int = 152, vec: int = 8, pair: bool = False,
+                  pdl: bool = False) -> None:
     """The decode grid (num_splits, B) into out (one split) or the partials, which mfa_decode then merges.
 
     q8 [B, 2, 64, 256] E4M3 and qs [B, 64] from mfa_decode._split_q; tokens_per_split a multiple of block_n.
+    vec: the converter's E4M3 bytes per thread per row (8 or 16); pair: two tiles per loop pass (gluon 2);
+    pdl: launch as a programmatic dependent (the pre-pass and the merge are launched so too).
     """
     B, H, D = out.shape
     pg = cache.block_size
@@ -286,4 +338,5 @@ def mfa_decode_ws(q8: torch.Tensor, qs: torch.Tensor, cache: PagedKVCache, block
         q_desc, k_desc, v_desc, block_table, seq_lens, cache.k_scale, cache.v_scale, qs, out, part_o,
         part_lse, D ** -0.5 * 1.4426950408889634, tokens_per_split, num_splits, block_table.stride(0),
         out.stride(0), out.stride(1), H=H, PAGE=pg, BLOCK_N=block_n, STAGES=stages, VSTAGES=vstages,
-        DIRECT=num_splits == 1, CONVERTER_REGS=converter_regs, num_warps=4)
+        DIRECT=num_splits == 1, CONVERTER_REGS=converter_regs, VEC=vec, PAIR=pair, PDL=pdl, num_warps=4,
+        launch_pdl=pdl)

@@ -26,15 +26,16 @@ class DecodePlan:
     tile_page: int = 0  # chunked: 1 scalar page ids per tile (one per page it covers), 2 also unmasked tiles
     pdl: int = 0  # GPU: 1 launches both kernels as programmatic dependents (see _mfa_decode_kernel)
     qk_fp8: int = 0  # FP8 cache, 2: q K^T as E4M3 dots of q split in hi + lo by a pre-pass (1: deleted)
-    gluon: int = 0  # FP8 with qk_fp8 2 on Hopper + Triton 3.6: 1 runs mfa_decode_ws's Gluon kernel
+    gluon: int = 0  # FP8 with qk_fp8 2 on Hopper + Triton 3.6: mfa_decode_ws's Gluon kernel, 2: tile pairs
+    gluon_vec: int = 8  # Gluon: V converter's E4M3 bytes per thread per row (16: run 8's, bank-conflicted)
 
 
 # (block_n, num_warps, num_stages, chunk_max, tile_page, pdl, qk_fp8, gluon) for head_dim >= 128 on the GPU,
 # by KV bytes per value: the launches the committed H200 runs picked (results/mfa_attention_*h200.json,
-# NOTES_mfa.md runs 7-8). FP8 takes the E4M3 q K^T (qk_fp8 2) in the Gluon kernel (64-token tiles, 4 stages;
-# the Triton kernel where Gluon cannot run) from QK8_MIN_TOKENS cached tokens per call, where its cheaper tile
-# outweighs the q-split pre-pass (~7 us in run 7); below, run 6's fp16-dot launch.
-_GPU_LAUNCH = {2: (32, 4, 4, 4096, 2, 1, 0, 0), 1: (64, 4, 4, 2048, 2, 1, 2, 1)}
+# NOTES_mfa.md runs 7-9). FP8 takes the E4M3 q K^T (qk_fp8 2) in the Gluon kernel (64-token tiles, 4 stages,
+# tile pairs, PDL; the Triton kernel where Gluon cannot run) from QK8_MIN_TOKENS cached tokens per call, where
+# its cheaper tile outweighs the q-split pre-pass (~7 us in run 7); below, run 6's fp16-dot launch.
+_GPU_LAUNCH = {2: (32, 4, 4, 4096, 2, 1, 0, 0), 1: (64, 4, 4, 2048, 2, 1, 2, 2)}
 _GPU_LAUNCH_FP8_SMALL = (32, 4, 3, 512, 0, 1, 0, 0)
 QK8_MIN_TOKENS = 256 * 1024
 _CPU_LAUNCH = (32, 4, 2, 128, 0, 0, 0, 0)
@@ -76,7 +77,7 @@ def plan_decode(batch: int, max_seq_len: int, head_dim: int, device: torch.devic
                 num_splits: int | None = None, block_n: int | None = None, num_warps: int | None = None,
                 num_stages: int | None = None, chunk_max: int | None = None, tile_page: int | None = None,
                 pdl: int | None = None, qk_fp8: int | None = None, gluon: int | None = None,
-                min_split_tokens: int = 256) -> DecodePlan:
+                gluon_vec: int = 8, min_split_tokens: int = 256) -> DecodePlan:
     """Launch parameters (tuned table) and the split of the sequence (`_pick_splits`), in one place."""
     on_gpu = device.type == "cuda"
     kv_bytes = torch.empty(0, dtype=kv_dtype).element_size()
@@ -102,7 +103,8 @@ def plan_decode(batch: int, max_seq_len: int, head_dim: int, device: torch.devic
     gluon = int(tuned[7] if gluon is None else gluon) if qk_fp8 == 2 and on_gpu else 0
     return DecodePlan(num_splits=num_splits, tokens_per_split=tokens, block_n=block_n,
                       num_warps=num_warps, num_stages=num_stages, chunk=_chunk(tokens, granule, chunk_max),
-                      page=page, tile_page=tile_page, pdl=pdl, qk_fp8=qk_fp8, gluon=gluon)
+                      page=page, tile_page=tile_page, pdl=pdl, qk_fp8=qk_fp8, gluon=gluon,
+                      gluon_vec=gluon_vec)
 
 
 def ws_decode_usable(q: torch.Tensor, cache) -> bool:

@@ -22,7 +22,7 @@ def _plan(batch, longest, page, **kw):
 
 def _check(q, cache, table, lens, plan):
     """The Gluon launch against float64 and against the Triton kernel with the same q split (qk_fp8 2)."""
-    assert plan.gluon == 1 and ws_decode_usable(q, cache)
+    assert plan.gluon in (1, 2) and ws_decode_usable(q, cache)
     out = mfa_decode(q, cache, table, lens, plan=plan)
     ref = mfa_decode_ref(q, cache, table, lens)
     triton_out = mfa_decode(q, cache, table, lens, plan=plan_decode(
@@ -36,17 +36,20 @@ def _check(q, cache, table, lens, plan):
 
 @pytest.mark.gpu
 @gluon_gpu
-@pytest.mark.parametrize("page, stages", [(16, 3), (32, 3), (64, 3), (64, 4), (16, 4)])
+@pytest.mark.parametrize("page, stages, gluon", [(16, 3, 1), (32, 3, 2), (64, 4, 1), (64, 4, 2), (16, 4, 1),
+                                                 (16, 4, 2)])
 @pytest.mark.parametrize("num_splits", [1, 3, None], ids=["direct", "split3", "auto"])
-def test_ws_decode_matches_reference(page, stages, num_splits):
-    """Step-3's 64 heads x 256, random shuffled block tables, lengths 1, page, page + 1, 2 page - 1 and random
-    ones up to 9 pages (tiles that end mid-tile, mid-page, on a page; empty splits; 1 to 9 tiles a split),
-    one split to auto, 3 and 4 stages (the library's launch)."""
+def test_ws_decode_matches_reference(page, stages, gluon, num_splits):
+    """Step-3's 64 heads x 256, random shuffled block tables, lengths 1, page, page + 1, 2 page - 1, random
+    ones up to 9 tiles and 9 tiles - 5 (tiles that end mid-tile, mid-page, on a page; empty splits; 1 to 9
+    tiles a split, so gluon 2 runs 0 to 4 tile pairs and the odd tile), one split to auto, 3 and 4 stages
+    (the library's launch). The 571-token sequence makes 3 splits exist: without it the longest drawn can
+    be 193 tokens, 2 splits of 128 (run 8's one failure, gluon 2 at split3-16-4, was this assert)."""
     gen = torch.Generator().manual_seed(page + stages + (num_splits or 0))
-    lengths = boundary_lengths(page, 9, gen, longest=9 * 64)
+    lengths = boundary_lengths(page, 9, gen, longest=9 * 64) + [9 * 64 - 5]
     cache, table, lens = random_paged_cache(lengths, 256, page, FP8_DTYPE, gen)
     q = torch.randn(len(lengths), 64, 256, generator=gen).to(torch.bfloat16).to(DEVICE)
-    plan = _plan(len(lengths), max(lengths), page, num_splits=num_splits, num_stages=stages)
+    plan = _plan(len(lengths), max(lengths), page, num_splits=num_splits, num_stages=stages, gluon=gluon)
     assert num_splits is None or plan.num_splits == num_splits
     _check(q, cache, table, lens, plan)
 
@@ -54,8 +57,8 @@ def test_ws_decode_matches_reference(page, stages, num_splits):
 
 @pytest.mark.gpu
 @gluon_gpu
-@pytest.mark.parametrize("heads", [64, 40])
-def test_ws_decode_ignores_nan_past_the_end(heads):
+@pytest.mark.parametrize("heads, gluon", [(64, 1), (40, 2)])
+def test_ws_decode_ignores_nan_past_the_end(heads, gluon):
     """Rows past each sequence's end (the rest of its last page, which the TMA boxes still read) hold NaN
     codes in K and V: the output must not see them (masked scores, zeroed V rows); 40 heads: padded rows
     dropped."""
@@ -70,19 +73,22 @@ def test_ws_decode_ignores_nan_past_the_end(heads):
             cache.v[blk, n % page:].view(torch.uint8).fill_(0xFF)
     q = (torch.randn(len(lengths), heads, 256, generator=gen) * 3).to(torch.bfloat16).to(DEVICE)
     for splits in (1, 2):
-        _check(q, cache, table, lens, _plan(len(lengths), max(lengths), page, num_splits=splits))
+        _check(q, cache, table, lens, _plan(len(lengths), max(lengths), page, num_splits=splits, gluon=gluon))
 
 
 @pytest.mark.gpu
 @gluon_gpu
-def test_ws_decode_long_sequences():
+@pytest.mark.parametrize("gluon, vec", [(1, 8), (2, 8), (1, 16)])
+def test_ws_decode_long_sequences(gluon, vec):
     """Long splits (many pipeline rounds through the stage rings) and a lone long sequence: 2 x 5000 tokens in
-    one split each, 1 x 32K with the planner's own split count; the library's launch (4 stages)."""
-    gen = torch.Generator().manual_seed(7)
+    one split each, 1 x 32K with the planner's own split count; 4 stages (the library's launch), both loop
+    bodies, and run 8's converter layout (vec 16)."""
+    gen = torch.Generator().manual_seed(7 + gluon + vec)
     for lengths, splits in (([5000, 4999], 1), ([32768], None)):
         cache, table, lens = random_paged_cache(lengths, 256, 64, FP8_DTYPE, gen)
         q = torch.randn(len(lengths), 64, 256, generator=gen).to(torch.bfloat16).to(DEVICE)
-        _check(q, cache, table, lens, _plan(len(lengths), max(lengths), 64, num_stages=4, num_splits=splits))
+        _check(q, cache, table, lens, _plan(len(lengths), max(lengths), 64, num_stages=4, num_splits=splits,
+                                            gluon=gluon, gluon_vec=vec))
 
 
 def test_ws_plan_and_guard():
@@ -90,9 +96,10 @@ def test_ws_plan_and_guard():
     QK8_MIN_TOKENS); off Hopper + Triton 3.6, or for shapes the kernel does not take (head_dim 64, 16 heads),
     the guard says no and mfa_decode runs the Triton kernel."""
     gpu = torch.device("cuda")
-    assert plan_decode(256, 4096, 256, gpu, FP8_DTYPE, 64, num_splits=1).gluon == 1
+    assert plan_decode(256, 4096, 256, gpu, FP8_DTYPE, 64, num_splits=1).gluon == 2
     assert plan_decode(32, 4096, 256, gpu, FP8_DTYPE, 64, num_splits=4).gluon == 0
     assert plan_decode(256, 4096, 256, gpu, torch.bfloat16, 64, num_splits=1, gluon=1).gluon == 0
+    assert plan_decode(256, 4096, 256, gpu, FP8_DTYPE, 64, num_splits=1, qk_fp8=2, gluon=2).gluon == 2
     assert plan_decode(256, 4096, 256, gpu, FP8_DTYPE, 64, num_splits=1, qk_fp8=0, gluon=1).gluon == 0
     assert plan_decode(256, 4096, 256, torch.device("cpu"), FP8_DTYPE, 64, qk_fp8=2, gluon=1).gluon == 0
     gen = torch.Generator().manual_seed(3)
