@@ -139,9 +139,8 @@ LAUNCH_FIELDS = ("block_n", "num_warps", "num_stages", "chunk_max", "tile_page",
 # mfa_decode_ws.py's warp-specialized kernel; 0 the Triton kernel). Give every field: a
 # shorter tuple takes the rest from the library default, which for FP8 depends on the shape (run 7's full run
 # lost its fp16-dot candidate that way: (32, 4, 3, 512, 0, 1) got qk_fp8 2).
-CANDIDATES = {"bf16": [(), (32, 4, 4, 2048, 2, 1, 0, 0)],
-              "fp8": [(), (64, 4, 4, 2048, 2, 1, 2, 2), (64, 4, 4, 2048, 2, 1, 2, 1),
-                      (64, 4, 4, 2048, 2, 0, 2, 1, {"gluon_vec": 16})]}
+CANDIDATES = {"bf16": [()],
+              "fp8": [(), (64, 4, 4, 2048, 2, 1, 2, 1), (64, 4, 4, 2048, 2, 0, 2, 2)]}
 TUNE_SHAPES = ((256, 4096), (32, 4096), (1, 32768))
 # --quick (run 9): run 8's Gluon kernel (gluon 1, converter vec 16, no PDL) first and again last, then the
 # conflict-free converter layout (vec 8, the new plan default), + PDL, + tile pairs (gluon 2), run 8's gluon 2
