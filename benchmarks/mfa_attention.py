@@ -140,7 +140,8 @@ LAUNCH_FIELDS = ("block_n", "num_warps", "num_stages", "chunk_max", "tile_page",
 # shorter tuple takes the rest from the library default, which for FP8 depends on the shape (run 7's full run
 # lost its fp16-dot candidate that way: (32, 4, 3, 512, 0, 1) got qk_fp8 2).
 CANDIDATES = {"bf16": [()],
-              "fp8": [(), (64, 4, 4, 2048, 2, 1, 2, 1), (64, 4, 4, 2048, 2, 0, 2, 2)]}
+              "fp8": [(), (64, 4, 4, 2048, 2, 1, 2, 1), (64, 4, 4, 2048, 2, 0, 2, 2),
+                      (64, 4, 3, 2048, 2, 0, 2, 1, {"gluon_vstages": 3})]}
 TUNE_SHAPES = ((256, 4096), (32, 4096), (1, 32768))
 # --quick (run 9): run 8's Gluon kernel (gluon 1, converter vec 16, no PDL) first and again last, then the
 # conflict-free converter layout (vec 8, the new plan default), + PDL, + tile pairs (gluon 2), run 8's gluon 2

@@ -294,8 +294,8 @@ def mfa_decode(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor, 
         from runtime.kernels.mfa_decode_ws import mfa_decode_ws  # Gluon: imported where it runs
 
         mfa_decode_ws(q8, qs, cache, block_table, seq_lens, out, part_o, part_lse, plan.num_splits,
-                      plan.tokens_per_split, block_n=plan.block_n, stages=plan.num_stages, vec=plan.gluon_vec,
-                      pair=plan.gluon == 2, pdl=pdl)
+                      plan.tokens_per_split, block_n=plan.block_n, stages=plan.num_stages,
+                      vstages=plan.gluon_vstages, vec=plan.gluon_vec, pair=plan.gluon == 2, pdl=pdl)
     else:
         _mfa_decode_kernel[(plan.num_splits, B)](
             q, cache.k, cache.v, block_table, seq_lens, cache.k_scale, cache.v_scale, out, part_o, part_lse,

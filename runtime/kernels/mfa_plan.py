@@ -28,6 +28,7 @@ class DecodePlan:
     qk_fp8: int = 0  # FP8 cache, 2: q K^T as E4M3 dots of q split in hi + lo by a pre-pass (1: deleted)
     gluon: int = 0  # FP8 with qk_fp8 2 on Hopper + Triton 3.6: mfa_decode_ws's Gluon kernel, 2: tile pairs
     gluon_vec: int = 8  # Gluon: V converter's E4M3 bytes per thread per row (16: run 8's, bank-conflicted)
+    gluon_vstages: int = 2  # Gluon: fp16 V stages (num_stages is the E4M3 K / V ring's)
 
 
 # (block_n, num_warps, num_stages, chunk_max, tile_page, pdl, qk_fp8, gluon) for head_dim >= 128 on the GPU,
@@ -78,7 +79,7 @@ def plan_decode(batch: int, max_seq_len: int, head_dim: int, device: torch.devic
                 num_splits: int | None = None, block_n: int | None = None, num_warps: int | None = None,
                 num_stages: int | None = None, chunk_max: int | None = None, tile_page: int | None = None,
                 pdl: int | None = None, qk_fp8: int | None = None, gluon: int | None = None,
-                gluon_vec: int = 8, min_split_tokens: int = 256) -> DecodePlan:
+                gluon_vec: int = 8, gluon_vstages: int = 2, min_split_tokens: int = 256) -> DecodePlan:
     """Launch parameters (tuned table) and the split of the sequence (`_pick_splits`), in one place."""
     on_gpu = device.type == "cuda"
     kv_bytes = torch.empty(0, dtype=kv_dtype).element_size()
@@ -105,7 +106,7 @@ def plan_decode(batch: int, max_seq_len: int, head_dim: int, device: torch.devic
     return DecodePlan(num_splits=num_splits, tokens_per_split=tokens, block_n=block_n,
                       num_warps=num_warps, num_stages=num_stages, chunk=_chunk(tokens, granule, chunk_max),
                       page=page, tile_page=tile_page, pdl=pdl, qk_fp8=qk_fp8, gluon=gluon,
-                      gluon_vec=gluon_vec)
+                      gluon_vec=gluon_vec, gluon_vstages=gluon_vstages)
 
 
 def ws_decode_usable(q: torch.Tensor, cache) -> bool:
