@@ -7,18 +7,19 @@ work of a tile is spread over three partitions that meet only at mbarriers:
   then per BLOCK_N-token tile K and V as [min(page, BLOCK_N), 128] boxes of the cache viewed as
   [num_blocks * page, D] (each D half its own 128-byte-swizzled buffer) into a STAGES ring.
 - converter (4 warps): V's E4M3 tile -> fp16 into a VSTAGES ring (rows past the sequence end zeroed: the
-  cache there may hold anything, NaN codes too), so the dot warps never touch V's bytes.
+  cache there may hold anything, NaN codes too), so the dot warps never touch V's bytes. It bounds the
+  loop: its bank-conflict-free layout (VEC 8) took 13% off the whole kernel (NOTES_mfa.md run 9).
 - consumer (the default partition, 4 warps): S = q_hi K^T + q_lo K^T as E4M3 wgmma chains on the raw K tile
   (K-major as stored), online softmax in registers, O += P V with P fp16 from registers and V fp16 from
   shared memory. Tile n+1's S chains are issued before tile n's softmax and run under it. (Leaving tile n's
   P V in flight across the loop's back edge as well, FA3-style, made ptxas serialize every wgmma of the
   kernel, silently: the in-flight P registers and accumulators are loop-carried. So did a consumer held
-  below 256 registers: hence the converter's 152.)
+  below 256 registers: hence the converter's 152.) PAIR (plan gluon 2): two tiles a loop pass instead.
 The Triton kernel does all of this in each of its warps, one step after the other (NOTES_mfa.md run 7:
 445 instructions per warp per 32-token tile, latency-bound at 2 warps per scheduler).
-Measured (H200, NOTES_mfa.md run 8): 256 x 4K 211.8 us with the q pre-pass (the Triton kernel 230.1, BF16
-258.5); from 256K cached tokens per call it is the library's FP8 launch. Needs Hopper and Triton 3.6's Gluon
-API (`mfa_plan.ws_decode_usable`); elsewhere mfa_decode runs the Triton kernel.
+Measured (H200, NOTES_mfa.md run 9): 256 x 4K 183.7 us with the q pre-pass (BF16 253.0, run 8's 211.8);
+from 256K cached tokens per call it is the library's FP8 launch. Needs Hopper and Triton 3.6's Gluon API
+(`mfa_plan.ws_decode_usable`); elsewhere mfa_decode runs the Triton kernel.
 """
 
 from __future__ import annotations

@@ -34,9 +34,9 @@ class DecodePlan:
 # (block_n, num_warps, num_stages, chunk_max, tile_page, pdl, qk_fp8, gluon) for head_dim >= 128 on the GPU,
 # by KV bytes per value: the launches the committed H200 runs picked (results/mfa_attention_*h200.json,
 # NOTES_mfa.md runs 7-9). FP8 takes the E4M3 q K^T (qk_fp8 2) in the Gluon kernel (64-token tiles, 4 stages,
-# one tile per loop pass, no PDL: run 9 timed tile pairs and PDL slower; the Triton kernel where Gluon cannot
-# run) from QK8_MIN_TOKENS cached tokens per call, where its cheaper tile outweighs the q-split pre-pass
-# (~7 us in run 7); below, run 6's fp16-dot launch.
+# one tile per loop pass, no PDL: run 9's swept default; PDL was slower, tile pairs within 1% at 256 x 4K;
+# the Triton kernel where Gluon cannot run) from QK8_MIN_TOKENS cached tokens per call, where its cheaper
+# tile outweighs the q-split pre-pass (~7 us in run 7); below, run 6's fp16-dot launch.
 _GPU_LAUNCH = {2: (32, 4, 4, 4096, 2, 1, 0, 0), 1: (64, 4, 4, 2048, 2, 0, 2, 1)}
 _GPU_LAUNCH_FP8_SMALL = (32, 4, 3, 512, 0, 1, 0, 0)
 QK8_MIN_TOKENS = 256 * 1024
