@@ -56,6 +56,21 @@ def _tile_bounds(start, end, i, BLOCK_N: gl.constexpr):
 
 
 @gluon.jit
+def _load_tile(desc, smem, ready, empty, s, phase, bt_row, n, end, PAGE: gl.constexpr, BLOCK_N: gl.constexpr,
+               R: gl.constexpr, NH: gl.constexpr):
+    """Once stage s is free, tokens [n, n + BLOCK_N) of the cache `desc` into it: BLOCK_N / R boxes of R rows
+    per D half, each from its page (a box past `end` re-reads the last token's page)."""
+    mbarrier.wait(empty.index(s), phase)
+    mbarrier.expect(ready.index(s), BLOCK_N * NH * DH)
+    for j in gl.static_range(BLOCK_N // R):
+        t = gl.minimum(n + j * R, end - 1)
+        row = gl.load(bt_row + t // PAGE) * PAGE + t % PAGE
+        for h in gl.static_range(NH):
+            tma.async_copy_global_to_shared(desc, [row, h * DH], ready.index(s),
+                                            smem.index(s * NH + h).slice(j * R, R))
+
+
+@gluon.jit
 def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, bt_ptr,
             stride_bt, b, start, end, n_tiles, PAGE: gl.constexpr, BLOCK_N: gl.constexpr,
             STAGES: gl.constexpr, NH: gl.constexpr):
@@ -72,22 +87,8 @@ def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_em
         s = i % STAGES
         phase = ((i // STAGES) & 1) ^ 1  # the first round passes at once
         n, _ = _tile_bounds(start, end, i, BLOCK_N)
-        mbarrier.wait(k_empty.index(s), phase)
-        mbarrier.expect(k_ready.index(s), BLOCK_N * NH * DH)
-        for j in gl.static_range(BLOCK_N // R):
-            t = gl.minimum(n + j * R, end - 1)
-            row = gl.load(bt_row + t // PAGE) * PAGE + t % PAGE
-            for h in gl.static_range(NH):
-                tma.async_copy_global_to_shared(k_desc, [row, h * DH], k_ready.index(s),
-                                                k_smem.index(s * NH + h).slice(j * R, R))
-        mbarrier.wait(v_empty.index(s), phase)
-        mbarrier.expect(v_ready.index(s), BLOCK_N * NH * DH)
-        for j in gl.static_range(BLOCK_N // R):
-            t = gl.minimum(n + j * R, end - 1)
-            row = gl.load(bt_row + t // PAGE) * PAGE + t % PAGE
-            for h in gl.static_range(NH):
-                tma.async_copy_global_to_shared(v_desc, [row, h * DH], v_ready.index(s),
-                                                v_smem.index(s * NH + h).slice(j * R, R))
+        _load_tile(k_desc, k_smem, k_ready, k_empty, s, phase, bt_row, n, end, PAGE, BLOCK_N, R, NH)
+        _load_tile(v_desc, v_smem, v_ready, v_empty, s, phase, bt_row, n, end, PAGE, BLOCK_N, R, NH)
 
 
 @gluon.jit
