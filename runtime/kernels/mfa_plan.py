@@ -91,6 +91,9 @@ def plan_decode(batch: int, max_seq_len: int, head_dim: int, device: torch.devic
     chunk_max = min(tuned[3] if chunk_max is None else chunk_max, MAX_CHUNK_PAGES * page)
     tile_page = int(tuned[4] if tile_page is None else tile_page) if chunk_max > 0 else 0
     granule = max(block_n, page) if chunk_max else block_n  # splits start on a page when chunking
+    pdl = int(tuned[5] if pdl is None else pdl) if on_gpu else 0
+    qk_fp8 = int(tuned[6] if qk_fp8 is None else qk_fp8) if kv_bytes == 1 else 0
+    gluon = int(tuned[7] if gluon is None else gluon) if qk_fp8 == 2 and on_gpu else 0
     if num_splits is None:
         sms = torch.cuda.get_device_properties(device).multi_processor_count if on_gpu else 4
         smem = max(16, heads) * head_dim * 2 + num_stages * 2 * block_n * head_dim * kv_bytes  # q, K/V stages
@@ -100,9 +103,6 @@ def plan_decode(batch: int, max_seq_len: int, head_dim: int, device: torch.devic
         num_splits = _pick_splits(batch, max_seq_len, slots, granule, max_splits)
     tokens = _split_tokens(max_seq_len, num_splits, granule)
     num_splits = triton.cdiv(max_seq_len, tokens)
-    pdl = int(tuned[5] if pdl is None else pdl) if on_gpu else 0
-    qk_fp8 = int(tuned[6] if qk_fp8 is None else qk_fp8) if kv_bytes == 1 else 0
-    gluon = int(tuned[7] if gluon is None else gluon) if qk_fp8 == 2 and on_gpu else 0
     return DecodePlan(num_splits=num_splits, tokens_per_split=tokens, block_n=block_n,
                       num_warps=num_warps, num_stages=num_stages, chunk=_chunk(tokens, granule, chunk_max),
                       page=page, tile_page=tile_page, pdl=pdl, qk_fp8=qk_fp8, gluon=gluon,
