@@ -41,6 +41,12 @@ def cuda_capability(device: torch.device) -> tuple[int, int]:
     return _capability(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def gluon_usable(device: torch.device) -> bool:
+    """Hopper with the Triton (3.6) whose Gluon API our Gluon kernels (fp8_gemm_ws*.py, mfa_decode_ws.py) are
+    written against; never the CPU interpreter."""
+    return cuda_capability(device)[0] == 9 and triton.__version__.startswith("3.6.")
+
+
 def scaled_mm_usable(device: torch.device, n: int, k: int) -> bool:
     """cuBLAS blockwise FP8 needs sm_90+, whole 128-blocks along N and 4 whole blocks along K."""
     return (n % 128 == 0 and k % 512 == 0 and hasattr(torch, "_scaled_mm")

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from runtime.kernels.fp8_linear import gluon_usable
+
 
 @dataclass(frozen=True)
 class DecodePlan:
@@ -113,8 +115,5 @@ def ws_decode_usable(q: torch.Tensor, cache) -> bool:
     """Whether mfa_decode_ws's Gluon kernel can run: Hopper, Triton 3.6 (the Gluon API it is written against;
     no interpreter), an FP8 cache whose [num_blocks * page, 256] view is a TMA tensor (contiguous), pages of
     >= 8 rows (the swizzle atom) and 33..64 heads (one 64-row wgmma tile)."""
-    if not (q.is_cuda and cache.is_fp8 and triton.__version__.startswith("3.6.")):
-        return False
-    return (torch.cuda.get_device_capability(q.device)[0] == 9 and cache.head_dim == 256
-            and cache.block_size >= 8 and 32 < q.shape[1] <= 64 and cache.k.is_contiguous()
-            and cache.v.is_contiguous())
+    return (gluon_usable(q.device) and cache.is_fp8 and cache.head_dim == 256 and cache.block_size >= 8
+            and 32 < q.shape[1] <= 64 and cache.k.is_contiguous() and cache.v.is_contiguous())

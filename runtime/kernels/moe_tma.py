@@ -17,18 +17,12 @@ the gathered A ([P, H] FP8, written once, read by TMA).
 from __future__ import annotations
 
 import torch
-import triton
 
 from quant.fp8 import FP8_DTYPE
 from runtime.kernels.act_quant import Fp8Act, act_quant
 from runtime.kernels.fp8_gemm_tma import tma_gemm_usable, tma_grouped_gemm
-from runtime.kernels.fp8_linear import cuda_capability
+from runtime.kernels.fp8_linear import cuda_capability, gluon_usable
 from runtime.kernels.moe_routing import align_by_expert, pair_buffer
-
-
-def ws_gemm_usable(device: torch.device) -> bool:
-    """Hopper with the Triton (3.6) whose Gluon API fp8_gemm_ws.py is written against; no interpreter."""
-    return cuda_capability(device)[0] == 9 and triton.__version__.startswith("3.6.")
 
 
 def tma_moe_usable(experts) -> bool:
@@ -53,7 +47,7 @@ def _grouped_gemm(config, device: torch.device):
     Hopper (with config.fuse_quant: h leaves the gate_up epilogue as FP8; config.persistent: the
     persistent kernel with its own producer warp, fp8_gemm_wsp.py), else the portable Triton one. Every
     kernel takes rows= and num_pairs= (the pair of each A row; the down GEMM scatters by it)."""
-    if config.warp_specialize and ws_gemm_usable(device):
+    if config.warp_specialize and gluon_usable(device):
         if config.persistent and config.fuse_quant:
             from runtime.kernels.fp8_gemm_wsp import wsp_grouped_gemm  # Gluon: imported where it runs
 

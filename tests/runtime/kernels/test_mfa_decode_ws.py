@@ -2,15 +2,14 @@
 
 import pytest
 import torch
-import triton
 from paged_inputs import DEVICE, boundary_lengths, random_paged_cache, rel_err
 
+from runtime.kernels.fp8_linear import gluon_usable
 from runtime.kernels.kv_cache import FP8_DTYPE
 from runtime.kernels.mfa_decode import mfa_decode, mfa_decode_ref
 from runtime.kernels.mfa_plan import plan_decode, ws_decode_usable
 
-HOPPER_36 = (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
-             and triton.__version__.startswith("3.6."))
+HOPPER_36 = torch.cuda.is_available() and gluon_usable(torch.device("cuda"))
 gluon_gpu = pytest.mark.skipif(not HOPPER_36, reason="needs Hopper and Triton 3.6 (Gluon)")
 TOL = 1e-2
 

@@ -10,9 +10,10 @@ import torch
 from ffn_inputs import DEVICE, REQUANT_TOL, fp8_weight, randn, rel_err
 
 from runtime.kernels.act_quant import act_quant
+from runtime.kernels.fp8_linear import gluon_usable
 from runtime.kernels.moe import MOE_CANDIDATES, ExpertWeights, MoeConfig, fused_moe, fused_moe_ref
 from runtime.kernels.moe_routing import align_by_expert, route_topk
-from runtime.kernels.moe_tma import gate_up_quant, gather_rows, tma_moe_usable, ws_gemm_usable
+from runtime.kernels.moe_tma import gate_up_quant, gather_rows, tma_moe_usable
 
 H, INTER, E, K = 384, 256, 6, 3
 # the portable Triton kernel (fp8_gemm_tma.py) and the Gluon one (fp8_gemm_ws.py) at both stage counts,
@@ -80,7 +81,7 @@ def test_tma_config_falls_back_on_widths_that_are_not_whole_tiles():
     assert rel_err(out, fused_moe_ref(x, w, ids, ex)) < REQUANT_TOL  # the gathering kernel ran
 
 
-gluon_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and ws_gemm_usable(torch.device("cuda"))),
+gluon_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and gluon_usable(torch.device("cuda"))),
                                reason="the Gluon kernels need Hopper and Triton 3.6")
 
 
