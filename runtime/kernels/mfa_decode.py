@@ -290,16 +290,17 @@ def mfa_decode(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor, 
     h_pad = max(16, triton.next_power_of_2(H))
     qk8 = plan.qk_fp8 if cache.is_fp8 else 0
     q8, qs = _split_q(q, h_pad, cache, pdl) if qk8 else (out, out)  # (out: never read)
+    sm_scale_log2 = D ** -0.5 * LOG2E  # scores in the log2 domain (exp2 in the kernels)
     if qk8 and plan.gluon and ws_decode_usable(q, cache):
         from runtime.kernels.mfa_decode_ws import mfa_decode_ws  # Gluon: imported where it runs
 
-        mfa_decode_ws(q8, qs, cache, block_table, seq_lens, out, part_o, part_lse, plan.num_splits,
-                      plan.tokens_per_split, block_n=plan.block_n, stages=plan.num_stages,
+        mfa_decode_ws(q8, qs, cache, block_table, seq_lens, out, part_o, part_lse, sm_scale_log2,
+                      plan.num_splits, plan.tokens_per_split, block_n=plan.block_n, stages=plan.num_stages,
                       vstages=plan.gluon_vstages, vec=plan.gluon_vec, pair=plan.gluon == 2, pdl=pdl)
     else:
         _mfa_decode_kernel[(plan.num_splits, B)](
             q, cache.k, cache.v, block_table, seq_lens, cache.k_scale, cache.v_scale, out, part_o, part_lse,
-            q8, qs, D ** -0.5 * LOG2E, plan.tokens_per_split, plan.num_splits,
+            q8, qs, sm_scale_log2, plan.tokens_per_split, plan.num_splits,
             q.stride(0), q.stride(1), cache.k.stride(0), cache.k.stride(1), cache.v.stride(0),
             cache.v.stride(1), block_table.stride(0), out.stride(0), out.stride(1),
             H=H, H_PAD=h_pad, D=D, PAGE=cache.block_size,

@@ -321,12 +321,13 @@ def _descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
 
 def mfa_decode_ws(q8: torch.Tensor, qs: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor,
                   seq_lens: torch.Tensor, out: torch.Tensor, part_o: torch.Tensor, part_lse: torch.Tensor,
-                  num_splits: int, tokens_per_split: int, block_n: int = 64, stages: int = 3,
-                  vstages: int = 2, converter_regs: int = 152, vec: int = 8, pair: bool = False,
-                  pdl: bool = False) -> None:
+                  sm_scale_log2: float, num_splits: int, tokens_per_split: int, block_n: int = 64,
+                  stages: int = 3, vstages: int = 2, converter_regs: int = 152, vec: int = 8,
+                  pair: bool = False, pdl: bool = False) -> None:
     """The decode grid (num_splits, B) into out (one split) or the partials, which mfa_decode then merges.
 
-    q8 [B, 2, 64, 256] E4M3 and qs [B, 64] from mfa_decode._split_q; tokens_per_split a multiple of block_n.
+    q8 [B, 2, 64, 256] E4M3 and qs [B, 64] from mfa_decode._split_q; sm_scale_log2 = D^-0.5 log2(e) (scores
+    in the log2 domain); tokens_per_split a multiple of block_n.
     vec: the converter's E4M3 bytes per thread per row (8 or 16); pair: two tiles per loop pass (gluon 2);
     pdl: launch as a programmatic dependent (the pre-pass and the merge are launched so too).
     """
@@ -338,7 +339,7 @@ def mfa_decode_ws(q8: torch.Tensor, qs: torch.Tensor, cache: PagedKVCache, block
     v_desc = _descriptor(cache.v.view(-1, D), kv_rows)
     _mfa_decode_ws_kernel[(num_splits, B)](
         q_desc, k_desc, v_desc, block_table, seq_lens, cache.k_scale, cache.v_scale, qs, out, part_o,
-        part_lse, D ** -0.5 * 1.4426950408889634, tokens_per_split, num_splits, block_table.stride(0),
+        part_lse, sm_scale_log2, tokens_per_split, num_splits, block_table.stride(0),
         out.stride(0), out.stride(1), H=H, PAGE=pg, BLOCK_N=block_n, STAGES=stages, VSTAGES=vstages,
         DIRECT=num_splits == 1, CONVERTER_REGS=converter_regs, VEC=vec, PAIR=pair, PDL=pdl, num_warps=4,
         launch_pdl=pdl)
