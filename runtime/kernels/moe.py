@@ -35,7 +35,7 @@ from runtime.kernels.fp8_gemm import fp8_gemm
 from runtime.kernels.fp8_linear import scaled_mm_usable, scaled_mm_weight_scale
 from runtime.kernels.mlp import MlpWeights, swiglu_mlp, swiglu_mlp_ref
 from runtime.kernels.moe_combine import combine_pairs
-from runtime.kernels.moe_cublas import cublas_moe
+from runtime.kernels.moe_cublas import cublas_moe, side_streams
 from runtime.kernels.moe_routing import align_by_expert, pair_buffer
 from runtime.kernels.moe_tma import tma_moe_pairs, tma_moe_usable
 
@@ -259,15 +259,11 @@ def moe_ffn(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: 
     return combine_pairs(pairs, ids.shape[1], y_shared)
 
 
-_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
-
-
 def on_side_stream(fn, device: torch.device):
     """Run fn's launches on a side stream that starts after the current stream's work so far: (its result,
     join), join making the current stream wait for them (a fork and join that CUDA graphs capture)."""
-    if device not in _SIDE_STREAMS:
-        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
-    main, side = torch.cuda.current_stream(device), _SIDE_STREAMS[device]
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    main, side = torch.cuda.current_stream(device), side_streams(index, 1)[0]
     side.wait_stream(main)
     with torch.cuda.stream(side):
         out = fn()
