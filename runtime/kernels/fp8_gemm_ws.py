@@ -57,9 +57,8 @@ H_LAYOUT = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=
 
 @gluon.jit
 def _tile(pid, block_expert_ptr, N, K, num_m, TILE_N: gl.constexpr, GROUP_M: gl.constexpr):
-    """(first A row, first B row, n tile, expert, K steps) of tile `pid`; K steps 0 past the end. The N
-    tiles of an M-block: ceil(N / TILE_N) (a last one past N is the caller's to clip)."""
-    in_group = GROUP_M * gl.cdiv(N, TILE_N)
+    """(first A row, first B row, n tile, expert, K steps) of tile `pid`; K steps 0 past the end."""
+    in_group = GROUP_M * (N // TILE_N)
     first_m = (pid // in_group) * GROUP_M
     group_size = gl.minimum(num_m - first_m, GROUP_M)
     pid_m = first_m + (pid % in_group) % group_size
@@ -225,12 +224,12 @@ def _store(acc, h1, offs_m, pid_n, c_ptr, cs_ptr, rows_ptr, topk_w_ptr, num_pair
 
 
 @gluon.jit
-def smem_ring(a_desc, b_desc, STAGES: gl.constexpr, B_ROWS: gl.constexpr):
-    """The K-step ring of the grouped GEMMs (this one, fp8_gemm_wsp.py, fp8_gemm_wide.py): per stage two
-    64-row A halves and one [B_ROWS, 128] B tile, a `ready` mbarrier (the stage's TMA bytes landed) and an
-    `empty` one (both consumer warpgroups are done with it)."""
+def smem_ring(a_desc, b_desc, STAGES: gl.constexpr):
+    """The K-step ring of both grouped GEMMs (this one and fp8_gemm_wsp.py): per stage two 64-row A halves
+    and one [128, 128] B tile, a `ready` mbarrier (the stage's TMA bytes landed) and an `empty` one (both
+    consumer warpgroups are done with it)."""
     a_smem = gl.allocate_shared_memory(a_desc.dtype, [2 * STAGES, HALF_M, 128], a_desc.layout)
-    b_smem = gl.allocate_shared_memory(b_desc.dtype, [STAGES, B_ROWS, 128], b_desc.layout)
+    b_smem = gl.allocate_shared_memory(b_desc.dtype, [STAGES, 128, 128], b_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
@@ -246,7 +245,7 @@ def _ws_gemm_kernel(a_desc, as_ptr, b_desc, b2_desc, bs_ptr, b2s_ptr, c_ptr, cs_
                     stride_bsk, stride_cm, stride_csg,
                     SWIGLU: gl.constexpr, WEIGHTED: gl.constexpr, QUANT: gl.constexpr, STAGES: gl.constexpr,
                     GROUP_M: gl.constexpr, CONSUMER_REGS: gl.constexpr):
-    a_smem, b_smem, ready, empty = smem_ring(a_desc, b_desc, STAGES, 128)
+    a_smem, b_smem, ready, empty = smem_ring(a_desc, b_desc, STAGES)
     # the argument tuples are spelled out: a tuple built by concatenation turns constexprs into tensors
     gl.warp_specialize([
         (_consumer, (0, a_desc, b_desc, b2_desc, a_smem, b_smem, ready, empty, as_ptr, bs_ptr, b2s_ptr, c_ptr,
@@ -260,13 +259,11 @@ def _ws_gemm_kernel(a_desc, as_ptr, b_desc, b2_desc, bs_ptr, b2s_ptr, c_ptr, cs_
     ], [4], [CONSUMER_REGS])
 
 
-def descriptors(a: torch.Tensor, b: torch.Tensor, b2: torch.Tensor | None,
-                block_n: int | None = None) -> tuple:
-    """TMA descriptors of A (64-row boxes: a consumer's half), B and B2 ([E * N, K] views; block_n-row
-    boxes, by default 64 for SwiGLU, where gate and up share a 128-row stage, else 128); B2 = B when absent.
-    Host block shapes: plain ints."""
+def descriptors(a: torch.Tensor, b: torch.Tensor, b2: torch.Tensor | None) -> tuple:
+    """TMA descriptors of A (64-row boxes: a consumer's half), B and B2 ([E * N, K] views; 64-row boxes for
+    SwiGLU, where gate and up share a stage, else 128); B2 = B when absent. Host block shapes: plain ints."""
     E, N, K = b.shape
-    block_n = block_n or (64 if b2 is not None else 128)
+    block_n = 64 if b2 is not None else 128
 
     def desc(t: torch.Tensor, rows: int) -> TensorDescriptor:
         return TensorDescriptor.from_tensor(t, [rows, 128], gl.NVMMASharedLayout.get_default_for([rows, 128],

@@ -205,7 +205,7 @@ def _wsp_gemm_kernel(a_desc, as_ptr, b_desc, b2_desc, bs_ptr, b2s_ptr, c_ptr, cs
                      SWIGLU: gl.constexpr, WEIGHTED: gl.constexpr, QUANT: gl.constexpr, STAGES: gl.constexpr,
                      GROUP_M: gl.constexpr, SKIP: gl.constexpr, DEFER: gl.constexpr,
                      CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
-    a_smem, b_smem, ready, empty = smem_ring(a_desc, b_desc, STAGES, 128)
+    a_smem, b_smem, ready, empty = smem_ring(a_desc, b_desc, STAGES)
     # the argument tuples are spelled out: the frontend takes no *args, and a tuple built by concatenation
     # turns constexprs into tensors
     gl.warp_specialize([

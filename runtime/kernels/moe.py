@@ -109,7 +109,6 @@ class MoeConfig:
     persistent: bool = False  # with fuse_quant: the persistent kernel with a producer warp (fp8_gemm_wsp.py)
     skip_pad: bool = False  # and no wgmma for a consumer whose 64 rows are all padding
     defer: bool = False  # and two wgmma chains in flight per consumer (one promoted while the next runs)
-    wide: bool = False  # persistent: 256 weight rows per tile, rescaled accumulators (fp8_gemm_wide.py)
     shared_stream: bool = False  # moe_ffn: the shared expert on a side CUDA stream
 
 
@@ -172,16 +171,6 @@ MOE_CANDIDATES = {
                               persistent=True, skip_pad=True, defer=True, shared_stream=True),
     "wspsdg16_side": MoeConfig(128, 16, 4, 4, 128, 4, 4, backend="tma", warp_specialize=True, fuse_quant=True,
                                persistent=True, skip_pad=True, defer=True, shared_stream=True),
-    # session 4: the persistent kernel with 128 x 256 tiles (A read once per 256 weight rows) and
-    # accumulators rescaled per K step instead of promoted (fp8_gemm_wide.py); GROUP_M 8 / 4, side stream
-    "wide": MoeConfig(128, 8, 4, 4, 128, 4, 4, backend="tma", warp_specialize=True, fuse_quant=True,
-                      persistent=True, skip_pad=True, wide=True),
-    "wideg4": MoeConfig(128, 4, 4, 4, 128, 4, 4, backend="tma", warp_specialize=True, fuse_quant=True,
-                        persistent=True, skip_pad=True, wide=True),
-    "wide_side": MoeConfig(128, 8, 4, 4, 128, 4, 4, backend="tma", warp_specialize=True, fuse_quant=True,
-                           persistent=True, skip_pad=True, wide=True, shared_stream=True),
-    "wideg4_side": MoeConfig(128, 4, 4, 4, 128, 4, 4, backend="tma", warp_specialize=True, fuse_quant=True,
-                             persistent=True, skip_pad=True, wide=True, shared_stream=True),
 }
 # default per mean (token, slot) pairs per expert: (upper bound, candidate name), first match wins.
 # The in-run winners of H200 run 8's full run (results/moe_ffn_h200.json), as benchmarks/moe_ffn.py prints

@@ -45,15 +45,9 @@ def gather_rows(x: Fp8Act, rows: torch.Tensor, top_k: int) -> tuple[torch.Tensor
 def _grouped_gemm(config, device: torch.device):
     """(the kernel of this config, whether it quantizes h itself): Gluon's warp-specialized one on
     Hopper (with config.fuse_quant: h leaves the gate_up epilogue as FP8; config.persistent: the
-    persistent kernel with its own producer warp, fp8_gemm_wsp.py, or with config.wide its 128 x 256
-    tiles, fp8_gemm_wide.py), else the portable Triton one. Every
+    persistent kernel with its own producer warp, fp8_gemm_wsp.py), else the portable Triton one. Every
     kernel takes rows= and num_pairs= (the pair of each A row; the down GEMM scatters by it)."""
     if config.warp_specialize and gluon_usable(device):
-        if config.wide and config.persistent and config.fuse_quant:
-            from runtime.kernels.fp8_gemm_wide import wide_grouped_gemm  # Gluon: imported where it runs
-
-            return (lambda *args, **kw: wide_grouped_gemm(*args, group_m=config.group_m, skip=config.skip_pad,
-                                                          **kw)), True
         if config.persistent and config.fuse_quant:
             from runtime.kernels.fp8_gemm_wsp import wsp_grouped_gemm  # Gluon: imported where it runs
 
