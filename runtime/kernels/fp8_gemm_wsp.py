@@ -49,30 +49,6 @@ from runtime.kernels.fp8_gemm_ws import (
 
 
 @gluon.jit
-def _tile_of(pid, block_expert_ptr, ends_ptr, N, K, num_m, TILE_N: gl.constexpr, GROUP_M: gl.constexpr):
-    """fp8_gemm_ws._tile's (first A row, first B row, n tile, expert, K steps) of tile `pid`. GROUP_M 0: the
-    groups are the experts: tiles run expert by expert, each expert's M-blocks fastest, so the CTAs that
-    share a weight tile run together and it comes from HBM once. (GROUP_M fixed groups straddle
-    experts: at 4096 tokens ncu read ~2x the weight bytes from HBM, L2 hit rate 41%, NOTES_ffn run 9.)"""
-    if GROUP_M == 0:
-        n_tiles = N // TILE_N
-        block = pid // n_tiles  # tiles [first * n_tiles, (first + size) * n_tiles) are the expert's
-        expert = gl.load(block_expert_ptr + block)
-        used = expert >= 0
-        e = gl.maximum(expert, 0)
-        end = gl.load(ends_ptr + e).to(gl.int32) // 128
-        start = gl.load(ends_ptr + e - 1, mask=e > 0, other=0).to(gl.int32) // 128
-        first = gl.where(used, start, block)  # unused blocks past the last expert: groups of one
-        size = gl.where(used, end - start, 1)
-        local = pid - first * n_tiles
-        pid_m = first + local % size
-        pid_n = local // size
-        return pid_m * 128, e * N + pid_n * TILE_N, pid_n, e, gl.where(used, K // 128, 0)
-    else:
-        return _tile(pid, block_expert_ptr, N, K, num_m, TILE_N, GROUP_M)
-
-
-@gluon.jit
 def _live(rows_ptr, off_m, half, num_pairs, SKIP: gl.constexpr):
     """Whether rows off_m + 64 half .. + 63 hold a pair (padding sits at the end of an expert's run, so
     the first row decides); always True without SKIP."""
@@ -83,9 +59,9 @@ def _live(rows_ptr, off_m, half, num_pairs, SKIP: gl.constexpr):
 
 
 @gluon.jit
-def _producer(a_desc, b_desc, b2_desc, a_smem, b_smem, ready, empty, block_expert_ptr, ends_ptr, rows_ptr,
-              N, K, num_m, num_pairs, num_tiles, SWIGLU: gl.constexpr, QUANT: gl.constexpr,
-              STAGES: gl.constexpr, GROUP_M: gl.constexpr, SKIP: gl.constexpr):
+def _producer(a_desc, b_desc, b2_desc, a_smem, b_smem, ready, empty, block_expert_ptr, rows_ptr, N, K, num_m,
+              num_pairs, num_tiles, SWIGLU: gl.constexpr, QUANT: gl.constexpr, STAGES: gl.constexpr,
+              GROUP_M: gl.constexpr, SKIP: gl.constexpr):
     """Every TMA load of this CTA's tiles, through one STAGES-deep ring (global step counter): per step
     wait until both consumers released the stage, then A (two 64-row halves, the second only when live)
     and B (SwiGLU: gate rows into the stage's first 64 rows, up rows into the last 64)."""
@@ -94,8 +70,8 @@ def _producer(a_desc, b_desc, b2_desc, a_smem, b_smem, ready, empty, block_exper
     B_BYTES: gl.constexpr = 128 * 128
     step = 0
     for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
-        off_m, off_b, pid_n, expert, k_tiles = _tile_of(tile, block_expert_ptr, ends_ptr, N, K, num_m,
-                                                         SUB * SUB_N, GROUP_M)
+        off_m, off_b, pid_n, expert, k_tiles = _tile(tile, block_expert_ptr, N, K, num_m, SUB * SUB_N,
+                                                      GROUP_M)
         live1 = _live(rows_ptr, off_m, 1, num_pairs, SKIP)
         for i in range(SUB * k_tiles):
             j = i // k_tiles
@@ -191,7 +167,7 @@ def _k_loop(base, k_tiles, live, a_smem, b_smem, ready, empty, as_ptr, bs_ptr, b
 
 @gluon.jit
 def _consumer(half: gl.constexpr, a_smem, b_smem, ready, empty, as_ptr, bs_ptr, b2s_ptr, c_ptr, cs_ptr,
-              block_expert_ptr, ends_ptr, rows_ptr, topk_w_ptr, N, K, num_m, num_pairs, num_tiles, stride_asg,
+              block_expert_ptr, rows_ptr, topk_w_ptr, N, K, num_m, num_pairs, num_tiles, stride_asg,
               stride_bse, stride_bsn, stride_bsk, stride_cm, stride_csg, SWIGLU: gl.constexpr,
               WEIGHTED: gl.constexpr, QUANT: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
               SKIP: gl.constexpr, DEFER: gl.constexpr):
@@ -205,8 +181,7 @@ def _consumer(half: gl.constexpr, a_smem, b_smem, ready, empty, as_ptr, bs_ptr, 
     lay: gl.constexpr = out_layout if SWIGLU else layout
     step = 0
     for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
-        off_m, off_b, pid_n, expert, k_tiles = _tile_of(tile, block_expert_ptr, ends_ptr, N, K, num_m, TILE_N,
-                                                         GROUP_M)
+        off_m, off_b, pid_n, expert, k_tiles = _tile(tile, block_expert_ptr, N, K, num_m, TILE_N, GROUP_M)
         live = _live(rows_ptr, off_m, half, num_pairs, SKIP)
         offs_m = off_m + half * HALF_M + gl.arange(0, HALF_M, layout=gl.SliceLayout(1, layout))
         scale_off = expert.to(gl.int64) * stride_bse + (pid_n * TILE_N // 128) * stride_bsn
@@ -225,8 +200,8 @@ def _consumer(half: gl.constexpr, a_smem, b_smem, ready, empty, as_ptr, bs_ptr, 
 
 @gluon.jit
 def _wsp_gemm_kernel(a_desc, as_ptr, b_desc, b2_desc, bs_ptr, b2s_ptr, c_ptr, cs_ptr, block_expert_ptr,
-                     ends_ptr, rows_ptr, topk_w_ptr, N, K, num_m, num_pairs, num_tiles, stride_asg,
-                     stride_bse, stride_bsn, stride_bsk, stride_cm, stride_csg,
+                     rows_ptr, topk_w_ptr, N, K, num_m, num_pairs, num_tiles, stride_asg, stride_bse,
+                     stride_bsn, stride_bsk, stride_cm, stride_csg,
                      SWIGLU: gl.constexpr, WEIGHTED: gl.constexpr, QUANT: gl.constexpr, STAGES: gl.constexpr,
                      GROUP_M: gl.constexpr, SKIP: gl.constexpr, DEFER: gl.constexpr,
                      CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
@@ -235,15 +210,15 @@ def _wsp_gemm_kernel(a_desc, as_ptr, b_desc, b2_desc, bs_ptr, b2s_ptr, c_ptr, cs
     # turns constexprs into tensors
     gl.warp_specialize([
         (_consumer, (0, a_smem, b_smem, ready, empty, as_ptr, bs_ptr, b2s_ptr, c_ptr, cs_ptr,
-                     block_expert_ptr, ends_ptr, rows_ptr, topk_w_ptr, N, K, num_m, num_pairs, num_tiles,
-                     stride_asg, stride_bse, stride_bsn, stride_bsk, stride_cm, stride_csg, SWIGLU, WEIGHTED,
-                     QUANT, STAGES, GROUP_M, SKIP, DEFER)),
+                     block_expert_ptr, rows_ptr, topk_w_ptr, N, K, num_m, num_pairs, num_tiles, stride_asg,
+                     stride_bse, stride_bsn, stride_bsk, stride_cm, stride_csg, SWIGLU, WEIGHTED, QUANT,
+                     STAGES, GROUP_M, SKIP, DEFER)),
         (_consumer, (1, a_smem, b_smem, ready, empty, as_ptr, bs_ptr, b2s_ptr, c_ptr, cs_ptr,
-                     block_expert_ptr, ends_ptr, rows_ptr, topk_w_ptr, N, K, num_m, num_pairs, num_tiles,
-                     stride_asg, stride_bse, stride_bsn, stride_bsk, stride_cm, stride_csg, SWIGLU, WEIGHTED,
-                     QUANT, STAGES, GROUP_M, SKIP, DEFER)),
-        (_producer, (a_desc, b_desc, b2_desc, a_smem, b_smem, ready, empty, block_expert_ptr, ends_ptr,
-                     rows_ptr, N, K, num_m, num_pairs, num_tiles, SWIGLU, QUANT, STAGES, GROUP_M, SKIP)),
+                     block_expert_ptr, rows_ptr, topk_w_ptr, N, K, num_m, num_pairs, num_tiles, stride_asg,
+                     stride_bse, stride_bsn, stride_bsk, stride_cm, stride_csg, SWIGLU, WEIGHTED, QUANT,
+                     STAGES, GROUP_M, SKIP, DEFER)),
+        (_producer, (a_desc, b_desc, b2_desc, a_smem, b_smem, ready, empty, block_expert_ptr, rows_ptr, N, K,
+                     num_m, num_pairs, num_tiles, SWIGLU, QUANT, STAGES, GROUP_M, SKIP)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -262,24 +237,21 @@ def wsp_grouped_gemm(a: torch.Tensor, a_scale_t: torch.Tensor, b: torch.Tensor, 
                      out: torch.Tensor, block_expert: torch.Tensor, rows: torch.Tensor, num_pairs: int, *,
                      b2: torch.Tensor | None = None, b2_scale: torch.Tensor | None = None,
                      out_scale_t: torch.Tensor | None = None, topk_weights: torch.Tensor | None = None,
-                     expert_ends: torch.Tensor | None = None, group_m: int = 8, num_stages: int = 4,
-                     skip: bool = True, defer: bool = False, consumer_regs: int = 240,
+                     group_m: int = 8, num_stages: int = 4, skip: bool = True, defer: bool = False,
+                     consumer_regs: int = 240,
                      producer_regs: int = 24) -> torch.Tensor:
     """fp8_gemm_ws.ws_grouped_gemm's contract (same operands and outputs) on the persistent kernel; rows
-    (the pair of each A row, padding >= num_pairs) is needed in every mode here (SKIP reads it).
-    group_m 0: tiles in expert order, which needs expert_ends (moe_routing.align_by_expert's ends)."""
+    (the pair of each A row, padding >= num_pairs) is needed in every mode here (SKIP reads it)."""
     E, N, K = b.shape
     quant = out_scale_t is not None
     assert N % 128 == 0 and K % 128 == 0 and a.shape[0] == 128 * block_expert.numel() == rows.numel()
     assert a_scale_t.stride(1) == 1 and (not quant or (b2 is not None and out_scale_t.stride(1) == 1))
     assert (b2 is None) == (not quant) and (topk_weights is None) == quant  # QUANT gate_up or WEIGHTED down
-    assert group_m > 0 or (expert_ends is not None and expert_ends.numel() == E)
     a_desc, b_desc, b2_desc = descriptors(a, b, b2)
     num_tiles = block_expert.numel() * (N // 128)
     _wsp_gemm_kernel[(max(1, min(num_tiles, sm_count(a.device))),)](
         a_desc, a_scale_t, b_desc, b2_desc, b_scale, b_scale if b2_scale is None else b2_scale, out,
-        out_scale_t if quant else a_scale_t, block_expert,
-        block_expert if expert_ends is None else expert_ends, rows,
+        out_scale_t if quant else a_scale_t, block_expert, rows,
         topk_weights if topk_weights is not None else a_scale_t, N, K, block_expert.numel(), num_pairs,
         num_tiles,
         a_scale_t.stride(0), b_scale.stride(0), b_scale.stride(1), b_scale.stride(2), out.stride(0),

@@ -171,11 +171,6 @@ MOE_CANDIDATES = {
                               persistent=True, skip_pad=True, defer=True, shared_stream=True),
     "wspsdg16_side": MoeConfig(128, 16, 4, 4, 128, 4, 4, backend="tma", warp_specialize=True, fuse_quant=True,
                                persistent=True, skip_pad=True, defer=True, shared_stream=True),
-    # run 9: ge: GROUP_M 0, the tiles in expert order (each weight tile's M-blocks run together)
-    "wspsdge": MoeConfig(128, 0, 4, 4, 128, 4, 4, backend="tma", warp_specialize=True, fuse_quant=True,
-                         persistent=True, skip_pad=True, defer=True),
-    "wspsdge_side": MoeConfig(128, 0, 4, 4, 128, 4, 4, backend="tma", warp_specialize=True, fuse_quant=True,
-                              persistent=True, skip_pad=True, defer=True, shared_stream=True),
 }
 # default per mean (token, slot) pairs per expert: (upper bound, candidate name), first match wins.
 # The in-run winners of H200 run 8's full run (results/moe_ffn_h200.json), as benchmarks/moe_ffn.py prints
@@ -220,7 +215,7 @@ def routed_pairs(x: torch.Tensor | Fp8Act, weights: torch.Tensor, ids: torch.Ten
     if config.backend == "tma" and tma_moe_usable(experts):
         return tma_moe_pairs(x, weights, ids, experts, out_dtype, config)
     bm = config.block_m
-    rows, block_expert, _ = align_by_expert(ids, experts.first, experts.num_local, bm)
+    rows, block_expert = align_by_expert(ids, experts.first, experts.num_local, bm)
     inter = experts.gate.shape[1]
     h = torch.empty((rows.numel(), inter), dtype=FP8_DTYPE if experts.fp8 else a.dtype, device=a.device)
     h_scale = (torch.empty((-(-inter // 128), rows.numel()), dtype=torch.float32, device=a.device).t()

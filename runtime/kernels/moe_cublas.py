@@ -44,7 +44,7 @@ def cublas_moe(x: Fp8Act, weights: torch.Tensor, ids: torch.Tensor, experts, out
     """Routed experts of this rank (ExpertWeights, FP8) for x [T, H] -> [T, H] partial sum in out_dtype."""
     T, k = ids.shape
     hidden = x.q.shape[1]
-    rows, block_expert, _ = align_by_expert(ids, experts.first, experts.num_local, ROWS)
+    rows, block_expert = align_by_expert(ids, experts.first, experts.num_local, ROWS)
     blocks = torch.bincount(block_expert.long() + 1, minlength=experts.num_local + 1)[1:]
     counts = (blocks * ROWS).tolist()  # the one host synchronization
     total = sum(counts)

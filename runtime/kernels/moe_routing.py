@@ -24,15 +24,12 @@ def route_topk(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[tor
 
 
 def align_by_expert(ids: torch.Tensor, first: int, num_local: int,
-                    block_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ids [T, k] -> (rows int32 [P], block_expert int32 [P / block_m], ends int64 [E_local]); no host
-    synchronization.
+                    block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids [T, k] -> (rows int32 [P], block_expert int32 [P / block_m]); no host synchronization.
 
     rows lists the pair indices t*k + j routed to local experts, grouped by expert (stable: in pair
     order), each expert's run padded to a multiple of block_m with the sentinel T*k. P is the
     worst case T*k + E_local*(block_m - 1), rounded up; M-blocks past the last expert get -1.
-    ends[e] is where expert e's padded run ends (its M-blocks: ends[e-1] / block_m .. ends[e] / block_m),
-    for kernels that order their tiles expert by expert.
     """
     flat = ids.reshape(-1).long() - first
     pairs = flat.numel()
@@ -54,10 +51,9 @@ def align_by_expert(ids: torch.Tensor, first: int, num_local: int,
     rows = torch.full((capacity + 1,), pairs, dtype=torch.int32, device=ids.device)
     rows.scatter_(0, dest, order.to(torch.int32))
     starts = torch.arange(0, capacity, block_m, device=ids.device)
-    ends = torch.cumsum(padded, 0)
-    block_expert = torch.searchsorted(ends, starts, right=True)
+    block_expert = torch.searchsorted(torch.cumsum(padded, 0), starts, right=True)
     block_expert = torch.where(block_expert < num_local, block_expert, -1).to(torch.int32)
-    return rows[:capacity], block_expert, ends
+    return rows[:capacity], block_expert
 
 
 def pair_buffer(experts, rows: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -65,12 +65,8 @@ def test_route_topk_matches_model_reference_and_handles_ties():
 def test_align_by_expert_groups_every_local_pair_once(block_m):
     _, ids = _routing(29, seed=1)
     lo, hi = 1, 5
-    rows, block_expert, ends = align_by_expert(ids, lo, hi - lo, block_m)
+    rows, block_expert = align_by_expert(ids, lo, hi - lo, block_m)
     rows, block_expert, flat = rows.cpu(), block_expert.cpu(), ids.reshape(-1).cpu()
-    block_ends = (ends.cpu() // block_m).tolist()  # expert e's M-blocks: block_ends[e - 1] .. block_ends[e]
-    for e, (a, b) in enumerate(zip([0] + block_ends[:-1], block_ends, strict=True)):
-        assert (block_expert[a:b] == e).all() and (a == 0 or block_expert[a - 1] != e)
-    assert (block_expert[ends[-1].item() // block_m:] == -1).all()
     assert rows.numel() == block_expert.numel() * block_m
     real = rows[rows < flat.numel()]
     mine = ((flat >= lo) & (flat < hi)).nonzero().flatten()

@@ -17,9 +17,8 @@ from runtime.kernels.moe_tma import gate_up_quant, gather_rows, tma_moe_usable
 
 H, INTER, E, K = 384, 256, 6, 3
 # the portable Triton kernel (fp8_gemm_tma.py) and the Gluon one (fp8_gemm_ws.py) at both stage counts,
-# with h quantized in its gate_up epilogue (ws128q; on the CPU: the portable kernel + act_quant), and the
-# persistent one with its tiles in expert order (wspsdge; on the CPU: the portable kernel, GROUP_M 8)
-CONFIGS = {name: MOE_CANDIDATES[name] for name in ("tma128", "ws128", "ws128s6", "ws128q", "wspsdge")}
+# and with h quantized in its gate_up epilogue (ws128q; on the CPU: the portable kernel + act_quant)
+CONFIGS = {name: MOE_CANDIDATES[name] for name in ("tma128", "ws128", "ws128s6", "ws128q")}
 
 
 def _experts(seed: int, lo: int = 0, hi: int = E) -> ExpertWeights:
@@ -39,7 +38,7 @@ def _routing(T: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 def test_gather_rows_puts_each_pair_token_at_its_sorted_position():
     x = act_quant(randn((9, H), torch.Generator().manual_seed(1)))
     _, ids = _routing(9, seed=1)
-    rows, _, _ = align_by_expert(ids, 0, E, 16)
+    rows, _ = align_by_expert(ids, 0, E, 16)
     a, a_s = gather_rows(x, rows, K)
     tok = torch.where(rows < 9 * K, rows // K, 0).long()
     assert torch.equal(a.view(torch.uint8), x.q.view(torch.uint8)[tok])
@@ -94,7 +93,7 @@ def test_ws_gate_up_epilogue_quantizes_h_exactly_like_act_quant():
     ex = _experts(seed=11)
     x = act_quant(randn((41, H), torch.Generator().manual_seed(11)))
     _, ids = _routing(41, seed=11)
-    rows, block_expert, ends = align_by_expert(ids, 0, E, 128)
+    rows, block_expert = align_by_expert(ids, 0, E, 128)
     a, a_s = gather_rows(x, rows, K)
     fused = gate_up_quant(a, a_s, ex, block_expert, rows, 41 * K, MOE_CANDIDATES["ws128q"])
     plain = gate_up_quant(a, a_s, ex, block_expert, rows, 41 * K, MOE_CANDIDATES["ws128"])
@@ -106,7 +105,7 @@ def test_ws_gate_up_epilogue_quantizes_h_exactly_like_act_quant():
 
 @pytest.mark.gpu
 @gluon_gpu
-@pytest.mark.parametrize("name", ["wsp", "wsps", "wspsd", "wspsd6", "wspsdge"])
+@pytest.mark.parametrize("name", ["wsp", "wsps", "wspsd", "wspsd6"])
 @pytest.mark.parametrize("T, sms, lo, hi", [(37, 132, 0, E), (300, 3, 0, E), (1000, 5, 2, 5)])
 def test_persistent_kernel_equals_ws128q_bit_for_bit(name, T, sms, lo, hi, monkeypatch):
     """fp8_gemm_wsp.py (persistent, producer warp, padding halves skipped) against ws128q: the same products
@@ -133,7 +132,7 @@ def test_persistent_gate_up_skips_padding_halves_and_keeps_real_rows(name):
     ex = _experts(seed=13)
     x = act_quant(randn((300, H), torch.Generator().manual_seed(13)))
     _, ids = _routing(300, seed=13)  # 168-190 pairs per expert: each expert's second block is half padding
-    rows, block_expert, ends = align_by_expert(ids, 0, E, 128)
+    rows, block_expert = align_by_expert(ids, 0, E, 128)
     a, a_s = gather_rows(x, rows, K)
     skip = gate_up_quant(a, a_s, ex, block_expert, rows, 300 * K, MOE_CANDIDATES[name])
     plain = gate_up_quant(a, a_s, ex, block_expert, rows, 300 * K, MOE_CANDIDATES["ws128q"])
