@@ -56,8 +56,10 @@ H_LAYOUT = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=
 
 
 @gluon.jit
-def _tile(pid, block_expert_ptr, N, K, num_m, TILE_N: gl.constexpr, GROUP_M: gl.constexpr):
-    """(first A row, first B row, n tile, expert, K steps) of tile `pid`; K steps 0 past the end."""
+def _tile(pid, block_expert_ptr, N, K, num_m, TILE_N: gl.constexpr, GROUP_M: gl.constexpr,
+          TILE_M: gl.constexpr):
+    """(first A row, first B row, n tile, expert, K steps) of tile `pid` (TILE_M rows per M-block); K steps
+    0 past the end."""
     in_group = GROUP_M * (N // TILE_N)
     first_m = (pid // in_group) * GROUP_M
     group_size = gl.minimum(num_m - first_m, GROUP_M)
@@ -66,7 +68,7 @@ def _tile(pid, block_expert_ptr, N, K, num_m, TILE_N: gl.constexpr, GROUP_M: gl.
     expert = gl.load(block_expert_ptr + pid_m)
     k_tiles = gl.where(expert < 0, 0, K // 128)
     expert = gl.maximum(expert, 0)
-    return pid_m * 128, expert * N + pid_n * TILE_N, pid_n, expert, k_tiles
+    return pid_m * TILE_M, expert * N + pid_n * TILE_N, pid_n, expert, k_tiles
 
 
 @gluon.jit
@@ -174,7 +176,7 @@ def _consumer(half, a_desc, b_desc, b2_desc, a_smem, b_smem, ready, empty, as_pt
     SUB: gl.constexpr = 2 if QUANT else 1
     TILE_N: gl.constexpr = SUB * SUB_N
     off_m, off_b, pid_n, expert, k_tiles = _tile(gl.program_id(0), block_expert_ptr, N, K, num_m, TILE_N,
-                                                  GROUP_M)
+                                                  GROUP_M, BLOCK_M)
     lay: gl.constexpr = out_layout if SWIGLU else layout
     offs_m = off_m + half * HALF_M + gl.arange(0, HALF_M, layout=gl.SliceLayout(1, layout))
     scale_off = expert.to(gl.int64) * stride_bse + (pid_n * TILE_N // 128) * stride_bsn
@@ -224,17 +226,17 @@ def _store(acc, h1, offs_m, pid_n, c_ptr, cs_ptr, rows_ptr, topk_w_ptr, num_pair
 
 
 @gluon.jit
-def smem_ring(a_desc, b_desc, STAGES: gl.constexpr):
-    """The K-step ring of both grouped GEMMs (this one and fp8_gemm_wsp.py): per stage two 64-row A halves
-    and one [128, 128] B tile, a `ready` mbarrier (the stage's TMA bytes landed) and an `empty` one (both
-    consumer warpgroups are done with it)."""
-    a_smem = gl.allocate_shared_memory(a_desc.dtype, [2 * STAGES, HALF_M, 128], a_desc.layout)
+def smem_ring(a_desc, b_desc, STAGES: gl.constexpr, PARTS: gl.constexpr):
+    """The K-step ring of both grouped GEMMs (this one and fp8_gemm_wsp.py): per stage PARTS 64-row A parts
+    (one per consumer warpgroup) and one [128, 128] B tile, a `ready` mbarrier (the stage's TMA bytes
+    landed) and an `empty` one (every consumer warpgroup is done with it)."""
+    a_smem = gl.allocate_shared_memory(a_desc.dtype, [PARTS * STAGES, HALF_M, 128], a_desc.layout)
     b_smem = gl.allocate_shared_memory(b_desc.dtype, [STAGES, 128, 128], b_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
-        mbarrier.init(empty.index(i), count=2)  # one arrive per consumer warpgroup
+        mbarrier.init(empty.index(i), count=PARTS)  # one arrive per consumer warpgroup
     fence_async_shared()
     return a_smem, b_smem, ready, empty
 
@@ -245,7 +247,7 @@ def _ws_gemm_kernel(a_desc, as_ptr, b_desc, b2_desc, bs_ptr, b2s_ptr, c_ptr, cs_
                     stride_bsk, stride_cm, stride_csg,
                     SWIGLU: gl.constexpr, WEIGHTED: gl.constexpr, QUANT: gl.constexpr, STAGES: gl.constexpr,
                     GROUP_M: gl.constexpr, CONSUMER_REGS: gl.constexpr):
-    a_smem, b_smem, ready, empty = smem_ring(a_desc, b_desc, STAGES)
+    a_smem, b_smem, ready, empty = smem_ring(a_desc, b_desc, STAGES, 2)
     # the argument tuples are spelled out: a tuple built by concatenation turns constexprs into tensors
     gl.warp_specialize([
         (_consumer, (0, a_desc, b_desc, b2_desc, a_smem, b_smem, ready, empty, as_ptr, bs_ptr, b2s_ptr, c_ptr,

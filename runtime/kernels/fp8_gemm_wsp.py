@@ -59,41 +59,47 @@ def _live(rows_ptr, off_m, half, num_pairs, SKIP: gl.constexpr):
 
 
 @gluon.jit
-def _producer(a_desc, b_desc, b2_desc, a_smem, b_smem, ready, empty, block_expert_ptr, rows_ptr, N, K, num_m,
-              num_pairs, num_tiles, SWIGLU: gl.constexpr, QUANT: gl.constexpr, STAGES: gl.constexpr,
-              GROUP_M: gl.constexpr, SKIP: gl.constexpr):
+def _producer(loads, SWIGLU: gl.constexpr, QUANT: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
+              SKIP: gl.constexpr, PARTS: gl.constexpr):
     """Every TMA load of this CTA's tiles, through one STAGES-deep ring (global step counter): per step
-    wait until both consumers released the stage, then A (two 64-row halves, the second only when live)
-    and B (SwiGLU: gate rows into the stage's first 64 rows, up rows into the last 64)."""
+    wait until every consumer released the stage, then A (PARTS 64-row parts; with SKIP only the live
+    ones: padding ends a run, so they are a prefix) and B (SwiGLU: gate rows into the stage's first 64
+    rows, up rows into the last 64). loads: the descriptors, the ring and the tile schedule's inputs."""
+    (a_desc, b_desc, b2_desc, a_smem, b_smem, ready, empty, block_expert_ptr, rows_ptr, N, K, num_m,
+     num_pairs, num_tiles) = loads
     SUB_N: gl.constexpr = 64 if SWIGLU else 128
     SUB: gl.constexpr = 2 if QUANT else 1
     B_BYTES: gl.constexpr = 128 * 128
     step = 0
     for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
         off_m, off_b, pid_n, expert, k_tiles = _tile(tile, block_expert_ptr, N, K, num_m, SUB * SUB_N,
-                                                      GROUP_M)
+                                                      GROUP_M, PARTS * HALF_M)
         live1 = _live(rows_ptr, off_m, 1, num_pairs, SKIP)
+        live2 = _live(rows_ptr, off_m, PARTS - 1, num_pairs, SKIP)  # the last part (the second of two)
         for i in range(SUB * k_tiles):
             j = i // k_tiles
             k = (i - j * k_tiles) * 128
             s = step % STAGES
             mbarrier.wait(empty.index(s), ((step // STAGES) & 1) ^ 1)  # the first round passes at once
             bar = ready.index(s)
-            mbarrier.expect(bar, B_BYTES + 2 * HALF_M * 128, pred=live1)
+            mbarrier.expect(bar, B_BYTES + PARTS * HALF_M * 128, pred=live2)
+            if PARTS == 3:
+                mbarrier.expect(bar, B_BYTES + 2 * HALF_M * 128, pred=live1 and not live2)
             mbarrier.expect(bar, B_BYTES + HALF_M * 128, pred=not live1)
-            tma.async_copy_global_to_shared(a_desc, [off_m, k], bar, a_smem.index(2 * s))
-            tma.async_copy_global_to_shared(a_desc, [off_m + HALF_M, k], bar, a_smem.index(2 * s + 1),
-                                            pred=live1)
+            for p in gl.static_range(PARTS):
+                tma.async_copy_global_to_shared(a_desc, [off_m + p * HALF_M, k], bar,
+                                                a_smem.index(PARTS * s + p), pred=p == 0 or (p == 1 and live1)
+                                                or live2)
             load_b(b_desc, b2_desc, b_smem.index(s), bar, off_b, j, k, SWIGLU, SUB_N)
             step += 1
 
 
 @gluon.jit
-def _issue(a_smem, b_smem, ready, step, half: gl.constexpr, STAGES: gl.constexpr, zero):
+def _issue(a_smem, b_smem, ready, step, half: gl.constexpr, STAGES: gl.constexpr, PARTS: gl.constexpr, zero):
     """Wait for step's stage, then start its m64n128k128 wgmma chain (not waited for)."""
     s = step % STAGES
     mbarrier.wait(ready.index(s), (step // STAGES) & 1)
-    return warpgroup_mma(a_smem.index(2 * s + half), b_smem.index(s).permute((1, 0)), zero, use_acc=False,
+    return warpgroup_mma(a_smem.index(PARTS * s + half), b_smem.index(s).permute((1, 0)), zero, use_acc=False,
                          is_async=True)
 
 
@@ -110,19 +116,20 @@ def _step_done(t, step, acc, acc2, empty, as_ptr, bs_ptr, b2s_ptr, base, offs_m,
 
 @gluon.jit
 def _deferred(base, k_tiles, acc, acc2, a_smem, b_smem, ready, empty, as_ptr, bs_ptr, b2s_ptr, offs_m,
-              stride_asg, stride_bsk, half: gl.constexpr, SWIGLU: gl.constexpr, STAGES: gl.constexpr, zero):
+              stride_asg, stride_bsk, half: gl.constexpr, SWIGLU: gl.constexpr, STAGES: gl.constexpr,
+              PARTS: gl.constexpr, zero):
     """The K loop two steps at a time: both chains issued, then the first promoted while the second runs.
     No chain stays in flight across a loop boundary: a loop-carried copy of a running chain's registers
     makes ptxas serialize every wgmma of the kernel (C7514), as a one-step-skewed loop did."""
     for kb in range(0, k_tiles - 1, 2):
-        t0 = _issue(a_smem, b_smem, ready, base + kb, half, STAGES, zero)
-        t1 = _issue(a_smem, b_smem, ready, base + kb + 1, half, STAGES, zero)
+        t0 = _issue(a_smem, b_smem, ready, base + kb, half, STAGES, PARTS, zero)
+        t1 = _issue(a_smem, b_smem, ready, base + kb + 1, half, STAGES, PARTS, zero)
         acc, acc2 = _step_done(t0, base + kb, acc, acc2, empty, as_ptr, bs_ptr, b2s_ptr, base, offs_m,
                                stride_asg, stride_bsk, 1, SWIGLU, STAGES)
         acc, acc2 = _step_done(t1, base + kb + 1, acc, acc2, empty, as_ptr, bs_ptr, b2s_ptr, base, offs_m,
                                stride_asg, stride_bsk, 0, SWIGLU, STAGES)
     if k_tiles % 2 == 1:
-        t0 = _issue(a_smem, b_smem, ready, base + k_tiles - 1, half, STAGES, zero)
+        t0 = _issue(a_smem, b_smem, ready, base + k_tiles - 1, half, STAGES, PARTS, zero)
         acc, acc2 = _step_done(t0, base + k_tiles - 1, acc, acc2, empty, as_ptr, bs_ptr, b2s_ptr, base,
                                offs_m, stride_asg, stride_bsk, 0, SWIGLU, STAGES)
     return acc, acc2
@@ -131,7 +138,7 @@ def _deferred(base, k_tiles, acc, acc2, a_smem, b_smem, ready, empty, as_ptr, bs
 @gluon.jit
 def _k_loop(base, k_tiles, live, a_smem, b_smem, ready, empty, as_ptr, bs_ptr, b2s_ptr, offs_m, stride_asg,
             stride_bsk, half: gl.constexpr, SWIGLU: gl.constexpr, STAGES: gl.constexpr, DEFER: gl.constexpr,
-            layout: gl.constexpr, out_layout: gl.constexpr):
+            PARTS: gl.constexpr, layout: gl.constexpr, out_layout: gl.constexpr):
     """One sub-tile's K loop over global steps base .. base + k_tiles - 1 (fp8_gemm_ws._k_loop without the
     loads). DEFER: step k + 1's wgmma chain is issued before step k's promotion (two fp32 temporaries, so
     this warpgroup keeps the tensor cores busy while it promotes); else each chain is waited for at once.
@@ -145,14 +152,14 @@ def _k_loop(base, k_tiles, live, a_smem, b_smem, ready, empty, as_ptr, bs_ptr, b
     if live:
         if DEFER:
             acc, acc2 = _deferred(base, k_tiles, acc, acc2, a_smem, b_smem, ready, empty, as_ptr, bs_ptr,
-                                      b2s_ptr, offs_m, stride_asg, stride_bsk, half, SWIGLU, STAGES, zero)
+                                  b2s_ptr, offs_m, stride_asg, stride_bsk, half, SWIGLU, STAGES, PARTS, zero)
         else:
             for kb in range(k_tiles):
                 step = base + kb
                 s = step % STAGES
                 a_s, b_s, b2_s = scales(as_ptr, bs_ptr, b2s_ptr, kb, offs_m, stride_asg, stride_bsk, SWIGLU)
                 mbarrier.wait(ready.index(s), (step // STAGES) & 1)
-                t = _mma(a_smem.index(2 * s + half), b_smem.index(s), zero)
+                t = _mma(a_smem.index(PARTS * s + half), b_smem.index(s), zero)
                 mbarrier.arrive(empty.index(s), count=1)
                 acc, acc2 = promote(t, acc, acc2, a_s, b_s, b2_s, SWIGLU)
     else:
@@ -166,13 +173,14 @@ def _k_loop(base, k_tiles, live, a_smem, b_smem, ready, empty, as_ptr, bs_ptr, b
 
 
 @gluon.jit
-def _consumer(half: gl.constexpr, a_smem, b_smem, ready, empty, as_ptr, bs_ptr, b2s_ptr, c_ptr, cs_ptr,
-              block_expert_ptr, rows_ptr, topk_w_ptr, N, K, num_m, num_pairs, num_tiles, stride_asg,
-              stride_bse, stride_bsn, stride_bsk, stride_cm, stride_csg, SWIGLU: gl.constexpr,
-              WEIGHTED: gl.constexpr, QUANT: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
-              SKIP: gl.constexpr, DEFER: gl.constexpr):
+def _consumer(half: gl.constexpr, bufs, args, SWIGLU: gl.constexpr, WEIGHTED: gl.constexpr,
+              QUANT: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr, SKIP: gl.constexpr,
+              DEFER: gl.constexpr, PARTS: gl.constexpr):
     """Rows 64 half .. 64 half + 63 of every tile of this CTA: K loop(s), then the epilogue (the producer
-    meanwhile fills the stages of the next tile)."""
+    meanwhile fills the stages of the next tile). bufs: the ring; args: the kernel's pointers and sizes."""
+    a_smem, b_smem, ready, empty = bufs
+    (as_ptr, bs_ptr, b2s_ptr, c_ptr, cs_ptr, block_expert_ptr, rows_ptr, topk_w_ptr, N, K, num_m, num_pairs,
+     num_tiles, stride_asg, stride_bse, stride_bsn, stride_bsk, stride_cm, stride_csg) = args
     layout: gl.constexpr = ACC_LAYOUT
     out_layout: gl.constexpr = H_LAYOUT
     SUB_N: gl.constexpr = 64 if SWIGLU else 128
@@ -181,18 +189,19 @@ def _consumer(half: gl.constexpr, a_smem, b_smem, ready, empty, as_ptr, bs_ptr, 
     lay: gl.constexpr = out_layout if SWIGLU else layout
     step = 0
     for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
-        off_m, off_b, pid_n, expert, k_tiles = _tile(tile, block_expert_ptr, N, K, num_m, TILE_N, GROUP_M)
+        off_m, off_b, pid_n, expert, k_tiles = _tile(tile, block_expert_ptr, N, K, num_m, TILE_N, GROUP_M,
+                                                      PARTS * HALF_M)
         live = _live(rows_ptr, off_m, half, num_pairs, SKIP)
         offs_m = off_m + half * HALF_M + gl.arange(0, HALF_M, layout=gl.SliceLayout(1, layout))
         scale_off = expert.to(gl.int64) * stride_bse + (pid_n * TILE_N // 128) * stride_bsn
         bs, b2s = bs_ptr + scale_off, b2s_ptr + scale_off
         acc = _k_loop(step, k_tiles, live, a_smem, b_smem, ready, empty, as_ptr, bs, b2s, offs_m, stride_asg,
-                      stride_bsk, half, SWIGLU, STAGES, DEFER, layout, out_layout)
+                      stride_bsk, half, SWIGLU, STAGES, DEFER, PARTS, layout, out_layout)
         step += k_tiles
         h1 = acc
         if QUANT:  # the second 64 columns of h
             h1 = _k_loop(step, k_tiles, live, a_smem, b_smem, ready, empty, as_ptr, bs, b2s, offs_m,
-                         stride_asg, stride_bsk, half, SWIGLU, STAGES, DEFER, layout, out_layout)
+                         stride_asg, stride_bsk, half, SWIGLU, STAGES, DEFER, PARTS, layout, out_layout)
             step += k_tiles
         _store(acc, h1, offs_m, pid_n, c_ptr, cs_ptr, rows_ptr, topk_w_ptr, num_pairs, stride_cm, stride_csg,
                SWIGLU, WEIGHTED, QUANT, TILE_N, SUB_N, lay)
@@ -203,23 +212,29 @@ def _wsp_gemm_kernel(a_desc, as_ptr, b_desc, b2_desc, bs_ptr, b2s_ptr, c_ptr, cs
                      rows_ptr, topk_w_ptr, N, K, num_m, num_pairs, num_tiles, stride_asg, stride_bse,
                      stride_bsn, stride_bsk, stride_cm, stride_csg,
                      SWIGLU: gl.constexpr, WEIGHTED: gl.constexpr, QUANT: gl.constexpr, STAGES: gl.constexpr,
-                     GROUP_M: gl.constexpr, SKIP: gl.constexpr, DEFER: gl.constexpr,
+                     GROUP_M: gl.constexpr, SKIP: gl.constexpr, DEFER: gl.constexpr, PARTS: gl.constexpr,
                      CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
-    a_smem, b_smem, ready, empty = smem_ring(a_desc, b_desc, STAGES)
-    # the argument tuples are spelled out: the frontend takes no *args, and a tuple built by concatenation
-    # turns constexprs into tensors
-    gl.warp_specialize([
-        (_consumer, (0, a_smem, b_smem, ready, empty, as_ptr, bs_ptr, b2s_ptr, c_ptr, cs_ptr,
-                     block_expert_ptr, rows_ptr, topk_w_ptr, N, K, num_m, num_pairs, num_tiles, stride_asg,
-                     stride_bse, stride_bsn, stride_bsk, stride_cm, stride_csg, SWIGLU, WEIGHTED, QUANT,
-                     STAGES, GROUP_M, SKIP, DEFER)),
-        (_consumer, (1, a_smem, b_smem, ready, empty, as_ptr, bs_ptr, b2s_ptr, c_ptr, cs_ptr,
-                     block_expert_ptr, rows_ptr, topk_w_ptr, N, K, num_m, num_pairs, num_tiles, stride_asg,
-                     stride_bse, stride_bsn, stride_bsk, stride_cm, stride_csg, SWIGLU, WEIGHTED, QUANT,
-                     STAGES, GROUP_M, SKIP, DEFER)),
-        (_producer, (a_desc, b_desc, b2_desc, a_smem, b_smem, ready, empty, block_expert_ptr, rows_ptr, N, K,
-                     num_m, num_pairs, num_tiles, SWIGLU, QUANT, STAGES, GROUP_M, SKIP)),
-    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+    a_smem, b_smem, ready, empty = smem_ring(a_desc, b_desc, STAGES, PARTS)
+    bufs = (a_smem, b_smem, ready, empty)
+    args = (as_ptr, bs_ptr, b2s_ptr, c_ptr, cs_ptr, block_expert_ptr, rows_ptr, topk_w_ptr, N, K, num_m,
+            num_pairs, num_tiles, stride_asg, stride_bse, stride_bsn, stride_bsk, stride_cm, stride_csg)
+    # the tuples are written out: the frontend takes no *args, and a tuple built by concatenation turns
+    # constexprs into tensors
+    loads = (a_desc, b_desc, b2_desc, a_smem, b_smem, ready, empty, block_expert_ptr, rows_ptr, N, K, num_m,
+             num_pairs, num_tiles)
+    if PARTS == 2:
+        gl.warp_specialize([
+            (_consumer, (0, bufs, args, SWIGLU, WEIGHTED, QUANT, STAGES, GROUP_M, SKIP, DEFER, PARTS)),
+            (_consumer, (1, bufs, args, SWIGLU, WEIGHTED, QUANT, STAGES, GROUP_M, SKIP, DEFER, PARTS)),
+            (_producer, (loads, SWIGLU, QUANT, STAGES, GROUP_M, SKIP, PARTS)),
+        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+    else:
+        gl.warp_specialize([
+            (_consumer, (0, bufs, args, SWIGLU, WEIGHTED, QUANT, STAGES, GROUP_M, SKIP, DEFER, PARTS)),
+            (_consumer, (1, bufs, args, SWIGLU, WEIGHTED, QUANT, STAGES, GROUP_M, SKIP, DEFER, PARTS)),
+            (_consumer, (2, bufs, args, SWIGLU, WEIGHTED, QUANT, STAGES, GROUP_M, SKIP, DEFER, PARTS)),
+            (_producer, (loads, SWIGLU, QUANT, STAGES, GROUP_M, SKIP, PARTS)),
+        ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
 
 
 _SMS: dict[int, int] = {}  # multiprocessors per device index (the tests pretend to have fewer)
@@ -237,14 +252,17 @@ def wsp_grouped_gemm(a: torch.Tensor, a_scale_t: torch.Tensor, b: torch.Tensor, 
                      out: torch.Tensor, block_expert: torch.Tensor, rows: torch.Tensor, num_pairs: int, *,
                      b2: torch.Tensor | None = None, b2_scale: torch.Tensor | None = None,
                      out_scale_t: torch.Tensor | None = None, topk_weights: torch.Tensor | None = None,
-                     group_m: int = 8, num_stages: int = 4, skip: bool = True, defer: bool = False,
-                     consumer_regs: int = 240,
-                     producer_regs: int = 24) -> torch.Tensor:
+                     block_m: int = 128, group_m: int = 8, num_stages: int = 4, skip: bool = True,
+                     defer: bool = False, producer_regs: int = 24) -> torch.Tensor:
     """fp8_gemm_ws.ws_grouped_gemm's contract (same operands and outputs) on the persistent kernel; rows
-    (the pair of each A row, padding >= num_pairs) is needed in every mode here (SKIP reads it)."""
+    (the pair of each A row, padding >= num_pairs) is needed in every mode here (SKIP reads it).
+    block_m 128 or 192: two or three consumer warpgroups of 64 rows; the three share 64K registers with
+    the producer's warpgroup, 160 each, too few for defer's two temporaries."""
     E, N, K = b.shape
     quant = out_scale_t is not None
-    assert N % 128 == 0 and K % 128 == 0 and a.shape[0] == 128 * block_expert.numel() == rows.numel()
+    parts = block_m // 64
+    assert block_m in (128, 192) and not (defer and parts == 3)
+    assert N % 128 == 0 and K % 128 == 0 and a.shape[0] == block_m * block_expert.numel() == rows.numel()
     assert a_scale_t.stride(1) == 1 and (not quant or (b2 is not None and out_scale_t.stride(1) == 1))
     assert (b2 is None) == (not quant) and (topk_weights is None) == quant  # QUANT gate_up or WEIGHTED down
     a_desc, b_desc, b2_desc = descriptors(a, b, b2)
@@ -257,7 +275,7 @@ def wsp_grouped_gemm(a: torch.Tensor, a_scale_t: torch.Tensor, b: torch.Tensor, 
         a_scale_t.stride(0), b_scale.stride(0), b_scale.stride(1), b_scale.stride(2), out.stride(0),
         out_scale_t.stride(0) if quant else 0,
         SWIGLU=b2 is not None, WEIGHTED=topk_weights is not None, QUANT=quant, STAGES=num_stages,
-        GROUP_M=group_m, SKIP=skip, DEFER=defer, CONSUMER_REGS=consumer_regs, PRODUCER_REGS=producer_regs,
-        num_warps=4,
+        GROUP_M=group_m, SKIP=skip, DEFER=defer, PARTS=parts, PRODUCER_REGS=producer_regs,
+        CONSUMER_REGS=(65536 // 128 - producer_regs) // parts // 8 * 8, num_warps=4,
     )
     return out

@@ -161,6 +161,7 @@ MOE_CANDIDATES = {
     "wspsd6": MoeConfig(128, 8, 4, 5, 128, 4, 6, backend="tma", warp_specialize=True, fuse_quant=True,
                         persistent=True, skip_pad=True, defer=True),
     # g4 / g16: GROUP_M 4 / 16; side: the shared expert on a side stream (moe_ffn)
+    # run 9: 192-row tiles, three consumer warpgroups (no defer: 160 registers each), 4 / 5 stages
     "wspsdg4": MoeConfig(128, 4, 4, 4, 128, 4, 4, backend="tma", warp_specialize=True, fuse_quant=True,
                          persistent=True, skip_pad=True, defer=True),
     "wspsdg16": MoeConfig(128, 16, 4, 4, 128, 4, 4, backend="tma", warp_specialize=True, fuse_quant=True,
@@ -171,6 +172,14 @@ MOE_CANDIDATES = {
                               persistent=True, skip_pad=True, defer=True, shared_stream=True),
     "wspsdg16_side": MoeConfig(128, 16, 4, 4, 128, 4, 4, backend="tma", warp_specialize=True, fuse_quant=True,
                                persistent=True, skip_pad=True, defer=True, shared_stream=True),
+    "wsp192g4": MoeConfig(192, 4, 4, 4, 128, 4, 4, backend="tma", warp_specialize=True, fuse_quant=True,
+                          persistent=True, skip_pad=True),
+    "wsp192g4_side": MoeConfig(192, 4, 4, 4, 128, 4, 4, backend="tma", warp_specialize=True, fuse_quant=True,
+                               persistent=True, skip_pad=True, shared_stream=True),
+    "wsp192g4s5": MoeConfig(192, 4, 4, 5, 128, 4, 5, backend="tma", warp_specialize=True, fuse_quant=True,
+                            persistent=True, skip_pad=True),
+    "wsp192g8_side": MoeConfig(192, 8, 4, 4, 128, 4, 4, backend="tma", warp_specialize=True, fuse_quant=True,
+                               persistent=True, skip_pad=True, shared_stream=True),
 }
 # default per mean (token, slot) pairs per expert: (upper bound, candidate name), first match wins.
 # The in-run winners of H200 run 8's full run (results/moe_ffn_h200.json), as benchmarks/moe_ffn.py prints

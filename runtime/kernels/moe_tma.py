@@ -51,8 +51,9 @@ def _grouped_gemm(config, device: torch.device):
         if config.persistent and config.fuse_quant:
             from runtime.kernels.fp8_gemm_wsp import wsp_grouped_gemm  # Gluon: imported where it runs
 
-            return (lambda *args, **kw: wsp_grouped_gemm(*args, group_m=config.group_m, skip=config.skip_pad,
-                                                         defer=config.defer, **kw)), True
+            tiles = dict(block_m=config.block_m, group_m=config.group_m, skip=config.skip_pad,
+                         defer=config.defer)
+            return (lambda *args, **kw: wsp_grouped_gemm(*args, **tiles, **kw)), True
         from runtime.kernels.fp8_gemm_ws import ws_grouped_gemm
 
         return (lambda *args, **kw: ws_grouped_gemm(*args, group_m=config.group_m, **kw)), config.fuse_quant

@@ -17,8 +17,9 @@ from runtime.kernels.moe_tma import gate_up_quant, gather_rows, tma_moe_usable
 
 H, INTER, E, K = 384, 256, 6, 3
 # the portable Triton kernel (fp8_gemm_tma.py) and the Gluon one (fp8_gemm_ws.py) at both stage counts,
-# and with h quantized in its gate_up epilogue (ws128q; on the CPU: the portable kernel + act_quant)
-CONFIGS = {name: MOE_CANDIDATES[name] for name in ("tma128", "ws128", "ws128s6", "ws128q")}
+# with h quantized in its gate_up epilogue (ws128q; on the CPU: the portable kernel + act_quant), and the
+# persistent one with 192-row tiles (wsp192g4; on the CPU: the portable kernel over 64-row blocks)
+CONFIGS = {name: MOE_CANDIDATES[name] for name in ("tma128", "ws128", "ws128s6", "ws128q", "wsp192g4")}
 
 
 def _experts(seed: int, lo: int = 0, hi: int = E) -> ExpertWeights:
@@ -105,7 +106,7 @@ def test_ws_gate_up_epilogue_quantizes_h_exactly_like_act_quant():
 
 @pytest.mark.gpu
 @gluon_gpu
-@pytest.mark.parametrize("name", ["wsp", "wsps", "wspsd", "wspsd6"])
+@pytest.mark.parametrize("name", ["wsp", "wsps", "wspsd", "wspsd6", "wsp192g4", "wsp192g4s5"])
 @pytest.mark.parametrize("T, sms, lo, hi", [(37, 132, 0, E), (300, 3, 0, E), (1000, 5, 2, 5)])
 def test_persistent_kernel_equals_ws128q_bit_for_bit(name, T, sms, lo, hi, monkeypatch):
     """fp8_gemm_wsp.py (persistent, producer warp, padding halves skipped) against ws128q: the same products
@@ -125,23 +126,28 @@ def test_persistent_kernel_equals_ws128q_bit_for_bit(name, T, sms, lo, hi, monke
 
 @pytest.mark.gpu
 @gluon_gpu
-@pytest.mark.parametrize("name", ["wsps", "wspsd"])
-def test_persistent_gate_up_skips_padding_halves_and_keeps_real_rows(name):
-    """The skipping kernels' h: rows of pairs bit-equal to ws128q's; a 64-row half that is all padding ran
-    no wgmma (its h is zero: codes 0), where ws128q computed token 0's row there."""
+@pytest.mark.parametrize("name, block_m, T",
+                         [("wsps", 128, 300), ("wspsd", 128, 300), ("wsp192g4", 192, 180)])
+def test_persistent_gate_up_skips_padding_parts_and_keeps_real_rows(name, block_m, T):
+    """The skipping kernels' h: rows of pairs bit-equal to ws128q's (the same pair's row in its 128-row
+    layout); a 64-row part that is all padding ran no wgmma (its h is zero: codes 0), where a kernel that
+    does not skip computes token 0's row (gather_rows fills padding with it). At 300 tokens 168-190 pairs
+    per expert leave each expert's second 128-row block half padding; at 180, 101-115 pairs leave the
+    last third of each 192-row block padding."""
     ex = _experts(seed=13)
-    x = act_quant(randn((300, H), torch.Generator().manual_seed(13)))
-    _, ids = _routing(300, seed=13)  # 168-190 pairs per expert: each expert's second block is half padding
-    rows, block_expert = align_by_expert(ids, 0, E, 128)
-    a, a_s = gather_rows(x, rows, K)
-    skip = gate_up_quant(a, a_s, ex, block_expert, rows, 300 * K, MOE_CANDIDATES[name])
-    plain = gate_up_quant(a, a_s, ex, block_expert, rows, 300 * K, MOE_CANDIDATES["ws128q"])
-    real = rows < 300 * K
-    assert torch.equal(skip.q.view(torch.uint8)[real], plain.q.view(torch.uint8)[real])
-    assert torch.equal(skip.scale_inv[real], plain.scale_inv[real])
-    half = rows.view(-1, 64)[:, 0] >= 300 * K  # halves that start with padding: all padding
-    used = (block_expert >= 0).repeat_interleave(2)
-    skipped = (half & used).repeat_interleave(64)
-    assert skipped.sum() >= 5 * 64
+    x = act_quant(randn((T, H), torch.Generator().manual_seed(13)))
+    _, ids = _routing(T, seed=13)
+    layouts = [align_by_expert(ids, 0, E, bm) for bm in (block_m, 128)]
+    (rows, block_expert), (rows128, _) = layouts
+    skip, plain = (gate_up_quant(*gather_rows(x, r, K), ex, be, r, T * K, MOE_CANDIDATES[n])
+                   for (r, be), n in zip(layouts, (name, "ws128q"), strict=True))
+    real, real128 = rows < T * K, rows128 < T * K
+    assert torch.equal(rows[real], rows128[real128])  # both list the pairs in the same order
+    assert torch.equal(skip.q.view(torch.uint8)[real], plain.q.view(torch.uint8)[real128])
+    assert torch.equal(skip.scale_inv[real], plain.scale_inv[real128])
+    part = rows.view(-1, 64)[:, 0] >= T * K  # parts that start with padding: all padding
+    used = (block_expert >= 0).repeat_interleave(block_m // 64)
+    skipped = (part & used).repeat_interleave(64)
+    assert skipped.sum() >= 4 * 64
     assert (skip.q.view(torch.uint8)[skipped] == 0).all()
-    assert (plain.q.view(torch.uint8)[skipped] != 0).any()
+    assert (plain.q.view(torch.uint8)[rows128 == 0] != 0).any()  # token 0's h (slot 0): not zero codes
