@@ -109,6 +109,7 @@ class MoeConfig:
     persistent: bool = False  # with fuse_quant: the persistent kernel with a producer warp (fp8_gemm_wsp.py)
     skip_pad: bool = False  # and no wgmma for a consumer whose 64 rows are all padding
     defer: bool = False  # and two wgmma chains in flight per consumer (one promoted while the next runs)
+    dynamic: bool = False  # persistent: tiles handed out by an atomic counter, in order, not round robin
     shared_stream: bool = False  # moe_ffn: the shared expert on a side CUDA stream
 
 
@@ -180,6 +181,17 @@ MOE_CANDIDATES = {
                             persistent=True, skip_pad=True),
     "wsp192g8_side": MoeConfig(192, 8, 4, 4, 128, 4, 4, backend="tma", warp_specialize=True, fuse_quant=True,
                                persistent=True, skip_pad=True, shared_stream=True),
+    # run 9: y: dynamic tile order (the M-blocks that share a weight tile start together)
+    "wspsdg4y": MoeConfig(128, 4, 4, 4, 128, 4, 4, backend="tma", warp_specialize=True, fuse_quant=True,
+                          persistent=True, skip_pad=True, defer=True, dynamic=True),
+    "wspsdg4y_side": MoeConfig(128, 4, 4, 4, 128, 4, 4, backend="tma", warp_specialize=True, fuse_quant=True,
+                               persistent=True, skip_pad=True, defer=True, dynamic=True, shared_stream=True),
+    "wspsdy_side": MoeConfig(128, 8, 4, 4, 128, 4, 4, backend="tma", warp_specialize=True, fuse_quant=True,
+                             persistent=True, skip_pad=True, defer=True, dynamic=True, shared_stream=True),
+    "wsp192g4y": MoeConfig(192, 4, 4, 4, 128, 4, 4, backend="tma", warp_specialize=True, fuse_quant=True,
+                           persistent=True, skip_pad=True, dynamic=True),
+    "wsp192g8y_side": MoeConfig(192, 8, 4, 4, 128, 4, 4, backend="tma", warp_specialize=True, fuse_quant=True,
+                                persistent=True, skip_pad=True, dynamic=True, shared_stream=True),
 }
 # default per mean (token, slot) pairs per expert: (upper bound, candidate name), first match wins.
 # The in-run winners of H200 run 8's full run (results/moe_ffn_h200.json), as benchmarks/moe_ffn.py prints
