@@ -6,18 +6,27 @@ Same operands, modes (SWIGLU / QUANT / WEIGHTED), arithmetic and epilogues as fp
   issues loads between its wgmma chains. In fp8_gemm_ws.py consumer 0 issues them, and its load for
   step + STAGES - 1 waits until consumer 1 has released step - 1's stage: the two consumers run loosely
   lock-stepped and consumer 0's next wgmma waits behind that.
-- the grid is persistent: one CTA per SM loops over the tiles (tile = program id + i * programs, the
-  same GROUP_M order), and the producer runs on into the next tile while the consumers are still in
-  this one's epilogue; the non-persistent grid exposed every tile's pipeline fill and epilogue.
-- SKIP: a consumer whose 64 rows are all padding (an expert's run is padded to 128 rows; a run ending in
-  the first half of its last block leaves the second half empty) runs no wgmma and no promotion for
-  that tile (it still waits `ready` and releases `empty`), and the producer loads no A rows for it. At
-  2048 tokens (~128 pairs per expert) about half the experts end in such a block.
+- the grid is persistent: one CTA per SM loops over the tiles, and the producer runs on into the next
+  tile while the consumers are still in this one's epilogue; the non-persistent grid exposed every
+  tile's pipeline fill and epilogue.
+- the tiles (GROUP_M order) are handed out by an atomic counter, in order as CTAs free up (the producer
+  takes the next one and publishes its id to the consumers through a 2-slot shared-memory ring): the
+  M-blocks that share a weight tile then start it at about the same time, and it comes from HBM about
+  once. A static round robin (tile = program id + i * programs) drifts apart: at 4096 tokens ncu read
+  7.4 GB from HBM for gate_up's 3.5 GB of weights (L2 hit rate 44%), in this order 5.0 GB (63%), and
+  the layer ran 5-12% faster (NOTES_ffn.md run 9).
+- PARTS 64-row parts per tile, one consumer warpgroup each: 2 (128 rows) or 3 (192: an expert with
+  129-192 pairs streams its weights once, not twice; 160 registers per consumer, too few for DEFER).
+- SKIP: a consumer whose 64 rows are all padding (an expert's run is padded to a whole tile; a run that
+  ends early in its last tile leaves the last parts empty) runs no wgmma and no promotion for that tile
+  (it still waits `ready` and releases `empty`), and the producer loads no A rows for it. At 2048
+  tokens (~128 pairs per expert) about half the experts end in such a 128-row block.
 - DEFER: a consumer issues two K steps' wgmma chains before it waits for the first, and promotes that
   one while the second runs, so its promotion also overlaps its own MMA, not only the other consumer's
   (two 64-register temporaries; ptxas: no spills with SKIP, 268 B without, so DEFER goes with SKIP).
-The consumers' setmaxnreg: the 9 warps are padded to 3 warpgroups (ptxas starts every thread at 168
-registers); the producer's warpgroup gives its registers up and the consumers take CONSUMER_REGS.
+The consumers' setmaxnreg: the warps are padded to PARTS + 1 warpgroups (ptxas starts every thread at
+65536 / their threads registers); the producer's warpgroup gives its registers up and the consumers take
+CONSUMER_REGS.
 """
 
 from __future__ import annotations
@@ -58,52 +67,36 @@ def _live(rows_ptr, off_m, half, num_pairs, SKIP: gl.constexpr):
         return True
 
 
-SLOTS = gl.constexpr(2)  # tile ids in flight from the producer to the consumers (DYNAMIC)
+SLOTS = gl.constexpr(2)  # tile ids in flight from the producer to the consumers
 ONE_WARP = gl.constexpr(gl.BlockedLayout([1], [32], [1], [0]))
 WARPGROUP = gl.constexpr(gl.BlockedLayout([1], [32], [4], [0]))
 
 
 @gluon.jit
-def _grab(counter_ptr, i, DYNAMIC: gl.constexpr):
-    """The producer's i-th tile. DYNAMIC: the next unclaimed one (an atomic counter), so tiles start in
-    order as CTAs free up, as a non-persistent grid's do: the M-blocks that share a weight tile load it at
-    about the same time, and it comes from HBM once (the static round robin drifts apart: at 4096 tokens
-    ncu read 7.4 GB from HBM for gate_up's 3.5 GB of weights, a non-persistent grid 4.7 GB). Else this
-    CTA's i-th in the static round robin."""
-    if DYNAMIC:
-        return gl.atomic_add(counter_ptr, 1)
-    else:
-        return gl.program_id(0) + i * gl.num_programs(0)
+def _publish(sched, i, tile):
+    """Producer: this CTA's i-th tile id into slot i % SLOTS once every consumer has read the slot's
+    previous one."""
+    tiles, full, free = sched
+    s = i % SLOTS
+    mbarrier.wait(free.index(s), ((i // SLOTS) & 1) ^ 1)  # the first round passes at once
+    tiles.index(s).store(gl.full([1], tile, gl.int32, ONE_WARP))
+    mbarrier.arrive(full.index(s), count=1)
 
 
 @gluon.jit
-def _publish(sched, i, tile, DYNAMIC: gl.constexpr):
-    """Producer: tile i's id into slot i % SLOTS once every consumer has read the slot's previous one."""
-    if DYNAMIC:
-        tiles, full, free = sched
-        s = i % SLOTS
-        mbarrier.wait(free.index(s), ((i // SLOTS) & 1) ^ 1)  # the first round passes at once
-        tiles.index(s).store(gl.full([1], tile, gl.int32, ONE_WARP))
-        mbarrier.arrive(full.index(s), count=1)
-
-
-@gluon.jit
-def _take(sched, counter_ptr, i, DYNAMIC: gl.constexpr):
-    """Consumer: this CTA's i-th tile (DYNAMIC: as the producer published it)."""
-    if DYNAMIC:
-        tiles, full, free = sched
-        s = i % SLOTS
-        mbarrier.wait(full.index(s), (i // SLOTS) & 1)
-        tile = gl.max(tiles.index(s).load(WARPGROUP), axis=0)
-        mbarrier.arrive(free.index(s), count=1)
-        return tile
-    else:
-        return _grab(counter_ptr, i, False)
+def _take(sched, i):
+    """Consumer: this CTA's i-th tile id, as the producer published it."""
+    tiles, full, free = sched
+    s = i % SLOTS
+    mbarrier.wait(full.index(s), (i // SLOTS) & 1)
+    tile = gl.max(tiles.index(s).load(WARPGROUP), axis=0)
+    mbarrier.arrive(free.index(s), count=1)
+    return tile
 
 
 @gluon.jit
 def _producer(loads, sched, counter_ptr, SWIGLU: gl.constexpr, QUANT: gl.constexpr, STAGES: gl.constexpr,
-              GROUP_M: gl.constexpr, SKIP: gl.constexpr, PARTS: gl.constexpr, DYNAMIC: gl.constexpr):
+              GROUP_M: gl.constexpr, SKIP: gl.constexpr, PARTS: gl.constexpr):
     """Every TMA load of this CTA's tiles, through one STAGES-deep ring (global step counter): per step
     wait until every consumer released the stage, then A (PARTS 64-row parts; with SKIP only the live
     ones: padding ends a run, so they are a prefix) and B (SwiGLU: gate rows into the stage's first 64
@@ -115,9 +108,9 @@ def _producer(loads, sched, counter_ptr, SWIGLU: gl.constexpr, QUANT: gl.constex
     B_BYTES: gl.constexpr = 128 * 128
     step = 0
     n = 0
-    tile = _grab(counter_ptr, n, DYNAMIC)
+    tile = gl.atomic_add(counter_ptr, 1)
     while tile < num_tiles:
-        _publish(sched, n, tile, DYNAMIC)
+        _publish(sched, n, tile)
         off_m, off_b, pid_n, expert, k_tiles = _tile(tile, block_expert_ptr, N, K, num_m, SUB * SUB_N,
                                                       GROUP_M, PARTS * HALF_M)
         live1 = _live(rows_ptr, off_m, 1, num_pairs, SKIP)
@@ -139,8 +132,8 @@ def _producer(loads, sched, counter_ptr, SWIGLU: gl.constexpr, QUANT: gl.constex
             load_b(b_desc, b2_desc, b_smem.index(s), bar, off_b, j, k, SWIGLU, SUB_N)
             step += 1
         n += 1
-        tile = _grab(counter_ptr, n, DYNAMIC)
-    _publish(sched, n, tile, DYNAMIC)  # past the end: the consumers stop
+        tile = gl.atomic_add(counter_ptr, 1)
+    _publish(sched, n, tile)  # past the end: the consumers stop
 
 
 @gluon.jit
@@ -222,9 +215,9 @@ def _k_loop(base, k_tiles, live, a_smem, b_smem, ready, empty, as_ptr, bs_ptr, b
 
 
 @gluon.jit
-def _consumer(half: gl.constexpr, bufs, args, sched, counter_ptr, SWIGLU: gl.constexpr,
-              WEIGHTED: gl.constexpr, QUANT: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
-              SKIP: gl.constexpr, DEFER: gl.constexpr, PARTS: gl.constexpr, DYNAMIC: gl.constexpr):
+def _consumer(half: gl.constexpr, bufs, args, sched, SWIGLU: gl.constexpr, WEIGHTED: gl.constexpr,
+              QUANT: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr, SKIP: gl.constexpr,
+              DEFER: gl.constexpr, PARTS: gl.constexpr):
     """Rows 64 half .. 64 half + 63 of every tile of this CTA: K loop(s), then the epilogue (the producer
     meanwhile fills the stages of the next tile). bufs: the ring; args: the kernel's pointers and sizes."""
     a_smem, b_smem, ready, empty = bufs
@@ -238,7 +231,7 @@ def _consumer(half: gl.constexpr, bufs, args, sched, counter_ptr, SWIGLU: gl.con
     lay: gl.constexpr = out_layout if SWIGLU else layout
     step = 0
     n = 0
-    tile = _take(sched, counter_ptr, n, DYNAMIC)
+    tile = _take(sched, n)
     while tile < num_tiles:
         off_m, off_b, pid_n, expert, k_tiles = _tile(tile, block_expert_ptr, N, K, num_m, TILE_N, GROUP_M,
                                                       PARTS * HALF_M)
@@ -257,7 +250,7 @@ def _consumer(half: gl.constexpr, bufs, args, sched, counter_ptr, SWIGLU: gl.con
         _store(acc, h1, offs_m, pid_n, c_ptr, cs_ptr, rows_ptr, topk_w_ptr, num_pairs, stride_cm, stride_csg,
                SWIGLU, WEIGHTED, QUANT, TILE_N, SUB_N, lay)
         n += 1
-        tile = _take(sched, counter_ptr, n, DYNAMIC)
+        tile = _take(sched, n)
 
 
 @gluon.jit
@@ -266,16 +259,15 @@ def _wsp_gemm_kernel(a_desc, as_ptr, b_desc, b2_desc, bs_ptr, b2s_ptr, c_ptr, cs
                      stride_bse, stride_bsn, stride_bsk, stride_cm, stride_csg,
                      SWIGLU: gl.constexpr, WEIGHTED: gl.constexpr, QUANT: gl.constexpr, STAGES: gl.constexpr,
                      GROUP_M: gl.constexpr, SKIP: gl.constexpr, DEFER: gl.constexpr, PARTS: gl.constexpr,
-                     DYNAMIC: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+                     CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
     a_smem, b_smem, ready, empty = smem_ring(a_desc, b_desc, STAGES, PARTS)
     bufs = (a_smem, b_smem, ready, empty)
     tile_ids = gl.allocate_shared_memory(gl.int32, [SLOTS, 1], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
     full = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
     free = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
-    if DYNAMIC:
-        for i in gl.static_range(SLOTS):
-            mbarrier.init(full.index(i), count=1)
-            mbarrier.init(free.index(i), count=PARTS)  # every consumer warpgroup reads each tile id
+    for i in gl.static_range(SLOTS):
+        mbarrier.init(full.index(i), count=1)
+        mbarrier.init(free.index(i), count=PARTS)  # every consumer warpgroup reads each tile id
     sched = (tile_ids, full, free)
     args = (as_ptr, bs_ptr, b2s_ptr, c_ptr, cs_ptr, block_expert_ptr, rows_ptr, topk_w_ptr, N, K, num_m,
             num_pairs, num_tiles, stride_asg, stride_bse, stride_bsn, stride_bsk, stride_cm, stride_csg)
@@ -285,21 +277,16 @@ def _wsp_gemm_kernel(a_desc, as_ptr, b_desc, b2_desc, bs_ptr, b2s_ptr, c_ptr, cs
              num_pairs, num_tiles)
     if PARTS == 2:
         gl.warp_specialize([
-            (_consumer, (0, bufs, args, sched, counter_ptr, SWIGLU, WEIGHTED, QUANT, STAGES, GROUP_M, SKIP,
-                         DEFER, PARTS, DYNAMIC)),
-            (_consumer, (1, bufs, args, sched, counter_ptr, SWIGLU, WEIGHTED, QUANT, STAGES, GROUP_M, SKIP,
-                         DEFER, PARTS, DYNAMIC)),
-            (_producer, (loads, sched, counter_ptr, SWIGLU, QUANT, STAGES, GROUP_M, SKIP, PARTS, DYNAMIC)),
+            (_consumer, (0, bufs, args, sched, SWIGLU, WEIGHTED, QUANT, STAGES, GROUP_M, SKIP, DEFER, PARTS)),
+            (_consumer, (1, bufs, args, sched, SWIGLU, WEIGHTED, QUANT, STAGES, GROUP_M, SKIP, DEFER, PARTS)),
+            (_producer, (loads, sched, counter_ptr, SWIGLU, QUANT, STAGES, GROUP_M, SKIP, PARTS)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
     else:
         gl.warp_specialize([
-            (_consumer, (0, bufs, args, sched, counter_ptr, SWIGLU, WEIGHTED, QUANT, STAGES, GROUP_M, SKIP,
-                         DEFER, PARTS, DYNAMIC)),
-            (_consumer, (1, bufs, args, sched, counter_ptr, SWIGLU, WEIGHTED, QUANT, STAGES, GROUP_M, SKIP,
-                         DEFER, PARTS, DYNAMIC)),
-            (_consumer, (2, bufs, args, sched, counter_ptr, SWIGLU, WEIGHTED, QUANT, STAGES, GROUP_M, SKIP,
-                         DEFER, PARTS, DYNAMIC)),
-            (_producer, (loads, sched, counter_ptr, SWIGLU, QUANT, STAGES, GROUP_M, SKIP, PARTS, DYNAMIC)),
+            (_consumer, (0, bufs, args, sched, SWIGLU, WEIGHTED, QUANT, STAGES, GROUP_M, SKIP, DEFER, PARTS)),
+            (_consumer, (1, bufs, args, sched, SWIGLU, WEIGHTED, QUANT, STAGES, GROUP_M, SKIP, DEFER, PARTS)),
+            (_consumer, (2, bufs, args, sched, SWIGLU, WEIGHTED, QUANT, STAGES, GROUP_M, SKIP, DEFER, PARTS)),
+            (_producer, (loads, sched, counter_ptr, SWIGLU, QUANT, STAGES, GROUP_M, SKIP, PARTS)),
         ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -319,12 +306,11 @@ def wsp_grouped_gemm(a: torch.Tensor, a_scale_t: torch.Tensor, b: torch.Tensor, 
                      b2: torch.Tensor | None = None, b2_scale: torch.Tensor | None = None,
                      out_scale_t: torch.Tensor | None = None, topk_weights: torch.Tensor | None = None,
                      block_m: int = 128, group_m: int = 8, num_stages: int = 4, skip: bool = True,
-                     defer: bool = False, dynamic: bool = False, producer_regs: int = 24) -> torch.Tensor:
+                     defer: bool = False, producer_regs: int = 24) -> torch.Tensor:
     """fp8_gemm_ws.ws_grouped_gemm's contract (same operands and outputs) on the persistent kernel; rows
     (the pair of each A row, padding >= num_pairs) is needed in every mode here (SKIP reads it).
     block_m 128 or 192: two or three consumer warpgroups of 64 rows; the three share 64K registers with
-    the producer's warpgroup, 160 each, too few for defer's two temporaries. dynamic: tiles handed out by
-    an atomic counter (a fresh zero per call), not round robin."""
+    the producer's warpgroup, 160 each, too few for defer's two temporaries."""
     E, N, K = b.shape
     quant = out_scale_t is not None
     parts = block_m // 64
@@ -338,12 +324,12 @@ def wsp_grouped_gemm(a: torch.Tensor, a_scale_t: torch.Tensor, b: torch.Tensor, 
         a_desc, a_scale_t, b_desc, b2_desc, b_scale, b_scale if b2_scale is None else b2_scale, out,
         out_scale_t if quant else a_scale_t, block_expert, rows,
         topk_weights if topk_weights is not None else a_scale_t,
-        torch.zeros(1, dtype=torch.int32, device=a.device) if dynamic else rows, N, K, block_expert.numel(),
+        torch.zeros(1, dtype=torch.int32, device=a.device), N, K, block_expert.numel(),
         num_pairs, num_tiles,
         a_scale_t.stride(0), b_scale.stride(0), b_scale.stride(1), b_scale.stride(2), out.stride(0),
         out_scale_t.stride(0) if quant else 0,
         SWIGLU=b2 is not None, WEIGHTED=topk_weights is not None, QUANT=quant, STAGES=num_stages,
-        GROUP_M=group_m, SKIP=skip, DEFER=defer, PARTS=parts, DYNAMIC=dynamic, PRODUCER_REGS=producer_regs,
+        GROUP_M=group_m, SKIP=skip, DEFER=defer, PARTS=parts, PRODUCER_REGS=producer_regs,
         CONSUMER_REGS=(65536 // 128 - producer_regs) // parts // 8 * 8, num_warps=4,
     )
     return out

@@ -109,7 +109,6 @@ class MoeConfig:
     persistent: bool = False  # with fuse_quant: the persistent kernel with a producer warp (fp8_gemm_wsp.py)
     skip_pad: bool = False  # and no wgmma for a consumer whose 64 rows are all padding
     defer: bool = False  # and two wgmma chains in flight per consumer (one promoted while the next runs)
-    dynamic: bool = False  # persistent: tiles handed out by an atomic counter, in order, not round robin
     shared_stream: bool = False  # moe_ffn: the shared expert on a side CUDA stream
 
 
@@ -161,18 +160,14 @@ MOE_CANDIDATES = {
                        persistent=True, skip_pad=True, defer=True),
     "wspsd6": MoeConfig(128, 8, 4, 5, 128, 4, 6, backend="tma", warp_specialize=True, fuse_quant=True,
                         persistent=True, skip_pad=True, defer=True),
-    # g4 / g16: GROUP_M 4 / 16; side: the shared expert on a side stream (moe_ffn)
-    # run 9: 192-row tiles, three consumer warpgroups (no defer: 160 registers each), 4 / 5 stages
+    # g4: GROUP_M 4; side: the shared expert on a side stream (moe_ffn)
     "wspsdg4": MoeConfig(128, 4, 4, 4, 128, 4, 4, backend="tma", warp_specialize=True, fuse_quant=True,
                          persistent=True, skip_pad=True, defer=True),
-    "wspsdg16": MoeConfig(128, 16, 4, 4, 128, 4, 4, backend="tma", warp_specialize=True, fuse_quant=True,
-                          persistent=True, skip_pad=True, defer=True),
     "wspsd_side": MoeConfig(128, 8, 4, 4, 128, 4, 4, backend="tma", warp_specialize=True, fuse_quant=True,
                             persistent=True, skip_pad=True, defer=True, shared_stream=True),
     "wspsdg4_side": MoeConfig(128, 4, 4, 4, 128, 4, 4, backend="tma", warp_specialize=True, fuse_quant=True,
                               persistent=True, skip_pad=True, defer=True, shared_stream=True),
-    "wspsdg16_side": MoeConfig(128, 16, 4, 4, 128, 4, 4, backend="tma", warp_specialize=True, fuse_quant=True,
-                               persistent=True, skip_pad=True, defer=True, shared_stream=True),
+    # run 9: 192-row tiles, three consumer warpgroups (no defer: 160 registers each), 4 / 5 stages
     "wsp192g4": MoeConfig(192, 4, 4, 4, 128, 4, 4, backend="tma", warp_specialize=True, fuse_quant=True,
                           persistent=True, skip_pad=True),
     "wsp192g4_side": MoeConfig(192, 4, 4, 4, 128, 4, 4, backend="tma", warp_specialize=True, fuse_quant=True,
@@ -181,26 +176,15 @@ MOE_CANDIDATES = {
                             persistent=True, skip_pad=True),
     "wsp192g8_side": MoeConfig(192, 8, 4, 4, 128, 4, 4, backend="tma", warp_specialize=True, fuse_quant=True,
                                persistent=True, skip_pad=True, shared_stream=True),
-    # run 9: y: dynamic tile order (the M-blocks that share a weight tile start together)
-    "wspsdg4y": MoeConfig(128, 4, 4, 4, 128, 4, 4, backend="tma", warp_specialize=True, fuse_quant=True,
-                          persistent=True, skip_pad=True, defer=True, dynamic=True),
-    "wspsdg4y_side": MoeConfig(128, 4, 4, 4, 128, 4, 4, backend="tma", warp_specialize=True, fuse_quant=True,
-                               persistent=True, skip_pad=True, defer=True, dynamic=True, shared_stream=True),
-    "wspsdy_side": MoeConfig(128, 8, 4, 4, 128, 4, 4, backend="tma", warp_specialize=True, fuse_quant=True,
-                             persistent=True, skip_pad=True, defer=True, dynamic=True, shared_stream=True),
-    "wsp192g4y": MoeConfig(192, 4, 4, 4, 128, 4, 4, backend="tma", warp_specialize=True, fuse_quant=True,
-                           persistent=True, skip_pad=True, dynamic=True),
-    "wsp192g8y_side": MoeConfig(192, 8, 4, 4, 128, 4, 4, backend="tma", warp_specialize=True, fuse_quant=True,
-                                persistent=True, skip_pad=True, dynamic=True, shared_stream=True),
 }
 # default per mean (token, slot) pairs per expert: (upper bound, candidate name), first match wins.
-# The in-run winners of H200 run 8's full run (results/moe_ffn_h200.json), as benchmarks/moe_ffn.py prints
-# them: the persistent Gluon GEMM with skipped padding halves and two chains in flight from 2048 tokens
-# (GROUP_M 4 / 8, shared expert on a side stream or not): 1.11x / 1.08x / 1.23x run 7's ws128q at 2048 /
-# 4096 / 8192 tokens in the same run. The wsp* candidates differ by less than the spread between two
-# rounds (up to ~5%, once 25%), so the choice among them is weak.
-DEFAULT_MOE_TILES = ((16, "m16s3i"), (64, "m32s3"), (192, "wspsdg4"), (384, "wspsd_side"),
-                     (float("inf"), "wspsdg4_side"))
+# From 2048 tokens the persistent Gluon GEMM (tiles in order from an atomic counter) with skipped padding
+# parts: 192-row tiles where an expert gets ~128 or ~512 pairs (2048 / 8192 tokens: fewer tiles that
+# stream an expert's weights again), 128-row tiles with two chains in flight at ~256 (4096: two whole
+# blocks). The medians of 3 rounds of H200 run 9's quick pass (2.71 / 4.47 / 8.17 ms); candidates
+# within ~2% of each other can swap places between runs.
+DEFAULT_MOE_TILES = ((16, "m16s3i"), (64, "m32s3"), (192, "wsp192g8_side"), (384, "wspsd_side"),
+                     (float("inf"), "wsp192g4"))
 
 
 def default_moe_config(tokens: int, top_k: int, num_experts: int) -> MoeConfig:
