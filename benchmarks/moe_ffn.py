@@ -444,7 +444,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--quick", action="store_true", help="tuning pass; no loop baseline, no plot")
-    ap.add_argument("--tests", type=float, default=None, help="pytest time limit in s (default: 120, none "
+    ap.add_argument("--tests", type=float, default=None, help="pytest time limit in s (default: 240, none "
                     "with --quick)")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--tokens", type=int, nargs="+", default=list(TUNE), help="--quick: token counts")
@@ -457,7 +457,7 @@ def main() -> None:
     result: dict = dict(environment=environment(), dims=dict(hidden=HIDDEN, experts=EXPERTS, inter=INTER,
                                                              top_k=TOP_K, shared=SHARED))
     t0 = time.time()
-    pytest_limit = args.tests if args.tests is not None else (0 if args.quick else 120)
+    pytest_limit = args.tests if args.tests is not None else (0 if args.quick else 240)
     if pytest_limit:
         result["pytest"] = run_pytest(args.out, pytest_limit)
         print("pytest:", result["pytest"], flush=True)

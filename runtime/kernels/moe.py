@@ -219,7 +219,7 @@ def routed_pairs(x: torch.Tensor | Fp8Act, weights: torch.Tensor, ids: torch.Ten
     config = config or default_moe_config(T, k, experts.num_local)
     if config.backend == "tma" and tma_moe_usable(experts):
         return tma_moe_pairs(x, weights, ids, experts, out_dtype, config)
-    bm = config.block_m
+    bm = config.block_m if config.block_m & (config.block_m - 1) == 0 else 64  # 192: the Gluon kernel's alone
     rows, block_expert = align_by_expert(ids, experts.first, experts.num_local, bm)
     inter = experts.gate.shape[1]
     h = torch.empty((rows.numel(), inter), dtype=FP8_DTYPE if experts.fp8 else a.dtype, device=a.device)

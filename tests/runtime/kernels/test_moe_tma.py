@@ -71,15 +71,17 @@ def test_tma_expert_ranges_sum_to_the_full_moe(name):
     assert all(rel_err(p, full) > 0.05 for p in parts)
 
 
-def test_tma_config_falls_back_on_widths_that_are_not_whole_tiles():
+@pytest.mark.parametrize("name", ["tma128", "wsp192g4"])
+def test_tma_config_falls_back_on_widths_that_are_not_whole_tiles(name):
     gen = torch.Generator().manual_seed(3)
     (g, gs), (u, us), (d, ds) = (fp8_weight(s, gen) for s in ((E, 192, 200), (E, 192, 200), (E, 200, 192)))
     ex = ExpertWeights(g, u, d, gs, us, ds)
     assert not tma_moe_usable(ex)
     x = randn((5, 200), gen)
     w, ids = _routing(5, seed=3)
-    out = fused_moe(x, w, ids, ex, out_dtype=torch.float32, config=CONFIGS["tma128"])
-    assert rel_err(out, fused_moe_ref(x, w, ids, ex)) < REQUANT_TOL  # the gathering kernel ran
+    out = fused_moe(x, w, ids, ex, out_dtype=torch.float32, config=CONFIGS[name])
+    assert rel_err(out, fused_moe_ref(x, w, ids, ex)) < REQUANT_TOL  # the gathering kernel ran (64-row blocks
+    # for the 192-row config: the gathering kernel's tiles are powers of two)
 
 
 gluon_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and gluon_usable(torch.device("cuda"))),
