@@ -126,9 +126,9 @@ def _producer(loads, sched, counter_ptr, SWIGLU: gl.constexpr, QUANT: gl.constex
                 mbarrier.expect(bar, B_BYTES + 2 * HALF_M * 128, pred=live1 and not live2)
             mbarrier.expect(bar, B_BYTES + HALF_M * 128, pred=not live1)
             for p in gl.static_range(PARTS):
+                live = p == 0 or (p == 1 and live1) or (p == 2 and live2)
                 tma.async_copy_global_to_shared(a_desc, [off_m + p * HALF_M, k], bar,
-                                                a_smem.index(PARTS * s + p), pred=p == 0 or (p == 1 and live1)
-                                                or live2)
+                                                a_smem.index(PARTS * s + p), pred=live)
             load_b(b_desc, b2_desc, b_smem.index(s), bar, off_b, j, k, SWIGLU, SUB_N)
             step += 1
         n += 1
@@ -330,6 +330,7 @@ def wsp_grouped_gemm(a: torch.Tensor, a_scale_t: torch.Tensor, b: torch.Tensor, 
         out_scale_t.stride(0) if quant else 0,
         SWIGLU=b2 is not None, WEIGHTED=topk_weights is not None, QUANT=quant, STAGES=num_stages,
         GROUP_M=group_m, SKIP=skip, DEFER=defer, PARTS=parts, PRODUCER_REGS=producer_regs,
+        # the SM's 64K registers over PARTS + 1 warpgroups of 128 threads, in setmaxnreg's steps of 8
         CONSUMER_REGS=(65536 // 128 - producer_regs) // parts // 8 * 8, num_warps=4,
     )
     return out
