@@ -6,10 +6,10 @@ set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 mkdir -p "$OUT/moe" "$OUT/mfa"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
-timeout 100 python3 -m pytest -q -m gpu tests -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
+timeout 300 python3 -m pytest -q -m gpu tests -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
 echo "gpu-marked tests: exit $? :: $(tail -n 1 "$OUT/gpu_tests.log")"
-timeout 210 python3 -m benchmarks.moe_ffn --out "$OUT/moe" > "$OUT/moe/run.log" 2>&1
+timeout 480 python3 -m benchmarks.moe_ffn --out "$OUT/moe" > "$OUT/moe/run.log" 2>&1
 echo "moe_ffn: exit $?"; tail -n 25 "$OUT/moe/run.log"
-timeout 210 python3 benchmarks/mfa_attention.py --tests --out "$OUT/mfa" > "$OUT/mfa/run.log" 2>&1
+timeout 300 python3 benchmarks/mfa_attention.py --tests --out "$OUT/mfa" > "$OUT/mfa/run.log" 2>&1
 echo "mfa_attention: exit $?"; tail -n 25 "$OUT/mfa/run.log"
 ls -la "$OUT" "$OUT/moe" "$OUT/mfa"
