@@ -143,14 +143,17 @@ CANDIDATES = {"bf16": [()],
               "fp8": [(), (64, 4, 4, 2048, 2, 1, 2, 1), (64, 4, 4, 2048, 2, 0, 2, 2),
                       (64, 4, 3, 2048, 2, 0, 2, 1, {"gluon_vstages": 3})]}
 TUNE_SHAPES = ((256, 4096), (32, 4096), (1, 32768))
-# --quick (run 9): run 8's Gluon kernel (gluon 1, converter vec 16, no PDL) first and again last, then the
-# conflict-free converter layout (vec 8, the new plan default), + PDL, + tile pairs (gluon 2), run 8's gluon 2
-# (vec 16, no PDL), the BF16 default, and page 16; a trailing dict holds further plan_decode keywords.
+# --quick (run 10): FP8 below QK8_MIN_TOKENS, where it ran 1.02-1.41x the BF16 time in run 9: the small-shape
+# default first and again last, BF16's launch with fp16 dots (also with fewer splits), 64-token tiles, the
+# E4M3 q K^T in Triton and in Gluon, and the BF16 default; on QUICK_SHAPES (run 9's quick used TUNE_SHAPES
+# and the Gluon launches). A trailing dict holds further plan_decode keywords.
 RUN8 = (64, 4, 4, 2048, 2, 0, 2, 1, {"gluon_vec": 16})
-QUICK = {("fp8", 64): [RUN8, (64, 4, 4, 2048, 2, 0, 2, 1), (64, 4, 4, 2048, 2, 1, 2, 1),
-                       (64, 4, 4, 2048, 2, 1, 2, 2), (64, 4, 4, 2048, 2, 0, 2, 2, {"gluon_vec": 16})],
-         ("bf16", 64): [(32, 4, 4, 4096, 2, 1, 0, 0)],
-         ("fp8", 16): [(64, 4, 4, 2048, 2, 1, 2, 1), (64, 4, 4, 2048, 2, 1, 2, 2)]}
+QUICK_SHAPES = ((128, 1024), (256, 1024), (32, 1024), (32, 4096), (8, 8192), (1, 32768))
+QUICK = {("fp8", 64): [(32, 4, 3, 512, 0, 1, 0, 0), (32, 4, 4, 4096, 2, 1, 0, 0),
+                       (32, 4, 4, 4096, 2, 1, 0, 0, {"min_split_tokens": 1024}), (32, 4, 3, 4096, 2, 1, 0, 0),
+                       (64, 4, 3, 2048, 2, 1, 0, 0), (32, 4, 4, 4096, 2, 1, 2, 0),
+                       (64, 4, 4, 2048, 2, 0, 2, 1)],
+         ("bf16", 64): [(32, 4, 4, 4096, 2, 1, 0, 0)]}
 # --profile: one call each at 256 x 4K (page 64), for a profiler (ncu) to capture: (KV dtype, launch)
 PROFILE = (("bf16", ()), ("fp8", RUN8), ("fp8", (64, 4, 4, 2048, 2, 1, 2, 2)))
 
@@ -162,10 +165,11 @@ def launch_kw(t: tuple) -> dict:
     return dict(zip(LAUNCH_FIELDS, t[: len(t) - bool(more)], strict=False)) | more
 
 
-def try_candidate(pools: Pools, fp8: bool, t: tuple, reps: int, gen: torch.Generator, page: int = 64) -> dict:
-    """Times and errors of one launch on TUNE_SHAPES; `error` set if it fails to run or misses 1e-2."""
+def try_candidate(pools: Pools, fp8: bool, t: tuple, reps: int, gen: torch.Generator, page: int = 64,
+                  shapes: tuple = TUNE_SHAPES) -> dict:
+    """Times and errors of one launch on `shapes`; `error` set if it fails to run or misses 1e-2."""
     out: dict = dict(launch=launch_kw(t), times_us=[], rel_errs=[])
-    for b, c in TUNE_SHAPES:
+    for b, c in shapes:
         try:
             row = decode_point(pools, b, c, fp8, page, reps, gen, launch_kw(t))
         except Exception as e:  # compile failure (shared memory, registers), launch error: skip, never stop
@@ -275,17 +279,17 @@ def sdpa_prefill(qt: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.
 
 # ---- the quick tuning pass ---------------------------------------------------------------------
 def quick(pools: Pools, reps: int, gen: torch.Generator, log, budget_s: float) -> dict:
-    """Every QUICK launch on TUNE_SHAPES at its page (checked against float64 like the in-run pick), then
+    """Every QUICK launch on QUICK_SHAPES at its page (checked against float64 like the in-run pick), then
     SDPA at 32 x 4K; stops starting new launches once budget_s has passed (the rest are listed as skipped)."""
     first = next(iter(QUICK.items()))
-    try_candidate(pools, first[0][0] == "fp8", first[1][0], reps, gen, first[0][1])  # warm-up (first touch)
+    try_candidate(pools, first[0][0] == "fp8", first[1][0], reps, gen, first[0][1], QUICK_SHAPES)  # warm-up
     rows, t0 = [], time.perf_counter()
     for (kv, page), launches in [*QUICK.items(), (first[0], first[1][:1])]:  # the first default twice
         for t in launches:
             if time.perf_counter() - t0 > budget_s:
                 rows.append(dict(kv=kv, page=page, launch=launch_kw(t), error="skipped: time budget"))
                 continue
-            r = try_candidate(pools, kv == "fp8", t, reps, gen, page)
+            r = try_candidate(pools, kv == "fp8", t, reps, gen, page, QUICK_SHAPES)
             rows.append(dict(kv=kv, page=page, **r))
             log(f"quick {kv} page {page} {t}: {[round(x, 1) for x in r['times_us']]} us"
                 + (f"  ({r['error']})" if "error" in r else ""))
@@ -297,15 +301,15 @@ def quick(pools: Pools, reps: int, gen: torch.Generator, log, budget_s: float) -
 
 
 def quick_table(result: dict) -> None:
-    """The short table printed last: us per TUNE_SHAPE per launch, with % of copy bandwidth (and x SDPA at
+    """The short table printed last: us per QUICK_SHAPE per launch, with % of copy bandwidth (and x SDPA at
     32 x 4K, the shape of the 2.5x bar)."""
     copy, sdpa = result["copy_tb_s"], result["quick"]["sdpa_32x4k"]["time_us"]
-    print(f"copy {copy:.2f} TB/s; SDPA 32x4K {sdpa:.1f} us; shapes {TUNE_SHAPES}")
+    print(f"copy {copy:.2f} TB/s; SDPA 32x4K {sdpa:.1f} us; shapes {QUICK_SHAPES}")
     for r in result["quick"]["decode"]:
         cells = []
-        for (b, c), us in zip(TUNE_SHAPES, r.get("times_us", []), strict=False):
+        for (b, c), us in zip(QUICK_SHAPES, r.get("times_us", []), strict=False):
             moved = 2 * b * c * D * (1 if r["kv"] == "fp8" else 2) + 2 * b * H * D * 2
-            vs_sdpa = f" x{sdpa / us:.2f}" if b == 32 else ""
+            vs_sdpa = f" x{sdpa / us:.2f}" if (b, c) == (32, 4096) else ""
             cells.append(f"{us:6.1f} ({moved / us / 1e6 / copy:4.0%}){vs_sdpa}")
         t = tuple(r["launch"].values())
         err = f" ERR {r['error'][:60]}" if "error" in r else ""
