@@ -38,10 +38,13 @@ class DecodePlan:
 # NOTES_mfa.md runs 7-9). FP8 takes the E4M3 q K^T (qk_fp8 2) in the Gluon kernel (64-token tiles, 4 stages,
 # one tile per loop pass, no PDL: run 9's swept default; PDL was slower, tile pairs within 1% at 256 x 4K;
 # the Triton kernel where Gluon cannot run) from QK8_MIN_TOKENS cached tokens per call, where its cheaper
-# tile outweighs the q-split pre-pass (~7 us in run 7); below, run 6's fp16-dot launch.
+# tile outweighs the q-split pre-pass (~7 us in run 7), and from half that when the batch alone fills the
+# GPU (QK8_MIN_BATCH sequences: one program each, no split to merge; run 10: 128 x 1K 43.1 us against the
+# fp16-dot launch's 56.7, while at 32 x 4K, split 4 ways, 49.6 against 48.0); below, run 6's fp16-dot launch.
 _GPU_LAUNCH = {2: (32, 4, 4, 4096, 2, 1, 0, 0), 1: (64, 4, 4, 2048, 2, 0, 2, 1)}
 _GPU_LAUNCH_FP8_SMALL = (32, 4, 3, 512, 0, 1, 0, 0)
 QK8_MIN_TOKENS = 256 * 1024
+QK8_MIN_BATCH = 128
 _CPU_LAUNCH = (32, 4, 2, 128, 0, 0, 0, 0)
 MAX_SPLITS = 512
 MAX_CHUNK_PAGES = 64  # page ids held in registers per chunk: chunk_max 4096 tokens at page 64, 1024 at 16
@@ -87,7 +90,9 @@ def plan_decode(batch: int, max_seq_len: int, head_dim: int, device: torch.devic
     kv_bytes = torch.empty(0, dtype=kv_dtype).element_size()
     tuned = _CPU_LAUNCH
     if on_gpu and head_dim >= 128:
-        small_fp8 = kv_bytes == 1 and batch * max_seq_len < QK8_MIN_TOKENS
+        tokens = batch * max_seq_len
+        small_fp8 = kv_bytes == 1 and tokens < QK8_MIN_TOKENS and not (batch >= QK8_MIN_BATCH
+                                                                       and 2 * tokens >= QK8_MIN_TOKENS)
         tuned = _GPU_LAUNCH_FP8_SMALL if small_fp8 else _GPU_LAUNCH[kv_bytes]
     block_n, num_warps, num_stages = block_n or tuned[0], num_warps or tuned[1], num_stages or tuned[2]
     chunk_max = min(tuned[3] if chunk_max is None else chunk_max, MAX_CHUNK_PAGES * page)

@@ -7,7 +7,7 @@ from paged_inputs import DEVICE, boundary_lengths, random_paged_cache, rel_err
 from converters.errors import Step3Error
 from runtime.kernels.kv_cache import FP8_DTYPE, PagedKVCache, write_kv_ref
 from runtime.kernels.mfa_decode import _split_q, mfa_decode, mfa_decode_ref
-from runtime.kernels.mfa_plan import MAX_CHUNK_PAGES, QK8_MIN_TOKENS, _pick_splits, plan_decode
+from runtime.kernels.mfa_plan import MAX_CHUNK_PAGES, QK8_MIN_BATCH, QK8_MIN_TOKENS, _pick_splits, plan_decode
 from runtime.model import reference
 
 # bf16 q/out: the output's own rounding (the CPU interpreter truncates) dominates; fp32 q on the CPU
@@ -120,14 +120,22 @@ def test_decode_qk_fp8_per_head_scale(qk_fp8=2):
 
 
 def test_plan_gpu_fp8_launch_by_size():
-    """On the GPU an FP8 cache takes the E4M3 q K^T launch from QK8_MIN_TOKENS cached tokens per call and the
-    fp16-dot launch below (the pre-pass costs more than it saves there); BF16 never splits q. (num_splits is
-    given so that no GPU is asked for its SM count: this runs anywhere.)"""
+    """On the GPU an FP8 cache takes the E4M3 q K^T launch from QK8_MIN_TOKENS cached tokens per call (from
+    half that with QK8_MIN_BATCH sequences) and the fp16-dot launch below (the pre-pass costs more than it
+    saves there); BF16 never splits q. (num_splits is given so that no GPU is asked for its SM count: this
+    runs anywhere.)"""
     gpu = torch.device("cuda")
     big = plan_decode(256, 4096, 256, gpu, FP8_DTYPE, 64, num_splits=1)
     small = plan_decode(32, 4096, 256, gpu, FP8_DTYPE, 64, num_splits=4)
     assert 256 * 4096 >= QK8_MIN_TOKENS > 32 * 4096
     assert (big.qk_fp8, big.tile_page, small.qk_fp8, small.tile_page) == (2, 2, 0, 0)
+    wide = plan_decode(QK8_MIN_BATCH, QK8_MIN_TOKENS // 2 // QK8_MIN_BATCH, 256, gpu, FP8_DTYPE, 64,
+                       num_splits=1)
+    short = plan_decode(QK8_MIN_BATCH, QK8_MIN_TOKENS // 4 // QK8_MIN_BATCH, 256, gpu, FP8_DTYPE, 64,
+                        num_splits=1)
+    narrow = plan_decode(QK8_MIN_BATCH // 2, QK8_MIN_TOKENS // QK8_MIN_BATCH, 256, gpu, FP8_DTYPE, 64,
+                         num_splits=2)
+    assert (wide.qk_fp8, short.qk_fp8, narrow.qk_fp8) == (2, 0, 0)
     assert plan_decode(256, 4096, 256, gpu, torch.bfloat16, 64, num_splits=1).qk_fp8 == 0
     assert plan_decode(32, 4096, 256, gpu, FP8_DTYPE, 64, num_splits=4, qk_fp8=2).qk_fp8 == 2  # override
 
