@@ -191,8 +191,9 @@ def default_moe_config(tokens: int, top_k: int, num_experts: int) -> MoeConfig:
     """The fastest candidate per mean pairs per expert on the H200 (DEFAULT_MOE_TILES).
 
     16- and 32-row gathering tiles while experts get up to ~32 pairs (weight-bandwidth bound: little
-    padding); above, the TMA path over expert-contiguous rows (128-row tiles, warp-specialized and
-    persistent on Hopper). The cuBLAS backend never won (CPU-launch bound, NOTES_ffn.md).
+    padding); above, the TMA path over expert-contiguous rows (128- or 192-row tiles, warp-specialized
+    and persistent on Hopper). The cuBLAS backend never won (CPU-launch bound, NOTES_ffn.md). num_experts
+    is the layer's: an AFD rank holding some of them sees the same mean pairs per expert as the whole layer.
     """
     mean = tokens * top_k / max(num_experts, 1)
     return MOE_CANDIDATES[next(name for bound, name in DEFAULT_MOE_TILES if mean <= bound)]
@@ -216,7 +217,7 @@ def routed_pairs(x: torch.Tensor | Fp8Act, weights: torch.Tensor, ids: torch.Ten
     if a.shape != (T, experts.gate.shape[2]) or weights.shape != ids.shape:
         raise Step3Error(f"{experts.name}: x {tuple(a.shape)}, weights {tuple(weights.shape)} and ids "
                          f"{tuple(ids.shape)} do not fit hidden size {experts.gate.shape[2]}")
-    config = config or default_moe_config(T, k, experts.num_local)
+    config = config or default_moe_config(T, k, experts.num_experts)
     if config.backend == "tma" and tma_moe_usable(experts):
         return tma_moe_pairs(x, weights, ids, experts, out_dtype, config)
     bm = config.block_m if config.block_m & (config.block_m - 1) == 0 else 64  # 192: the Gluon kernel's alone
@@ -242,7 +243,7 @@ def moe_ffn(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: 
     """A MoE layer's FFN on one rank: routed experts + (this rank's slice of) the shared expert, summed
     by one combine kernel (moe_combine.py). config.shared_stream: the shared expert runs on a side CUDA
     stream, beside the routing and the routed GEMMs."""
-    config = config or default_moe_config(ids.shape[0], ids.shape[1], experts.num_local)
+    config = config or default_moe_config(ids.shape[0], ids.shape[1], experts.num_experts)
     xq = act_quant(x) if experts.fp8 else x
     hidden, inter = experts.gate.shape[2], experts.gate.shape[1]
     cublas = (experts.fp8 and scaled_mm_usable(x.device, inter, hidden)

@@ -145,6 +145,20 @@ def test_expert_ranges_sum_to_the_full_moe(ranges):
     assert parts[-1 if ranges[-1][0] == 4 else 1].abs().sum() > 0
 
 
+def test_a_rank_picks_the_tiles_of_the_whole_layers_load(monkeypatch):
+    """An AFD rank with 2 of 6 experts gets ~1/3 of the pairs over 1/3 of the experts: the same mean pairs
+    per expert as the whole layer, so the default tiles are chosen with the layer's expert count."""
+    from runtime.kernels import moe
+
+    seen = []
+    pick = moe.default_moe_config
+    monkeypatch.setattr(moe, "default_moe_config", lambda t, k, e: seen.append((t, k, e)) or pick(t, k, e))
+    x = randn((17, H), torch.Generator().manual_seed(7))
+    w, ids = _routing(17, seed=7)
+    fused_moe(x, w, ids, _experts(seed=7, lo=2, hi=4), out_dtype=torch.float32)
+    assert seen == [(17, K, E)]
+
+
 def test_moe_ffn_adds_the_shared_expert():
     ex = _experts(seed=11)
     gen = torch.Generator().manual_seed(11)
