@@ -99,8 +99,6 @@ def tma_grouped_gemm(a: torch.Tensor, a_scale_t: torch.Tensor, b: torch.Tensor, 
     """
     E, N, K = b.shape
     P = a.shape[0]
-    if block_m & (block_m - 1):  # 192 (the persistent Gluon kernel's 3-part tiles): as 64-row blocks
-        block_expert, block_m = block_expert.repeat_interleave(block_m // 64), 64
     block_n = 64 if b2 is not None else block_n  # SwiGLU: 2 x 64 fp32 accumulators, as fp8_gemm_ws.py
     assert tma_gemm_usable(N, K) and 128 % block_n == 0 and block_m * block_expert.numel() == P
     assert a_scale_t.stride(1) == 1 and (b2 is None or b2.shape == b.shape)

@@ -37,7 +37,7 @@ from runtime.kernels.mlp import MlpWeights, swiglu_mlp, swiglu_mlp_ref
 from runtime.kernels.moe_combine import combine_pairs
 from runtime.kernels.moe_cublas import cublas_moe, side_streams
 from runtime.kernels.moe_routing import align_by_expert, pair_buffer
-from runtime.kernels.moe_tma import tma_moe_pairs, tma_moe_usable
+from runtime.kernels.moe_tma import portable_block_m, tma_moe_pairs, tma_moe_usable
 
 
 @dataclass(frozen=True)
@@ -220,7 +220,7 @@ def routed_pairs(x: torch.Tensor | Fp8Act, weights: torch.Tensor, ids: torch.Ten
     config = config or default_moe_config(T, k, experts.num_experts)
     if config.backend == "tma" and tma_moe_usable(experts):
         return tma_moe_pairs(x, weights, ids, experts, out_dtype, config)
-    bm = config.block_m if config.block_m & (config.block_m - 1) == 0 else 64  # 192: the Gluon kernel's alone
+    bm = portable_block_m(config.block_m)
     rows, block_expert = align_by_expert(ids, experts.first, experts.num_local, bm)
     inter = experts.gate.shape[1]
     h = torch.empty((rows.numel(), inter), dtype=FP8_DTYPE if experts.fp8 else a.dtype, device=a.device)

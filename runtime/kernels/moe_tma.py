@@ -42,29 +42,37 @@ def gather_rows(x: Fp8Act, rows: torch.Tensor, top_k: int) -> tuple[torch.Tensor
     return a, x.scale_inv.t().index_select(1, tok)
 
 
+def portable_block_m(block_m: int) -> int:
+    """The M-block of the portable Triton kernels for a config's block_m: the same, but 64 for 192 (the
+    persistent Gluon kernel's three 64-row consumer parts; Triton's tiles are powers of two)."""
+    return block_m if block_m & (block_m - 1) == 0 else 64
+
+
 def _grouped_gemm(config, device: torch.device):
-    """(the kernel of this config, whether it quantizes h itself): Gluon's warp-specialized one on
-    Hopper (with config.fuse_quant: h leaves the gate_up epilogue as FP8; config.persistent: the
-    persistent kernel with its own producer warp, fp8_gemm_wsp.py), else the portable Triton one. Every
-    kernel takes rows= and num_pairs= (the pair of each A row; the down GEMM scatters by it)."""
+    """(the kernel of this config, whether it quantizes h itself, the rows of its M-blocks): Gluon's
+    warp-specialized one on Hopper (with config.fuse_quant: h leaves the gate_up epilogue as FP8;
+    config.persistent: the persistent kernel with its own producer warp, fp8_gemm_wsp.py), else the portable
+    Triton one. Every kernel takes rows= and num_pairs= (the pair of each A row; the down GEMM scatters by
+    it)."""
     if config.warp_specialize and gluon_usable(device):
         if config.persistent and config.fuse_quant:
             from runtime.kernels.fp8_gemm_wsp import wsp_grouped_gemm  # Gluon: imported where it runs
 
             tiles = dict(block_m=config.block_m, group_m=config.group_m, skip=config.skip_pad,
                          defer=config.defer)
-            return (lambda *args, **kw: wsp_grouped_gemm(*args, **tiles, **kw)), True
+            return (lambda *args, **kw: wsp_grouped_gemm(*args, **tiles, **kw)), True, config.block_m
         from runtime.kernels.fp8_gemm_ws import ws_grouped_gemm
 
-        return (lambda *args, **kw: ws_grouped_gemm(*args, group_m=config.group_m, **kw)), config.fuse_quant
-    return (lambda *args, **kw: tma_grouped_gemm(*args, block_m=config.block_m, group_m=config.group_m,
-                                                 **kw)), False
+        return ((lambda *args, **kw: ws_grouped_gemm(*args, group_m=config.group_m, **kw)), config.fuse_quant,
+                config.block_m)
+    bm = portable_block_m(config.block_m)
+    return (lambda *args, **kw: tma_grouped_gemm(*args, block_m=bm, group_m=config.group_m, **kw)), False, bm
 
 
 def gate_up_quant(a, a_scale_t, experts, block_expert, rows, num_pairs, config) -> Fp8Act:
     """h_q = the format's 1x128 quantization of silu(A G^T) * (A U^T): in the GEMM's epilogue, or through
     an fp32 h and act_quant. Rows of h whose A row is padding (rows >= num_pairs) are not defined."""
-    gemm, fused = _grouped_gemm(config, a.device)
+    gemm, fused, _ = _grouped_gemm(config, a.device)
     P, inter = a.shape[0], experts.gate.shape[1]
     up = dict(b2=experts.up, b2_scale=experts.up_scale, num_stages=config.stages_gate_up, rows=rows,
               num_pairs=num_pairs)
@@ -82,11 +90,10 @@ def tma_moe_pairs(x: Fp8Act, weights: torch.Tensor, ids: torch.Tensor, experts, 
                   config) -> torch.Tensor:
     """moe.routed_pairs (same arguments, x already quantized) on the TMA kernels: [T * k, H]."""
     T, k = ids.shape
-    bm = config.block_m
+    gemm, _, bm = _grouped_gemm(config, x.q.device)
     rows, block_expert = align_by_expert(ids, experts.first, experts.num_local, bm)
     a, a_scale_t = gather_rows(x, rows, k)
     hq = gate_up_quant(a, a_scale_t, experts, block_expert, rows, T * k, config)
-    gemm = _grouped_gemm(config, a.device)[0]
     partial = pair_buffer(experts, T * k, out_dtype, a.device)
     gemm(hq.q, hq.scale_inv.t(), experts.down, experts.down_scale, partial, block_expert, rows=rows,
          topk_weights=weights.reshape(-1).float(), num_pairs=T * k, num_stages=config.stages_down)
