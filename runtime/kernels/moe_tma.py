@@ -17,6 +17,8 @@ the gathered A ([P, H] FP8, written once, read by TMA).
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 from quant.fp8 import FP8_DTYPE
 from runtime.kernels.act_quant import Fp8Act, act_quant
@@ -34,12 +36,45 @@ def tma_moe_usable(experts) -> bool:
     return tma and experts.fp8 and tma_gemm_usable(inter, hidden) and tma_gemm_usable(hidden, inter)
 
 
-def gather_rows(x: Fp8Act, rows: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A [P, H] FP8 and its scales [H/128, P] (contiguous in P): token rows[p] // k, padding: token 0."""
+def gather_rows(x: Fp8Act, rows: torch.Tensor, top_k: int,
+                kernel: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A [P, H] FP8 and its scales [H/128, P] (contiguous in P): token rows[p] // k, padding: token 0.
+    kernel: one Triton launch (default: on a GPU; torch's where + two index_selects elsewhere)."""
     pairs = x.q.shape[0] * top_k
-    tok = torch.where(rows < pairs, rows // top_k, 0)
-    a = x.q.view(torch.uint8).index_select(0, tok).view(FP8_DTYPE)
-    return a, x.scale_inv.t().index_select(1, tok)
+    if not (rows.is_cuda if kernel is None else kernel):
+        tok = torch.where(rows < pairs, rows // top_k, 0)
+        a = x.q.view(torch.uint8).index_select(0, tok).view(FP8_DTYPE)
+        return a, x.scale_inv.t().index_select(1, tok)
+    (T, H), groups, P = x.q.shape, x.scale_inv.shape[1], rows.numel()
+    assert x.q.stride(1) == 1
+    a = torch.empty((P, H), dtype=FP8_DTYPE, device=rows.device)
+    a_scale_t = torch.empty((groups, P), dtype=torch.float32, device=rows.device)
+    if P and T:
+        _gather_kernel[(triton.cdiv(P, GATHER_ROWS), triton.cdiv(H, GATHER_COLS))](
+            x.q.view(torch.uint8), x.scale_inv, rows, a.view(torch.uint8), a_scale_t, pairs, top_k, P, H,
+            groups, x.q.stride(0), x.scale_inv.stride(0), x.scale_inv.stride(1), ROWS=GATHER_ROWS,
+            COLS=GATHER_COLS, GROUPS=triton.next_power_of_2(groups))
+    return a, a_scale_t
+
+
+GATHER_ROWS, GATHER_COLS = 16, 1024  # a program's block of A: 16 KB, 32 bytes a thread at 4 warps
+
+
+@triton.jit
+def _gather_kernel(q_ptr, s_ptr, rows_ptr, a_ptr, as_ptr, num_pairs, top_k, P, H, groups, stride_q, stride_st,
+                   stride_sg, ROWS: tl.constexpr, COLS: tl.constexpr, GROUPS: tl.constexpr):
+    p = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    pair = tl.load(rows_ptr + p, mask=p < P, other=num_pairs)
+    tok = tl.where(pair < num_pairs, pair // top_k, 0).to(tl.int64)
+    cols = tl.program_id(1) * COLS + tl.arange(0, COLS)
+    mask = (p < P)[:, None] & (cols < H)[None, :]
+    row = tl.load(q_ptr + tok[:, None] * stride_q + cols[None, :], mask=mask)
+    tl.store(a_ptr + p.to(tl.int64)[:, None] * H + cols[None, :], row, mask=mask)
+    if tl.program_id(1) == 0:  # the row's scales, one per 128 columns, into the transposed [groups, P]
+        g = tl.arange(0, GROUPS)
+        smask = (p < P)[:, None] & (g < groups)[None, :]
+        scale = tl.load(s_ptr + tok[:, None] * stride_st + g[None, :] * stride_sg, mask=smask)
+        tl.store(as_ptr + g[None, :] * P + p[:, None], scale, mask=smask)
 
 
 def portable_block_m(block_m: int) -> int:

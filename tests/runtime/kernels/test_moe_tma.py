@@ -36,11 +36,13 @@ def _routing(T: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return route_topk(logits.to(DEVICE), K, renormalize=False)
 
 
-def test_gather_rows_puts_each_pair_token_at_its_sorted_position():
-    x = act_quant(randn((9, H), torch.Generator().manual_seed(1)))
+@pytest.mark.parametrize("kernel, hidden", [(False, H), (True, H), (True, 2200)])
+def test_gather_rows_puts_each_pair_token_at_its_sorted_position(kernel, hidden):
+    """Both paths; 2200 columns: three column blocks of the kernel, the last one and scale group partial."""
+    x = act_quant(randn((9, hidden), torch.Generator().manual_seed(1)))
     _, ids = _routing(9, seed=1)
     rows, _ = align_by_expert(ids, 0, E, 16)
-    a, a_s = gather_rows(x, rows, K)
+    a, a_s = gather_rows(x, rows, K, kernel=kernel)
     tok = torch.where(rows < 9 * K, rows // K, 0).long()
     assert torch.equal(a.view(torch.uint8), x.q.view(torch.uint8)[tok])
     assert a_s.stride(1) == 1 and torch.equal(a_s, x.scale_inv[tok].t())
