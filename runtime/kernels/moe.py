@@ -176,6 +176,9 @@ MOE_CANDIDATES = {
                             persistent=True, skip_pad=True),
     "wsp192g8_side": MoeConfig(192, 8, 4, 4, 128, 4, 4, backend="tma", warp_specialize=True, fuse_quant=True,
                                persistent=True, skip_pad=True, shared_stream=True),
+    # session 5: routing in two launches leaves the shared expert little to overlap on a side stream
+    "wsp192g8": MoeConfig(192, 8, 4, 4, 128, 4, 4, backend="tma", warp_specialize=True, fuse_quant=True,
+                          persistent=True, skip_pad=True),
 }
 # default per mean (token, slot) pairs per expert: (upper bound, candidate name), first match wins.
 # From 2048 tokens the persistent Gluon GEMM (tiles in order from an atomic counter) with skipped padding
