@@ -182,12 +182,11 @@ MOE_CANDIDATES = {
 }
 # default per mean (token, slot) pairs per expert: (upper bound, candidate name), first match wins.
 # From 2048 tokens the persistent Gluon GEMM (tiles in order from an atomic counter) with skipped padding
-# parts: 192-row tiles where an expert gets ~128 or ~512 pairs (2048 / 8192 tokens: fewer tiles that
-# stream an expert's weights again), 128-row tiles with two chains in flight at ~256 (4096: two whole
-# blocks). The medians of 3 rounds of H200 run 9's quick pass (2.71 / 4.47 / 8.17 ms); candidates
-# within ~2% of each other can swap places between runs.
-DEFAULT_MOE_TILES = ((16, "m16s3i"), (64, "m32s3"), (192, "wsp192g8_side"), (384, "wspsd_side"),
-                     (float("inf"), "wsp192g4"))
+# parts and the shared expert on a side stream: 128-row tiles with two chains in flight up to ~256 pairs
+# (2048 / 4096 tokens), 192-row tiles at ~512 (8192: fewer tiles that stream an expert's weights again).
+# H200 run 11's in-run winners (tuning rows, min of 2 rounds: 2.36 / 4.09 / 7.35 ms); candidates within
+# ~3% of each other swap places between runs.
+DEFAULT_MOE_TILES = ((16, "m16s3i"), (64, "m32s3"), (384, "wspsd_side"), (float("inf"), "wsp192g8_side"))
 
 
 def default_moe_config(tokens: int, top_k: int, num_experts: int) -> MoeConfig:
