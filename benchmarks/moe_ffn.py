@@ -204,8 +204,9 @@ def references(x, weights, ids, experts, shared, deq) -> tuple[torch.Tensor, tor
 def moe_row(T, gen, experts, shared, deq, baseline, rate, bw, config, reps) -> dict:
     """Time and check one token count; baseline None (tuning): one window of `reps` calls, no loop, no
     unquantized reference. Timed rows: eager calls and CUDA-graph replays take turns in TIMED_ROUNDS windows
-    of reps / TIMED_ROUNDS calls, and each counts the median window (run 11: one 20-call window put eager at
-    4096 tokens 13% over the graph replays timed right after it, where the tuning rows matched the graph)."""
+    of reps / TIMED_ROUNDS calls, and each counts the median window (run 10, call 2: one 20-call window put
+    eager at 4096 tokens 13% over the graph replays timed right after it; call 5: the first window of every
+    row ran at the tuning rows' speed, the later ones 8-11% slower, eager and graph alike: sustained load)."""
     x, weights, ids = inputs(T, gen)
     ours = lambda: moe_ffn(x, weights, ids, experts, shared, config)
     y = ours()

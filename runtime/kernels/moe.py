@@ -184,8 +184,8 @@ MOE_CANDIDATES = {
 # From 2048 tokens the persistent Gluon GEMM (tiles in order from an atomic counter) with skipped padding
 # parts and the shared expert on a side stream: 128-row tiles with two chains in flight up to ~256 pairs
 # (2048 / 4096 tokens), 192-row tiles at ~512 (8192: fewer tiles that stream an expert's weights again).
-# H200 run 11's in-run winners (tuning rows, min of 2 rounds: 2.36 / 4.09 / 7.35 ms); candidates within
-# ~3% of each other swap places between runs.
+# H200 run 10's in-run winners (call 2's tuning rows, min of 2 rounds: 2.36 / 4.09 / 7.35 ms); candidates
+# within ~3% of each other swap places between runs (call 5: wspsd at 4096, wsp192g8 at 8192).
 DEFAULT_MOE_TILES = ((16, "m16s3i"), (64, "m32s3"), (384, "wspsd_side"), (float("inf"), "wsp192g8_side"))
 
 
