@@ -289,15 +289,15 @@ def mfa_decode(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor, 
     pdl = bool(plan.pdl) and q.is_cuda
     h_pad = max(16, triton.next_power_of_2(H))
     qk8 = plan.qk_fp8 if cache.is_fp8 else 0
-    q8, qs = _split_q(q, h_pad, cache, pdl) if qk8 else (out, out)  # (out: never read)
     sm_scale_log2 = D ** -0.5 * LOG2E  # scores in the log2 domain (exp2 in the kernels)
-    if qk8 and plan.gluon and ws_decode_usable(q, cache):
+    if qk8 and plan.gluon and ws_decode_usable(q, cache):  # splits q itself: no pre-pass
         from runtime.kernels.mfa_decode_ws import mfa_decode_ws  # Gluon: imported where it runs
 
-        mfa_decode_ws(q8, qs, cache, block_table, seq_lens, out, part_o, part_lse, sm_scale_log2,
+        mfa_decode_ws(q, cache, block_table, seq_lens, out, part_o, part_lse, sm_scale_log2,
                       plan.num_splits, plan.tokens_per_split, block_n=plan.block_n, stages=plan.num_stages,
                       vstages=plan.gluon_vstages, vec=plan.gluon_vec, pair=plan.gluon == 2, pdl=pdl)
     else:
+        q8, qs = _split_q(q, h_pad, cache, pdl) if qk8 else (out, out)  # (out: never read)
         _mfa_decode_kernel[(plan.num_splits, B)](
             q, cache.k, cache.v, block_table, seq_lens, cache.k_scale, cache.v_scale, out, part_o, part_lse,
             q8, qs, sm_scale_log2, plan.tokens_per_split, plan.num_splits,

@@ -1,15 +1,17 @@
 """FP8-KV MFA decode on Hopper in Gluon: warp-specialized, TMA loads, no V conversion in the dot warps.
 
-Same contract as `mfa_decode._mfa_decode_kernel` with qk_fp8 2 (program = (split, sequence), the q split by
-`_split_q_kernel` into E4M3 hi + lo and a per-head scale, partials merged by `_mfa_merge_kernel`), but the
-work of a tile is spread over three partitions that meet only at mbarriers:
-- loader (1 warp, 24 registers): reads the block table and issues every TMA load: q's hi / lo halves once,
-  then per BLOCK_N-token tile K and V as [min(page, BLOCK_N), 128] boxes of the cache viewed as
-  [num_blocks * page, D] (each D half its own 128-byte-swizzled buffer) into a STAGES ring.
+Same contract as `mfa_decode._mfa_decode_kernel` with qk_fp8 2 (program = (split, sequence), q split into
+E4M3 hi + lo and a per-head scale as `mfa_decode._split_q_fp8` does, partials merged by `_mfa_merge_kernel`),
+but the work of a tile is spread over three partitions that meet only at mbarriers:
+- loader (1 warp, 24 registers): reads the block table and issues every TMA load: per BLOCK_N-token tile K
+  and V as [min(page, BLOCK_N), 128] boxes of the cache viewed as [num_blocks * page, D] (each D half its
+  own 128-byte-swizzled buffer) into a STAGES ring.
 - converter (4 warps): V's E4M3 tile -> fp16 into a VSTAGES ring (rows past the sequence end zeroed: the
   cache there may hold anything, NaN codes too), so the dot warps never touch V's bytes. It bounds the
   loop: its bank-conflict-free layout (VEC 8) took 13% off the whole kernel (NOTES_mfa.md run 9).
-- consumer (the default partition, 4 warps): S = q_hi K^T + q_lo K^T as E4M3 wgmma chains on the raw K tile
+- consumer (the default partition, 4 warps): splits q into shared memory while the first K and V loads fly
+  (the Triton kernel's separate pre-pass launch took ~9 us a call; NOTES_mfa.md run 11), then
+  S = q_hi K^T + q_lo K^T as E4M3 wgmma chains on the raw K tile
   (K-major as stored), online softmax in registers, O += P V with P fp16 from registers and V fp16 from
   shared memory. Tile n+1's S chains are issued before tile n's softmax and run under it. (Leaving tile n's
   P V in flight across the loop's back edge as well, FA3-style, made ptxas serialize every wgmma of the
@@ -71,17 +73,12 @@ def _load_tile(desc, smem, ready, empty, s, phase, bt_row, n, end, PAGE: gl.cons
 
 
 @gluon.jit
-def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, bt_ptr,
-            stride_bt, b, start, end, n_tiles, PAGE: gl.constexpr, BLOCK_N: gl.constexpr,
-            STAGES: gl.constexpr, NH: gl.constexpr):
-    """q's 2 x NH boxes once, then each tile's K and V: BLOCK_N / R boxes of R = min(PAGE, BLOCK_N) rows per D
-    half. A box past the sequence end re-reads its last token's page (rows the consumer masks and the
-    converter zeroes), so every tile has the same byte count."""
+def _loader(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, bt_ptr, stride_bt, b, start,
+            end, n_tiles, PAGE: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, NH: gl.constexpr):
+    """Each tile's K and V: BLOCK_N / R boxes of R = min(PAGE, BLOCK_N) rows per D half. A box past the
+    sequence end re-reads its last token's page (rows the consumer masks and the converter zeroes), so every
+    tile has the same byte count."""
     R: gl.constexpr = PAGE if PAGE < BLOCK_N else BLOCK_N
-    mbarrier.expect(q_bar, 2 * NH * q_desc.block_type.nbytes)
-    for j in gl.static_range(2 * NH):  # (hi | lo) x D half; q8 is [B * 2 * 64, D]
-        tma.async_copy_global_to_shared(q_desc, [(b * 2 + j // NH) * 64, (j % NH) * DH], q_bar,
-                                        q_smem.index(j))
     bt_row = bt_ptr + b.to(gl.int64) * stride_bt
     for i in range(n_tiles):
         s = i % STAGES
@@ -117,6 +114,42 @@ def _converter(v_smem, v16_smem, v_ready, v_empty, v16_ready, v16_empty, start, 
         fence_async_shared()  # the loads before the TMA that refills the stage, the stores before the wgmma
         mbarrier.arrive(v_empty.index(s), count=1)
         mbarrier.arrive(v16_ready.index(j), count=1)
+
+
+@gluon.jit
+def _round_e4m3(x):
+    """act_quant.round_to_e4m3 (fp32 -> the nearest-even E4M3 value, in fp32, saturated at 448), restated
+    because a Gluon kernel cannot call a Triton function; lo = x - hi then needs no E4M3 -> fp32 unpack of
+    freshly packed values (what ptxas miscompiled in run 7's pre-pass)."""
+    bits = x.to(gl.int32, bitcast=True)
+    bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576  # -1048576 == 0xFFF00000
+    normal = bits.to(gl.float32, bitcast=True)
+    subnormal = (x + 24576.0) - 24576.0
+    y = gl.where(gl.abs(x) < 0.015625, subnormal, normal)
+    return gl.minimum(gl.maximum(y, -448.0), 448.0)
+
+
+@gluon.jit
+def _split_q(q_ptr, q_smem, b, stride_qb, stride_qh, H: gl.constexpr, NH: gl.constexpr):
+    """Sequence b's q [H, D] (rows up to 64 zero) as `mfa_decode._split_q_fp8` splits it, q ~= s (hi + lo)
+    with s = max|q_h| / 448 per head: hi's D halves into q_smem 0 .. NH - 1, lo's into NH .. 2 NH - 1.
+    Returns s."""
+    layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
+    h = gl.arange(0, 64, layout=gl.SliceLayout(1, layout))
+    d = gl.arange(0, DH, layout=gl.SliceLayout(0, layout))
+    ptr = q_ptr + b.to(gl.int64) * stride_qb + h[:, None] * stride_qh + d[None, :]
+    mask = (h < H)[:, None]
+    amax = gl.zeros([64], gl.float32, gl.SliceLayout(1, layout))
+    for j in gl.static_range(NH):
+        amax = gl.maximum(amax, gl.max(gl.abs(gl.load(ptr + j * DH, mask=mask, other=0.0).to(gl.float32)), 1))
+    s = gl.maximum(amax, 1e-30) / 448.0
+    for j in gl.static_range(NH):
+        x = gl.load(ptr + j * DH, mask=mask, other=0.0).to(gl.float32) / s[:, None]
+        hi = _round_e4m3(x)
+        q_smem.index(j).store(hi.to(gl.float8e4nv))
+        q_smem.index(NH + j).store(_round_e4m3(x - hi).to(gl.float8e4nv))
+    fence_async_shared()  # the stores before the wgmma that reads them
+    return s
 
 
 @gluon.jit
@@ -185,9 +218,9 @@ def _tile(bufs, st, qk_scale, zero_s, i, BLOCK_N: gl.constexpr, STAGES: gl.const
 
 
 @gluon.jit
-def _consumer(q_smem, k_smem, v16_smem, q_bar, k_empty, k_ready, v16_ready, v16_empty, k_scale_ptr,
-              v_scale_ptr, qs_ptr, out_ptr, part_o_ptr, part_lse_ptr, sm_scale_log2, b, split, start, end,
-              n_tiles, num_splits, stride_ob, stride_oh, H: gl.constexpr, BLOCK_N: gl.constexpr,
+def _consumer(q_ptr, q_smem, k_smem, v16_smem, k_empty, k_ready, v16_ready, v16_empty, k_scale_ptr,
+              v_scale_ptr, out_ptr, part_o_ptr, part_lse_ptr, sm_scale_log2, b, split, start, end, n_tiles,
+              num_splits, stride_qb, stride_qh, stride_ob, stride_oh, H: gl.constexpr, BLOCK_N: gl.constexpr,
               STAGES: gl.constexpr, VSTAGES: gl.constexpr, NH: gl.constexpr, DIRECT: gl.constexpr,
               PAIR: gl.constexpr):
     """Scores, softmax and P V of every tile (the loop peels the last one, the only one masked), then the
@@ -198,14 +231,13 @@ def _consumer(q_smem, k_smem, v16_smem, q_bar, k_empty, k_ready, v16_ready, v16_
                                                        instr_shape=[16, BLOCK_N, 32])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, 128, 16])
-    heads = gl.arange(0, 64, layout=gl.SliceLayout(1, s_layout))
-    qk_scale = sm_scale_log2 * gl.load(k_scale_ptr) * gl.load(qs_ptr + b.to(gl.int64) * 64 + heads)
+    qs = _split_q(q_ptr, q_smem, b, stride_qb, stride_qh, H, NH)
+    qk_scale = sm_scale_log2 * gl.load(k_scale_ptr) * gl.convert_layout(qs, gl.SliceLayout(1, s_layout))
     m_i = gl.full([64], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
     l_i = gl.zeros([64], gl.float32, gl.SliceLayout(1, s_layout))
     zero_s = gl.zeros([64, BLOCK_N], gl.float32, s_layout)
     acc0 = gl.zeros([64, DH], gl.float32, o_layout)
     acc1 = gl.zeros([64, DH], gl.float32, o_layout)
-    mbarrier.wait(q_bar, 0)
     if n_tiles > 0:
         raw = warpgroup_mma_wait(0, deps=[_qk(q_smem, k_smem, k_ready, 0, zero_s, STAGES, NH)])
         mbarrier.arrive(k_empty.index(0), count=1)
@@ -259,17 +291,17 @@ def _epilogue(acc0, acc1, m_i, l_i, qk_scale, v_scale_ptr, out_ptr, part_o_ptr, 
 
 
 @gluon.jit
-def _mfa_decode_ws_kernel(q_desc, k_desc, v_desc, bt_ptr, lens_ptr, k_scale_ptr, v_scale_ptr, qs_ptr, out_ptr,
-                          part_o_ptr, part_lse_ptr, sm_scale_log2, tokens_per_split, num_splits, stride_bt,
-                          stride_ob, stride_oh, H: gl.constexpr, PAGE: gl.constexpr, BLOCK_N: gl.constexpr,
-                          STAGES: gl.constexpr, VSTAGES: gl.constexpr, DIRECT: gl.constexpr,
-                          CONVERTER_REGS: gl.constexpr, VEC: gl.constexpr, PAIR: gl.constexpr,
-                          PDL: gl.constexpr):
+def _mfa_decode_ws_kernel(q_ptr, k_desc, v_desc, bt_ptr, lens_ptr, k_scale_ptr, v_scale_ptr, out_ptr,
+                          part_o_ptr, part_lse_ptr, sm_scale_log2, tokens_per_split, num_splits, stride_qb,
+                          stride_qh, stride_bt, stride_ob, stride_oh, H: gl.constexpr, PAGE: gl.constexpr,
+                          BLOCK_N: gl.constexpr, STAGES: gl.constexpr, VSTAGES: gl.constexpr,
+                          DIRECT: gl.constexpr, CONVERTER_REGS: gl.constexpr, VEC: gl.constexpr,
+                          PAIR: gl.constexpr, PDL: gl.constexpr):
     """Program (split, sequence b): tokens [split * tps, min((split + 1) * tps, seq_len)) of b.
 
-    PDL: launched as a programmatic dependent of the q pre-pass (as the Triton kernel is), so the grid's
-    launch and the CTAs' start overlap the pre-pass; it waits for the pre-pass (and whatever ran before)
-    before reading anything, and lets the merge kernel launch, which waits in turn."""
+    PDL: launched as a programmatic dependent, so the grid's launch and the CTAs' start overlap the kernel
+    before it (that wrote q); it waits for it before reading anything, and lets the merge kernel launch,
+    which waits in turn."""
     NH: gl.constexpr = 2  # D = 256 as two 128-column halves
     if PDL:  # before every global read, the workers' too: they start at warp_specialize, after this
         _gdc("griddepcontrol.wait; // $0")
@@ -281,18 +313,17 @@ def _mfa_decode_ws_kernel(q_desc, k_desc, v_desc, bt_ptr, lens_ptr, k_scale_ptr,
     n_tiles = gl.cdiv(gl.maximum(end - start, 0), BLOCK_N)
     kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, DH], gl.float8e4nv)
     v16_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, DH], gl.float16)
-    q_smem = gl.allocate_shared_memory(gl.float8e4nv, [2 * NH, 64, DH], q_desc.layout)
+    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, DH], gl.float8e4nv)
+    q_smem = gl.allocate_shared_memory(gl.float8e4nv, [2 * NH, 64, DH], q_layout)
     k_smem = gl.allocate_shared_memory(gl.float8e4nv, [STAGES * NH, BLOCK_N, DH], kv_layout)
     v_smem = gl.allocate_shared_memory(gl.float8e4nv, [STAGES * NH, BLOCK_N, DH], kv_layout)
     v16_smem = gl.allocate_shared_memory(gl.float16, [VSTAGES * NH, BLOCK_N, DH], v16_layout)
-    q_bar = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v16_ready = gl.allocate_shared_memory(gl.int64, [VSTAGES, 1], mbarrier.MBarrierLayout())
     v16_empty = gl.allocate_shared_memory(gl.int64, [VSTAGES, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_bar.index(0), count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(k_empty.index(i), count=1)
@@ -303,14 +334,14 @@ def _mfa_decode_ws_kernel(q_desc, k_desc, v_desc, bt_ptr, lens_ptr, k_scale_ptr,
         mbarrier.init(v16_empty.index(i), count=1)
     fence_async_shared()
     gl.warp_specialize([
-        (_consumer, (q_smem, k_smem, v16_smem, q_bar.index(0), k_empty, k_ready, v16_ready, v16_empty,
-                     k_scale_ptr, v_scale_ptr, qs_ptr, out_ptr, part_o_ptr, part_lse_ptr, sm_scale_log2, b,
-                     split, start, end, n_tiles, num_splits, stride_ob, stride_oh, H, BLOCK_N, STAGES,
+        (_consumer, (q_ptr, q_smem, k_smem, v16_smem, k_empty, k_ready, v16_ready, v16_empty, k_scale_ptr,
+                     v_scale_ptr, out_ptr, part_o_ptr, part_lse_ptr, sm_scale_log2, b, split, start, end,
+                     n_tiles, num_splits, stride_qb, stride_qh, stride_ob, stride_oh, H, BLOCK_N, STAGES,
                      VSTAGES, NH, DIRECT, PAIR)),
         (_converter, (v_smem, v16_smem, v_ready, v_empty, v16_ready, v16_empty, start, end, n_tiles, BLOCK_N,
                       STAGES, VSTAGES, NH, VEC)),
-        (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar.index(0), k_ready, k_empty, v_ready,
-                   v_empty, bt_ptr, stride_bt, b, start, end, n_tiles, PAGE, BLOCK_N, STAGES, NH)),
+        (_loader, (k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, bt_ptr, stride_bt, b,
+                   start, end, n_tiles, PAGE, BLOCK_N, STAGES, NH)),
     ], [4, 1], [CONVERTER_REGS, 24])
 
 
@@ -319,27 +350,27 @@ def _descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
     return TensorDescriptor.from_tensor(t, [rows, 128], layout)
 
 
-def mfa_decode_ws(q8: torch.Tensor, qs: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor,
-                  seq_lens: torch.Tensor, out: torch.Tensor, part_o: torch.Tensor, part_lse: torch.Tensor,
-                  sm_scale_log2: float, num_splits: int, tokens_per_split: int, block_n: int = 64,
-                  stages: int = 3, vstages: int = 2, converter_regs: int = 152, vec: int = 8,
-                  pair: bool = False, pdl: bool = False) -> None:
+def mfa_decode_ws(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor, seq_lens: torch.Tensor,
+                  out: torch.Tensor, part_o: torch.Tensor, part_lse: torch.Tensor, sm_scale_log2: float,
+                  num_splits: int, tokens_per_split: int, block_n: int = 64, stages: int = 3,
+                  vstages: int = 2, converter_regs: int = 152, vec: int = 8, pair: bool = False,
+                  pdl: bool = False) -> None:
     """The decode grid (num_splits, B) into out (one split) or the partials, which mfa_decode then merges.
 
-    q8 [B, 2, 64, 256] E4M3 and qs [B, 64] from mfa_decode._split_q; sm_scale_log2 = D^-0.5 log2(e) (scores
+    q [B, H <= 64, 256] (each program splits its sequence's q itself); sm_scale_log2 = D^-0.5 log2(e) (scores
     in the log2 domain); tokens_per_split a multiple of block_n.
     vec: the converter's E4M3 bytes per thread per row (8 or 16); pair: two tiles per loop pass (gluon 2);
-    pdl: launch as a programmatic dependent (the pre-pass and the merge are launched so too).
+    pdl: launch as a programmatic dependent (the merge is launched so too).
     """
     B, H, D = out.shape
+    assert q.shape == (B, H, D) and q.stride(2) == 1 and H <= 64 and D == 2 * 128
     pg = cache.block_size
     kv_rows = min(pg, block_n)
-    q_desc = _descriptor(q8.view(-1, D), 64)
     k_desc = _descriptor(cache.k.view(-1, D), kv_rows)
     v_desc = _descriptor(cache.v.view(-1, D), kv_rows)
     _mfa_decode_ws_kernel[(num_splits, B)](
-        q_desc, k_desc, v_desc, block_table, seq_lens, cache.k_scale, cache.v_scale, qs, out, part_o,
-        part_lse, sm_scale_log2, tokens_per_split, num_splits, block_table.stride(0),
+        q, k_desc, v_desc, block_table, seq_lens, cache.k_scale, cache.v_scale, out, part_o, part_lse,
+        sm_scale_log2, tokens_per_split, num_splits, q.stride(0), q.stride(1), block_table.stride(0),
         out.stride(0), out.stride(1), H=H, PAGE=pg, BLOCK_N=block_n, STAGES=stages, VSTAGES=vstages,
         DIRECT=num_splits == 1, CONVERTER_REGS=converter_regs, VEC=vec, PAIR=pair, PDL=pdl, num_warps=4,
         launch_pdl=pdl)
