@@ -121,13 +121,13 @@ def test_decode_qk_fp8_per_head_scale(qk_fp8=2):
 
 def test_plan_gpu_fp8_launch_by_size():
     """On the GPU an FP8 cache takes the E4M3 q K^T launch from QK8_MIN_TOKENS cached tokens per call (from
-    half that with QK8_MIN_BATCH sequences) and the fp16-dot launch below (the pre-pass costs more than it
-    saves there); BF16 never splits q. (num_splits is given so that no GPU is asked for its SM count: this
-    runs anywhere.)"""
+    half that with QK8_MIN_BATCH sequences) and the fp16-dot launch below (its short programs win where a
+    sequence is split into many 4-tile pieces); BF16 never splits q. (num_splits is given so that no GPU is
+    asked for its SM count: this runs anywhere.)"""
     gpu = torch.device("cuda")
     big = plan_decode(256, 4096, 256, gpu, FP8_DTYPE, 64, num_splits=1)
-    small = plan_decode(32, 4096, 256, gpu, FP8_DTYPE, 64, num_splits=4)
-    assert 256 * 4096 >= QK8_MIN_TOKENS > 32 * 4096
+    small = plan_decode(8, 4096, 256, gpu, FP8_DTYPE, 64, num_splits=16)
+    assert 256 * 4096 >= QK8_MIN_TOKENS > 8 * 4096
     assert (big.qk_fp8, big.tile_page, small.qk_fp8, small.tile_page) == (2, 2, 0, 0)
     wide = plan_decode(QK8_MIN_BATCH, QK8_MIN_TOKENS // 2 // QK8_MIN_BATCH, 256, gpu, FP8_DTYPE, 64,
                        num_splits=1)
