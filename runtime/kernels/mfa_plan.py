@@ -36,14 +36,15 @@ class DecodePlan:
 # (block_n, num_warps, num_stages, chunk_max, tile_page, pdl, qk_fp8, gluon) for head_dim >= 128 on the GPU,
 # by KV bytes per value: the launches the committed H200 runs picked (results/mfa_attention_*h200.json,
 # NOTES_mfa.md runs 7-11). FP8 takes the E4M3 q K^T (qk_fp8 2) in the Gluon kernel (64-token tiles, 4
-# stages, one tile per loop pass, no PDL; the Triton kernel where Gluon cannot run) from QK8_MIN_TOKENS
+# stages, two tiles per loop pass (gluon 2: 174.1-174.5 us at 256 x 4K in run 11's three calls, one tile a
+# pass 181.6-182.8), no PDL; the Triton kernel where Gluon cannot run) from QK8_MIN_TOKENS
 # cached tokens per call, and from half that when the batch has QK8_MIN_BATCH sequences. Since the Gluon
 # kernel splits q itself (run 11: no pre-pass launch) it wins there too (32 x 1K 24.5 us against the
 # fp16-dot launch's 28.3, 8 x 8K 29.5 against 30.6); below, run 6's fp16-dot launch, whose short programs
 # win where a sequence is split into many 4-tile pieces (1 x 32K 19.5 against 23.8, 8 x 4K 20.6 against
 # 24.5). PDL for the Gluon launch: run 11's two full sweeps, geometric mean 1.00 (1.4 us ahead at 32 x 1K /
 # 4K, 5% behind at 256 x 32K), so it stays off.
-_GPU_LAUNCH = {2: (32, 4, 4, 4096, 2, 1, 0, 0), 1: (64, 4, 4, 2048, 2, 0, 2, 1)}
+_GPU_LAUNCH = {2: (32, 4, 4, 4096, 2, 1, 0, 0), 1: (64, 4, 4, 2048, 2, 0, 2, 2)}
 _GPU_LAUNCH_FP8_SMALL = (32, 4, 3, 512, 0, 1, 0, 0)
 QK8_MIN_TOKENS = 64 * 1024
 QK8_MIN_BATCH = 32

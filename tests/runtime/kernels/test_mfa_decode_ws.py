@@ -95,10 +95,10 @@ def test_ws_plan_and_guard():
     QK8_MIN_TOKENS); off Hopper + Triton 3.6, or for shapes the kernel does not take (head_dim 64, 16 heads),
     the guard says no and mfa_decode runs the Triton kernel."""
     gpu = torch.device("cuda")
-    assert plan_decode(256, 4096, 256, gpu, FP8_DTYPE, 64, num_splits=1).gluon == 1
+    assert plan_decode(256, 4096, 256, gpu, FP8_DTYPE, 64, num_splits=1).gluon == 2  # tile pairs
     assert plan_decode(8, 4096, 256, gpu, FP8_DTYPE, 64, num_splits=16).gluon == 0
     assert plan_decode(256, 4096, 256, gpu, torch.bfloat16, 64, num_splits=1, gluon=1).gluon == 0
-    assert plan_decode(256, 4096, 256, gpu, FP8_DTYPE, 64, num_splits=1, qk_fp8=2, gluon=2).gluon == 2
+    assert plan_decode(256, 4096, 256, gpu, FP8_DTYPE, 64, num_splits=1, qk_fp8=2, gluon=1).gluon == 1
     assert plan_decode(256, 4096, 256, gpu, FP8_DTYPE, 64, num_splits=1, qk_fp8=0, gluon=1).gluon == 0
     assert plan_decode(256, 4096, 256, torch.device("cpu"), FP8_DTYPE, 64, qk_fp8=2, gluon=1).gluon == 0
     gen = torch.Generator().manual_seed(3)
