@@ -130,7 +130,7 @@ def _round_e4m3(x):
 
 
 @gluon.jit
-def _split_q(q_ptr, q_smem, b, stride_qb, stride_qh, H: gl.constexpr, NH: gl.constexpr):
+def _split_q_smem(q_ptr, q_smem, b, stride_qb, stride_qh, H: gl.constexpr, NH: gl.constexpr):
     """Sequence b's q [H, D] (rows up to 64 zero) as `mfa_decode._split_q_fp8` splits it, q ~= s (hi + lo)
     with s = max|q_h| / 448 per head: hi's D halves into q_smem 0 .. NH - 1, lo's into NH .. 2 NH - 1.
     Returns s."""
@@ -231,7 +231,7 @@ def _consumer(q_ptr, q_smem, k_smem, v16_smem, k_empty, k_ready, v16_ready, v16_
                                                        instr_shape=[16, BLOCK_N, 32])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, 128, 16])
-    qs = _split_q(q_ptr, q_smem, b, stride_qb, stride_qh, H, NH)
+    qs = _split_q_smem(q_ptr, q_smem, b, stride_qb, stride_qh, H, NH)
     qk_scale = sm_scale_log2 * gl.load(k_scale_ptr) * gl.convert_layout(qs, gl.SliceLayout(1, s_layout))
     m_i = gl.full([64], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
     l_i = gl.zeros([64], gl.float32, gl.SliceLayout(1, s_layout))
