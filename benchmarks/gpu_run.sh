@@ -8,7 +8,7 @@ mkdir -p "$OUT/moe" "$OUT/mfa"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
 timeout 300 python3 -m pytest -q -m gpu tests -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
 echo "gpu-marked tests: exit $? :: $(tail -n 1 "$OUT/gpu_tests.log")"
-timeout 480 python3 -m benchmarks.moe_ffn --out "$OUT/moe" > "$OUT/moe/run.log" 2>&1
+timeout 540 python3 -m benchmarks.moe_ffn --out "$OUT/moe" > "$OUT/moe/run.log" 2>&1
 echo "moe_ffn: exit $?"; tail -n 25 "$OUT/moe/run.log"
 timeout 300 python3 benchmarks/mfa_attention.py --tests --out "$OUT/mfa" > "$OUT/mfa/run.log" 2>&1
 echo "mfa_attention: exit $?"; tail -n 25 "$OUT/mfa/run.log"
