@@ -165,11 +165,34 @@ def launch_kw(t: tuple) -> dict:
     return dict(zip(LAUNCH_FIELDS, t[: len(t) - bool(more)], strict=False)) | more
 
 
+def same_kernel(kw: dict | None, batch: int, ctx: int, page: int, fp8: bool) -> bool:
+    """Whether launch kw runs the kernel (Gluon or Triton) that the library's plan picks at this shape. A
+    tuned launch is scored and used only where it does (run 11: a Gluon launch scored over 1 x 32K, where
+    the plan runs the Triton fp16-dot launch, could not win there, and a Gluon winner ran at every shape)."""
+    dtype = FP8_DTYPE if fp8 else torch.bfloat16
+    kinds = [plan_decode(batch, ctx, D, torch.device("cuda"), dtype, page, num_splits=1, **k).gluon > 0
+             for k in ({}, kw or {})]
+    return kinds[0] == kinds[1]
+
+
+def score(times: list[list[float | None]]) -> list[float]:
+    """Per candidate, the mean log2 of its time over the fastest time per shape, over the shapes it ran (None:
+    not run there): 0 for a candidate fastest everywhere, so 20 us shapes weigh as much as 300 us ones."""
+    fastest = [min((t[i] for t in times if t[i] is not None), default=None) for i in range(len(times[0]))]
+    logs = [[math.log2(x / f) for x, f in zip(t, fastest, strict=True) if x is not None] for t in times]
+    return [statistics.fmean(v) if v else math.inf for v in logs]
+
+
 def try_candidate(pools: Pools, fp8: bool, t: tuple, reps: int, gen: torch.Generator, page: int = 64,
-                  shapes: tuple = TUNE_SHAPES) -> dict:
-    """Times and errors of one launch on `shapes`; `error` set if it fails to run or misses 1e-2."""
+                  shapes: tuple = TUNE_SHAPES, only_same_kernel: bool = False) -> dict:
+    """Times and errors of one launch on `shapes` (only_same_kernel: None where `same_kernel` says no);
+    `error` set if it fails to run or misses 1e-2."""
     out: dict = dict(launch=launch_kw(t), times_us=[], rel_errs=[])
     for b, c in shapes:
+        if only_same_kernel and not same_kernel(launch_kw(t), b, c, page, fp8):
+            out["times_us"].append(None)
+            out["rel_errs"].append(None)
+            continue
         try:
             row = decode_point(pools, b, c, fp8, page, reps, gen, launch_kw(t))
         except Exception as e:  # compile failure (shared memory, registers), launch error: skip, never stop
@@ -184,27 +207,27 @@ def try_candidate(pools: Pools, fp8: bool, t: tuple, reps: int, gen: torch.Gener
 
 
 def pick_launch(pools: Pools, reps: int, gen: torch.Generator, log) -> dict:
-    """Per KV dtype, the correct launch with the best geometric-mean time on TUNE_SHAPES relative to the
-    fastest per shape (so the 20 us shapes weigh as much as the 300 us one; fresh random inputs, each shape
-    checked against float64 before a candidate may win). The winner runs the whole sweep; the JSON keeps
+    """Per KV dtype, the correct launch with the best `score` on TUNE_SHAPES, each launch timed only where it
+    runs the kernel the library's plan picks (`same_kernel`; fresh random inputs, each shape checked against
+    float64 before a candidate may win). The winner runs the sweep where it runs that kernel; the JSON keeps
     every candidate's times and errors, and the winner's geometric-mean speed-up over the default."""
     chosen = {}
     try_candidate(pools, False, (), reps, gen)  # warm-up: the first 256 x 4K timed ran ~12% slow in runs 6-8
     for kv, launches in CANDIDATES.items():
         tried = []
         for t in launches:
-            r = try_candidate(pools, kv == "fp8", t, reps, gen)
+            r = try_candidate(pools, kv == "fp8", t, reps, gen, only_same_kernel=True)
             tried.append(r)
-            log(f"tune {kv} {t}: {[round(x, 1) for x in r['times_us']]} us"
+            log(f"tune {kv} {t}: {[x and round(x, 1) for x in r['times_us']]} us"
                 + (f"  SKIPPED ({r['error']})" if "error" in r else ""))
         ok = [r for r in tried if "error" not in r]
-        fastest = [min(r["times_us"][i] for r in ok) for i in range(len(TUNE_SHAPES))] if ok else []
-        for r in ok:  # mean log2 of time / fastest time per shape: 0 for a candidate fastest everywhere
-            ratios = [t / f for t, f in zip(r["times_us"], fastest, strict=True)]
-            r["score"] = statistics.fmean(math.log2(x) for x in ratios)
+        for r, sc in zip(ok, score([r["times_us"] for r in ok]) if ok else [], strict=True):
+            r["score"] = sc
         best = min(ok, key=lambda r: r["score"]) if ok else dict(launch=None)
-        default = tried[0].get("score")
-        gain = 2 ** (default - best["score"]) if ok and default is not None else None
+        gain = None  # the default's time over the winner's, geometric mean over the shapes the winner ran
+        if ok and "error" not in tried[0]:
+            both = zip(tried[0]["times_us"], best["times_us"], strict=True)
+            gain = 2 ** statistics.fmean(math.log2(d / w) for d, w in both if w is not None)
         chosen[kv] = dict(launch=best["launch"], candidates=tried, gain_vs_default=gain)
         log(f"tune {kv}: winner {best['launch']}" + (f", {gain:.2f}x the default" if gain else ""))
     return chosen
@@ -217,6 +240,7 @@ def decode_sweep(pools: Pools, shapes, pages, reps, gen, log, launch: dict | Non
         for page in pages:
             for fp8 in (False, True):
                 kw = launch["fp8" if fp8 else "bf16"]["launch"] if launch else None
+                kw = kw if kw and same_kernel(kw, batch, ctx, page, fp8) else None
                 try:
                     row = decode_point(pools, batch, ctx, fp8, page, reps, gen, kw)
                 except Exception as e:  # the in-run winner failing at a shape it was not tuned on
@@ -291,7 +315,7 @@ def quick(pools: Pools, reps: int, gen: torch.Generator, log, budget_s: float) -
                 continue
             r = try_candidate(pools, kv == "fp8", t, reps, gen, page, QUICK_SHAPES)
             rows.append(dict(kv=kv, page=page, **r))
-            log(f"quick {kv} page {page} {t}: {[round(x, 1) for x in r['times_us']]} us"
+            log(f"quick {kv} page {page} {t}: {[x and round(x, 1) for x in r['times_us']]} us"
                 + (f"  ({r['error']})" if "error" in r else ""))
     try:
         sdpa = sdpa_decode_point(pools, 32, 4096, reps, gen)
@@ -471,7 +495,7 @@ def summary(result: dict, log) -> None:
     for kv, pick in result["launch"].items():  # the lead copies these into mfa_plan._GPU_LAUNCH
         launch = pick["launch"] and tuple(pick["launch"].values()) or pick["launch"]  # {}: library default
         print(f"launch {kv}: {launch} ({pick['gain_vs_default'] or float('nan'):.2f}x the default, geometric "
-              f"mean over {len(TUNE_SHAPES)} shapes)")
+              f"mean over the tuning shapes it runs)")
     shown = ((256, 4096), (128, 32768), (32, 4096), (1, 32768))
     ratio = {(r["batch"], r["context"], r["page"]): r.get("time_over_bf16") for r in result["decode"]}
     print("fp8 / bf16 time: " + ", ".join(f"{b}x{c // 1024}K p{p} {v:.2f}" for (b, c, p), v in ratio.items()
