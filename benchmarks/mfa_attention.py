@@ -187,14 +187,15 @@ def try_candidate(pools: Pools, fp8: bool, t: tuple, reps: int, gen: torch.Gener
                   shapes: tuple = TUNE_SHAPES, only_same_kernel: bool = False) -> dict:
     """Times and errors of one launch on `shapes` (only_same_kernel: None where `same_kernel` says no);
     `error` set if it fails to run or misses 1e-2."""
-    out: dict = dict(launch=launch_kw(t), times_us=[], rel_errs=[])
+    kw = launch_kw(t)
+    out: dict = dict(launch=kw, times_us=[], rel_errs=[])
     for b, c in shapes:
-        if only_same_kernel and not same_kernel(launch_kw(t), b, c, page, fp8):
+        if only_same_kernel and not same_kernel(kw, b, c, page, fp8):
             out["times_us"].append(None)
             out["rel_errs"].append(None)
             continue
         try:
-            row = decode_point(pools, b, c, fp8, page, reps, gen, launch_kw(t))
+            row = decode_point(pools, b, c, fp8, page, reps, gen, kw)
         except Exception as e:  # compile failure (shared memory, registers), launch error: skip, never stop
             out["error"] = f"{type(e).__name__}: {e}"[:300]
             return out
@@ -315,7 +316,7 @@ def quick(pools: Pools, reps: int, gen: torch.Generator, log, budget_s: float) -
                 continue
             r = try_candidate(pools, kv == "fp8", t, reps, gen, page, QUICK_SHAPES)
             rows.append(dict(kv=kv, page=page, **r))
-            log(f"quick {kv} page {page} {t}: {[x and round(x, 1) for x in r['times_us']]} us"
+            log(f"quick {kv} page {page} {t}: {[round(x, 1) for x in r['times_us']]} us"
                 + (f"  ({r['error']})" if "error" in r else ""))
     try:
         sdpa = sdpa_decode_point(pools, 32, 4096, reps, gen)
