@@ -295,8 +295,7 @@ def mfa_decode(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor, 
 
         mfa_decode_ws(q, cache, block_table, seq_lens, out, part_o, part_lse, sm_scale_log2,
                       plan.num_splits, plan.tokens_per_split, block_n=plan.block_n, stages=plan.num_stages,
-                      vstages=plan.gluon_vstages, vec=plan.gluon_vec, pair=plan.gluon == 2,
-                      pingpong=plan.gluon == 3, pdl=pdl)
+                      vstages=plan.gluon_vstages, vec=plan.gluon_vec, pair=plan.gluon == 2, pdl=pdl)
     else:
         q8, qs = _split_q(q, h_pad, cache, pdl) if qk8 else (out, out)  # (out: never read)
         _mfa_decode_kernel[(plan.num_splits, B)](

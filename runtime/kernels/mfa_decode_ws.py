@@ -58,35 +58,18 @@ def _tile_bounds(start, end, i, BLOCK_N: gl.constexpr):
 
 
 @gluon.jit
-def _box_rows(bt_row, n, end, PAGE: gl.constexpr, BLOCK_N: gl.constexpr):
-    """The cache rows (page id * PAGE + offset) where the BLOCK_N / R boxes of R = min(PAGE, BLOCK_N) rows of
-    the tile from token n start, as a tensor: a box past `end` re-reads the last token's page."""
-    R: gl.constexpr = PAGE if PAGE < BLOCK_N else BLOCK_N
-    layout: gl.constexpr = gl.BlockedLayout([BLOCK_N // R], [32], [gl.num_warps()], [0])  # all in each thread
-    t = gl.minimum(n + gl.arange(0, BLOCK_N // R, layout=layout) * R, end - 1)
-    return gl.load(bt_row + t // PAGE) * PAGE + t % PAGE
-
-
-@gluon.jit
-def _issue_boxes(desc, smem, ready, s, rows, BLOCK_N: gl.constexpr, NH: gl.constexpr, pred=True):
-    """The tile's boxes (`_box_rows`) of the cache `desc` into stage s, completing on ready[s]; nothing if not
-    pred (a predicate, not a branch: ptxas 12.8 crashed on the branch in the ping-pong kernel's loop)."""
-    NB: gl.constexpr = rows.shape[0]
-    R: gl.constexpr = BLOCK_N // NB
-    mbarrier.expect(ready.index(s), BLOCK_N * NH * DH, pred=pred)
-    for j in gl.static_range(NB):
-        row = gl.sum(gl.where(gl.arange(0, NB, layout=rows.type.layout) == j, rows, 0), 0)
-        for h in gl.static_range(NH):
-            tma.async_copy_global_to_shared(desc, [row, h * DH], ready.index(s),
-                                            smem.index(s * NH + h).slice(j * R, R), pred=pred)
-
-
-@gluon.jit
 def _load_tile(desc, smem, ready, empty, s, phase, bt_row, n, end, PAGE: gl.constexpr, BLOCK_N: gl.constexpr,
                R: gl.constexpr, NH: gl.constexpr):
-    """Once stage s is free, tokens [n, n + BLOCK_N) of the cache `desc` into it."""
+    """Once stage s is free, tokens [n, n + BLOCK_N) of the cache `desc` into it: BLOCK_N / R boxes of R rows
+    per D half, each from its page (a box past `end` re-reads the last token's page)."""
     mbarrier.wait(empty.index(s), phase)
-    _issue_boxes(desc, smem, ready, s, _box_rows(bt_row, n, end, PAGE, BLOCK_N), BLOCK_N, NH)
+    mbarrier.expect(ready.index(s), BLOCK_N * NH * DH)
+    for j in gl.static_range(BLOCK_N // R):
+        t = gl.minimum(n + j * R, end - 1)
+        row = gl.load(bt_row + t // PAGE) * PAGE + t % PAGE
+        for h in gl.static_range(NH):
+            tma.async_copy_global_to_shared(desc, [row, h * DH], ready.index(s),
+                                            smem.index(s * NH + h).slice(j * R, R))
 
 
 @gluon.jit
@@ -115,31 +98,22 @@ def _converter(v_smem, v16_smem, v_ready, v_empty, v16_ready, v16_empty, start, 
     bytes of the 128-byte-swizzled tile, conflict-free (gl.bank_conflicts 0); VEC 16, run 8's layout (8
     threads a row, 4 rows a warp), put both 64-column halves on the same banks (ncu: 12.8 wavefronts per
     request where 4 would do)."""
+    layout: gl.constexpr = gl.BlockedLayout([1, VEC], [32 * VEC // DH, DH // VEC], [4, 1], [1, 0])
+    rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, layout))
     for i in range(n_tiles):
         s = i % STAGES
         j = i % VSTAGES
         _, valid = _tile_bounds(start, end, i, BLOCK_N)
         mbarrier.wait(v_ready.index(s), (i // STAGES) & 1)
         mbarrier.wait(v16_empty.index(j), ((i // VSTAGES) & 1) ^ 1)
-        _convert_v(v_smem, s * NH, v16_smem, j * NH, valid, BLOCK_N, BLOCK_N, NH, VEC)
+        for h in gl.static_range(NH):
+            v = v_smem.index(s * NH + h).load(layout).to(gl.float16)
+            if valid < BLOCK_N:
+                v = gl.where(rows[:, None] < valid, v, 0.0)
+            v16_smem.index(j * NH + h).store(v)
         fence_async_shared()  # the loads before the TMA that refills the stage, the stores before the wgmma
         mbarrier.arrive(v_empty.index(s), count=1)
         mbarrier.arrive(v16_ready.index(j), count=1)
-
-
-@gluon.jit
-def _convert_v(src, s0, dst, d0, valid, BLOCK_N: gl.constexpr, ROWS: gl.constexpr, NH: gl.constexpr,
-               VEC: gl.constexpr):
-    """One tile's V, E4M3 buffers src[s0 ..] -> fp16 buffers dst[d0 ..] (one per D half), ROWS rows at a
-    time (fewer live registers); rows >= valid become 0."""
-    layout: gl.constexpr = gl.BlockedLayout([1, VEC], [32 * VEC // DH, DH // VEC], [4, 1], [1, 0])
-    rows = gl.arange(0, ROWS, layout=gl.SliceLayout(1, layout))
-    for h in gl.static_range(NH):
-        for r in gl.static_range(BLOCK_N // ROWS):
-            v = src.index(s0 + h).slice(r * ROWS, ROWS).load(layout).to(gl.float16)
-            if valid < BLOCK_N:
-                v = gl.where(rows[:, None] + r * ROWS < valid, v, 0.0)
-            dst.index(d0 + h).slice(r * ROWS, ROWS).store(v)
 
 
 @gluon.jit
@@ -156,9 +130,10 @@ def _round_e4m3(x):
 
 
 @gluon.jit
-def _q_scale(q_ptr, b, stride_qb, stride_qh, H: gl.constexpr, NH: gl.constexpr):
-    """Sequence b's q rows [64, DH] (pointers to D half 0, the mask of rows < H) and the per-head scale
-    s = max|q_h| / 448 of `mfa_decode._split_q_fp8`."""
+def _split_q_smem(q_ptr, q_smem, b, stride_qb, stride_qh, H: gl.constexpr, NH: gl.constexpr):
+    """Sequence b's q [H, D] (rows up to 64 zero) as `mfa_decode._split_q_fp8` splits it, q ~= s (hi + lo)
+    with s = max|q_h| / 448 per head: hi's D halves into q_smem 0 .. NH - 1, lo's into NH .. 2 NH - 1.
+    Returns s."""
     layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
     h = gl.arange(0, 64, layout=gl.SliceLayout(1, layout))
     d = gl.arange(0, DH, layout=gl.SliceLayout(0, layout))
@@ -167,14 +142,7 @@ def _q_scale(q_ptr, b, stride_qb, stride_qh, H: gl.constexpr, NH: gl.constexpr):
     amax = gl.zeros([64], gl.float32, gl.SliceLayout(1, layout))
     for j in gl.static_range(NH):
         amax = gl.maximum(amax, gl.max(gl.abs(gl.load(ptr + j * DH, mask=mask, other=0.0).to(gl.float32)), 1))
-    return ptr, mask, gl.maximum(amax, 1e-30) / 448.0
-
-
-@gluon.jit
-def _split_q_smem(q_ptr, q_smem, b, stride_qb, stride_qh, H: gl.constexpr, NH: gl.constexpr):
-    """Sequence b's q [H, D] (rows up to 64 zero) as `mfa_decode._split_q_fp8` splits it, q ~= s (hi + lo):
-    hi's D halves into q_smem 0 .. NH - 1, lo's into NH .. 2 NH - 1. Returns s."""
-    ptr, mask, s = _q_scale(q_ptr, b, stride_qb, stride_qh, H, NH)
+    s = gl.maximum(amax, 1e-30) / 448.0
     for j in gl.static_range(NH):
         x = gl.load(ptr + j * DH, mask=mask, other=0.0).to(gl.float32) / s[:, None]
         hi = _round_e4m3(x)
@@ -377,160 +345,6 @@ def _mfa_decode_ws_kernel(q_ptr, k_desc, v_desc, bt_ptr, lens_ptr, k_scale_ptr, 
     ], [4, 1], [CONVERTER_REGS, 24])
 
 
-@gluon.jit
-def _pp_load(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, rows, i, n_tiles, BLOCK_N: gl.constexpr,
-             STAGES: gl.constexpr, NH: gl.constexpr):
-    """Tile i's K and V (its boxes at `rows`) into stage i % STAGES, if tile i exists."""
-    _issue_boxes(k_desc, k_smem, k_ready, i % STAGES, rows, BLOCK_N, NH, i < n_tiles)
-    _issue_boxes(v_desc, v_smem, v_ready, i % STAGES, rows, BLOCK_N, NH, i < n_tiles)
-
-
-@gluon.jit
-def _pp_tile(w: gl.constexpr, st, bufs, i, qk_scale, zero_s, start, end, n_tiles, PAGE: gl.constexpr,
-             BLOCK_N: gl.constexpr, STAGES: gl.constexpr, NH: gl.constexpr, VEC: gl.constexpr,
-             o_layout: gl.constexpr, MASK: gl.constexpr):
-    """Warpgroup w's tile i: S chain issued, V converted into w's fp16 buffer under it, the stage refilled
-    with tile i + STAGES (also w's), softmax, then P V issued and left in flight."""
-    q_smem, k_smem, v_smem, v16_smem, k_ready, v_ready, k_desc, v_desc, bt_row = bufs
-    m_i, l_i, t0, t1, p16 = st
-    s = i % STAGES
-    rows = _box_rows(bt_row, _tile_bounds(start, end, i + STAGES, BLOCK_N)[0], end, PAGE, BLOCK_N)  # early
-    t0, t1, p16 = warpgroup_mma_wait(0, deps=[t0, t1, p16])  # P V of w's previous tile: its V buffer is free
-    raw = _qk(q_smem, k_smem, k_ready, i, zero_s, STAGES, NH)
-    _, valid = _tile_bounds(start, end, i, BLOCK_N)
-    mbarrier.wait(v_ready.index(s), (i // STAGES) & 1)
-    _convert_v(v_smem, s * NH, v16_smem, w * NH, valid, BLOCK_N, 32, NH, VEC)
-    fence_async_shared()  # the V loads before the TMA that refills the stage, the stores before the wgmma
-    raw = warpgroup_mma_wait(0, deps=[raw])
-    gl.thread_barrier()  # all four warps are past both: the stage may be refilled, the fp16 V read
-    p, alpha, m_i, l_i = _softmax(raw, m_i, l_i, qk_scale, valid, BLOCK_N, MASK)
-    a = gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    p16 = gl.convert_layout(p.to(gl.float16), p_layout)
-    acc0 = t0 * a  # both rescaled before either wgmma
-    acc1 = t1 * a
-    t0 = warpgroup_mma(p16, v16_smem.index(w * NH), acc0, is_async=True)
-    t1 = warpgroup_mma(p16, v16_smem.index(w * NH + 1), acc1, is_async=True)
-    _pp_load(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, rows, i + STAGES, n_tiles, BLOCK_N, STAGES, NH)
-    return m_i, l_i, t0, t1, p16
-
-
-@gluon.jit
-def _pp_consumer(w: gl.constexpr, bufs, sync, q_ptr, k_scale_ptr, v_scale_ptr, out_ptr, part_o_ptr,
-                 part_lse_ptr, sm_scale_log2, b, split, start, end, n_tiles, num_splits, stride_qb, stride_qh,
-                 stride_ob, stride_oh, H: gl.constexpr, PAGE: gl.constexpr, BLOCK_N: gl.constexpr,
-                 STAGES: gl.constexpr, NH: gl.constexpr, VEC: gl.constexpr, DIRECT: gl.constexpr):
-    """Warpgroup w of the ping-pong kernel: tiles w, w + 2, ... (their stages are i % STAGES, w's alone since
-    STAGES is even), the last of them peeled (the only one that can be partial), then the merge: warpgroup 1
-    parks m, l and O in the K ring and q buffers once warpgroup 0 is done with them (sync 1), warpgroup 0
-    merges them into its own (sync 2) and writes the result. Warpgroup 0 splits q (sync 0)."""
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, 32])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, 128, 16])
-    q_smem, k_smem, v_smem, v16_smem, k_ready, v_ready, k_desc, v_desc, bt_row = bufs
-    # this warpgroup's first two tiles (STAGES 4): both page-id loads in flight before either is used
-    rows0 = _box_rows(bt_row, _tile_bounds(start, end, w, BLOCK_N)[0], end, PAGE, BLOCK_N)
-    rows1 = _box_rows(bt_row, _tile_bounds(start, end, w + 2, BLOCK_N)[0], end, PAGE, BLOCK_N)
-    _pp_load(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, rows0, w, n_tiles, BLOCK_N, STAGES, NH)
-    _pp_load(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, rows1, w + 2, n_tiles, BLOCK_N, STAGES, NH)
-    if w == 0:
-        qs = _split_q_smem(q_ptr, q_smem, b, stride_qb, stride_qh, H, NH)
-        mbarrier.arrive(sync.index(0), count=1)
-    else:
-        qs = _q_scale(q_ptr, b, stride_qb, stride_qh, H, NH)[2]
-        mbarrier.wait(sync.index(0), 0)
-    qk_scale = sm_scale_log2 * gl.load(k_scale_ptr) * gl.convert_layout(qs, gl.SliceLayout(1, s_layout))
-    zero_s = gl.zeros([64, BLOCK_N], gl.float32, s_layout)
-    st = (gl.full([64], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout)),
-          gl.zeros([64], gl.float32, gl.SliceLayout(1, s_layout)),
-          warpgroup_mma_init(gl.zeros([64, DH], gl.float32, o_layout)),
-          warpgroup_mma_init(gl.zeros([64, DH], gl.float32, o_layout)),
-          gl.zeros([64, BLOCK_N], gl.float16,
-                   gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)))
-    count = (n_tiles - w + 1) // 2
-    for j in range(count - 1):
-        st = _pp_tile(w, st, bufs, w + 2 * j, qk_scale, zero_s, start, end, n_tiles, PAGE, BLOCK_N, STAGES,
-                      NH, VEC, o_layout, False)
-    if count > 0:
-        st = _pp_tile(w, st, bufs, w + 2 * (count - 1), qk_scale, zero_s, start, end, n_tiles, PAGE, BLOCK_N,
-                      STAGES, NH, VEC, o_layout, True)
-    m_i, l_i, t0, t1, p16 = st
-    acc0, acc1, p16 = warpgroup_mma_wait(0, deps=[t0, t1, p16])
-    park_o = k_smem._reinterpret(gl.float32, [2 * 64, DH], gl.SwizzledSharedLayout(8, 1, 8, order=[1, 0]))
-    park_ml = q_smem._reinterpret(gl.float32, [2 * 64], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
-    if w == 0:
-        mbarrier.arrive(sync.index(1), count=1)  # this warpgroup is done with the K ring and q
-        mbarrier.wait(sync.index(2), 0)
-        m1 = park_ml.slice(0, 64).load(m_i.type.layout)
-        l1 = park_ml.slice(64, 64).load(m_i.type.layout)
-        m = gl.maximum(m_i, m1)
-        m_ref = gl.where(m == float("-inf"), 0.0, m)  # both empty: weights 0, not NaN
-        a0 = gl.exp2((m_i - m_ref) * qk_scale)
-        a1 = gl.exp2((m1 - m_ref) * qk_scale)
-        b0 = gl.convert_layout(a0, gl.SliceLayout(1, o_layout))[:, None]
-        b1 = gl.convert_layout(a1, gl.SliceLayout(1, o_layout))[:, None]
-        acc0 = acc0 * b0 + park_o.slice(0, 64).load(o_layout) * b1
-        acc1 = acc1 * b0 + park_o.slice(64, 64).load(o_layout) * b1
-        _epilogue(acc0, acc1, m, l_i * a0 + l1 * a1, qk_scale, v_scale_ptr, out_ptr, part_o_ptr, part_lse_ptr,
-                  b, split, num_splits, stride_ob, stride_oh, H, DIRECT, o_layout)
-    else:
-        mbarrier.wait(sync.index(1), 0)
-        park_ml.slice(0, 64).store(m_i)
-        park_ml.slice(64, 64).store(l_i)
-        park_o.slice(0, 64).store(acc0)
-        park_o.slice(64, 64).store(acc1)
-        mbarrier.arrive(sync.index(2), count=1)
-
-
-@gluon.jit
-def _mfa_decode_pp_kernel(q_ptr, k_desc, v_desc, bt_ptr, lens_ptr, k_scale_ptr, v_scale_ptr, out_ptr,
-                          part_o_ptr, part_lse_ptr, sm_scale_log2, tokens_per_split, num_splits, stride_qb,
-                          stride_qh, stride_bt, stride_ob, stride_oh, H: gl.constexpr, PAGE: gl.constexpr,
-                          BLOCK_N: gl.constexpr, STAGES: gl.constexpr, DIRECT: gl.constexpr,
-                          VEC: gl.constexpr, PDL: gl.constexpr):
-    """`_mfa_decode_ws_kernel`'s contract, FA3's ping-pong schedule: two consumer warpgroups take turns, so
-    one's softmax and V conversion run while the other's wgmma chains hold the tensor cores. No loader or
-    converter partition: each warpgroup issues the TMA loads of its own tiles and converts their V itself,
-    so the two get all 64K registers (255 each; in a worker partition beside a 1-warp loader, ptxas
-    serialized every wgmma even at 256)."""
-    NH: gl.constexpr = 2
-    if PDL:
-        _gdc("griddepcontrol.wait; // $0")
-        _gdc("griddepcontrol.launch_dependents; // $0")
-    split = gl.program_id(0)
-    b = gl.program_id(1)
-    start = split * tokens_per_split
-    end = gl.minimum(start + tokens_per_split, gl.load(lens_ptr + b))
-    n_tiles = gl.cdiv(gl.maximum(end - start, 0), BLOCK_N)
-    kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, DH], gl.float8e4nv)
-    v16_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, DH], gl.float16)
-    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, DH], gl.float8e4nv)
-    q_smem = gl.allocate_shared_memory(gl.float8e4nv, [2 * NH, 64, DH], q_layout)
-    k_smem = gl.allocate_shared_memory(gl.float8e4nv, [STAGES * NH, BLOCK_N, DH], kv_layout)
-    v_smem = gl.allocate_shared_memory(gl.float8e4nv, [STAGES * NH, BLOCK_N, DH], kv_layout)
-    v16_smem = gl.allocate_shared_memory(gl.float16, [2 * NH, BLOCK_N, DH], v16_layout)
-    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    sync = gl.allocate_shared_memory(gl.int64, [3, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(k_ready.index(i), count=1)
-        mbarrier.init(v_ready.index(i), count=1)
-    for i in gl.static_range(3):
-        mbarrier.init(sync.index(i), count=1)
-    fence_async_shared()
-    bt_row = bt_ptr + b.to(gl.int64) * stride_bt
-    bufs = (q_smem, k_smem, v_smem, v16_smem, k_ready, v_ready, k_desc, v_desc, bt_row)
-    gl.warp_specialize([
-        (_pp_consumer, (0, bufs, sync, q_ptr, k_scale_ptr, v_scale_ptr, out_ptr, part_o_ptr, part_lse_ptr,
-                        sm_scale_log2, b, split, start, end, n_tiles, num_splits, stride_qb, stride_qh,
-                        stride_ob, stride_oh, H, PAGE, BLOCK_N, STAGES, NH, VEC, DIRECT)),
-        (_pp_consumer, (1, bufs, sync, q_ptr, k_scale_ptr, v_scale_ptr, out_ptr, part_o_ptr, part_lse_ptr,
-                        sm_scale_log2, b, split, start, end, n_tiles, num_splits, stride_qb, stride_qh,
-                        stride_ob, stride_oh, H, PAGE, BLOCK_N, STAGES, NH, VEC, DIRECT)),
-    ], [4], [256])
-
-
 def _descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
     layout = gl.NVMMASharedLayout.get_default_for([rows, 128], gl.float8e4nv)
     return TensorDescriptor.from_tensor(t, [rows, 128], layout)
@@ -540,13 +354,12 @@ def mfa_decode_ws(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tenso
                   out: torch.Tensor, part_o: torch.Tensor, part_lse: torch.Tensor, sm_scale_log2: float,
                   num_splits: int, tokens_per_split: int, block_n: int = 64, stages: int = 3,
                   vstages: int = 2, converter_regs: int = 152, vec: int = 8, pair: bool = False,
-                  pingpong: bool = False, pdl: bool = False) -> None:
+                  pdl: bool = False) -> None:
     """The decode grid (num_splits, B) into out (one split) or the partials, which mfa_decode then merges.
 
     q [B, H <= 64, 256] (each program splits its sequence's q itself); sm_scale_log2 = D^-0.5 log2(e) (scores
     in the log2 domain); tokens_per_split a multiple of block_n.
     vec: the converter's E4M3 bytes per thread per row (8 or 16); pair: two tiles per loop pass (gluon 2);
-    pingpong: `_mfa_decode_pp_kernel` (gluon 3; 64-token tiles, 4 stages: the parked O fills the K ring);
     pdl: launch as a programmatic dependent (the merge is launched so too).
     """
     B, H, D = out.shape
@@ -555,15 +368,9 @@ def mfa_decode_ws(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tenso
     kv_rows = min(pg, block_n)
     k_desc = _descriptor(cache.k.view(-1, D), kv_rows)
     v_desc = _descriptor(cache.v.view(-1, D), kv_rows)
-    args = (q, k_desc, v_desc, block_table, seq_lens, cache.k_scale, cache.v_scale, out, part_o, part_lse,
-            sm_scale_log2, tokens_per_split, num_splits, q.stride(0), q.stride(1), block_table.stride(0),
-            out.stride(0), out.stride(1))
-    if pingpong:
-        assert block_n == 64
-        _mfa_decode_pp_kernel[(num_splits, B)](*args, H=H, PAGE=pg, BLOCK_N=64, STAGES=4,
-                                                DIRECT=num_splits == 1, VEC=vec, PDL=pdl, num_warps=4,
-                                                launch_pdl=pdl)
-        return
     _mfa_decode_ws_kernel[(num_splits, B)](
-        *args, H=H, PAGE=pg, BLOCK_N=block_n, STAGES=stages, VSTAGES=vstages, DIRECT=num_splits == 1,
-        CONVERTER_REGS=converter_regs, VEC=vec, PAIR=pair, PDL=pdl, num_warps=4, launch_pdl=pdl)
+        q, k_desc, v_desc, block_table, seq_lens, cache.k_scale, cache.v_scale, out, part_o, part_lse,
+        sm_scale_log2, tokens_per_split, num_splits, q.stride(0), q.stride(1), block_table.stride(0),
+        out.stride(0), out.stride(1), H=H, PAGE=pg, BLOCK_N=block_n, STAGES=stages, VSTAGES=vstages,
+        DIRECT=num_splits == 1, CONVERTER_REGS=converter_regs, VEC=vec, PAIR=pair, PDL=pdl, num_warps=4,
+        launch_pdl=pdl)
