@@ -182,19 +182,19 @@ MOE_CANDIDATES = {
 }
 # default per mean (token, slot) pairs per expert: (upper bound, candidate name), first match wins.
 # From 2048 tokens the persistent Gluon GEMM (tiles in order from an atomic counter) with skipped padding
-# parts and the shared expert on a side stream: 128-row tiles with two chains in flight up to ~256 pairs
-# (2048 / 4096 tokens), 192-row tiles at ~512 (8192: fewer tiles that stream an expert's weights again).
-# H200 run 10's in-run winners (call 2's tuning rows, min of 2 rounds: 2.36 / 4.09 / 7.35 ms); candidates
-# within ~3% of each other swap places between runs (call 5: wspsd at 4096, wsp192g8 at 8192).
-DEFAULT_MOE_TILES = ((16, "m16s3i"), (64, "m32s3"), (384, "wspsd_side"), (float("inf"), "wsp192g8_side"))
+# parts and 192-row tiles (an expert's 129-192 pairs stream its weights once), GROUP_M 4 and the shared
+# expert on a side stream up to ~256 pairs (2048 / 4096 tokens), GROUP_M 8 and no side stream at ~512
+# (8192). H200 run 11 (session 6): the in-run winners of all three full runs, ahead of run 10's defaults
+# (wspsd_side, wsp192g8_side) by 1-3% at 2048, 0.5-4% at 4096 and 2-4% at 8192.
+DEFAULT_MOE_TILES = ((16, "m16s3i"), (64, "m32s3"), (384, "wsp192g4_side"), (float("inf"), "wsp192g8"))
 
 
 def default_moe_config(tokens: int, top_k: int, num_experts: int) -> MoeConfig:
     """The fastest candidate per mean pairs per expert on the H200 (DEFAULT_MOE_TILES).
 
     16- and 32-row gathering tiles while experts get up to ~32 pairs (weight-bandwidth bound: little
-    padding); above, the TMA path over expert-contiguous rows (128- or 192-row tiles, warp-specialized
-    and persistent on Hopper). The cuBLAS backend never won (CPU-launch bound, NOTES_ffn.md). num_experts
+    padding); above, the TMA path over expert-contiguous rows (192-row tiles, warp-specialized and
+    persistent on Hopper). The cuBLAS backend never won (CPU-launch bound, NOTES_ffn.md). num_experts
     is the layer's: an AFD rank holding some of them sees the same mean pairs per expert as the whole layer.
     """
     mean = tokens * top_k / max(num_experts, 1)
