@@ -140,7 +140,7 @@ def fp8_matmul_rates(gen: torch.Generator) -> tuple[float, float]:
 def at_sustained_rate(row: dict, rate: float, bw: float) -> dict:
     """A timed row's floor and fraction with the sustained FP8 rate in place of the floor's rate (information
     beside the bar, which keeps the rested rate)."""
-    floor = max(row["flops"] / rate, row["bytes"] / bw) * 1e3
+    floor = bound_ms(row["flops"], row["bytes"], rate, bw)[0]
     return dict(floor_ms_at_sustained_rate=floor, fraction_of_floor_at_sustained_rate=floor / row["ours_ms"])
 
 
@@ -193,8 +193,13 @@ def floor_ms(T: int, ids: torch.Tensor, rate: float, bw: float) -> tuple[float, 
     touched = ids.unique().numel()
     weight_bytes = 3 * HIDDEN * INTER * (1 + 4 / 128**2)  # FP8 bytes + fp32 block scales
     nbytes = touched * weight_bytes + 3 * HIDDEN * SHARED * (1 + 4 / 128**2) + 2 * T * HIDDEN * 2
+    return *bound_ms(flops, nbytes, rate, bw), flops, nbytes
+
+
+def bound_ms(flops: float, nbytes: float, rate: float, bw: float) -> tuple[float, str]:
+    """max(FLOPs at rate, bytes at bw) in ms, and which one it is."""
     t_flop, t_byte = flops / rate * 1e3, nbytes / bw * 1e3
-    return max(t_flop, t_byte), "compute" if t_flop >= t_byte else "memory", flops, nbytes
+    return max(t_flop, t_byte), "compute" if t_flop >= t_byte else "memory"
 
 
 def inputs(T: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
