@@ -51,6 +51,13 @@ def _gdc(asm: gl.constexpr):
 
 
 @gluon.jit
+def _prefetch(ptr):
+    """Fetch the line at ptr into L1 ahead of its load (prefetch.global.L1)."""
+    gl.inline_asm_elementwise("prefetch.global.L1 [$1]; // $0", "=r,l", [ptr], dtype=gl.int32, is_pure=False,
+                              pack=1)
+
+
+@gluon.jit
 def _tile_bounds(start, end, i, BLOCK_N: gl.constexpr):
     """First token of tile i and its count of valid tokens (BLOCK_N except in the split's last tile)."""
     n = start + i * BLOCK_N
@@ -73,13 +80,16 @@ def _load_tile(desc, smem, ready, empty, s, phase, bt_row, n, end, PAGE: gl.cons
 
 
 @gluon.jit
-def _loader(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, bt_ptr, stride_bt, b, start,
-            end, n_tiles, PAGE: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, NH: gl.constexpr):
+def _loader(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, q_in, bt_ptr, stride_bt, b,
+            start, end, n_tiles, PAGE: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+            NH: gl.constexpr):
     """Each tile's K and V: BLOCK_N / R boxes of R = min(PAGE, BLOCK_N) rows per D half. A box past the
     sequence end re-reads its last token's page (rows the consumer masks and the converter zeroes), so every
     tile has the same byte count."""
     R: gl.constexpr = PAGE if PAGE < BLOCK_N else BLOCK_N
     bt_row = bt_ptr + b.to(gl.int64) * stride_bt
+    _prefetch(bt_row + start // PAGE)  # the first page id's round trip under q's
+    mbarrier.wait(q_in, 0)  # q first: its loads are the consumer's first wait
     for i in range(n_tiles):
         s = i % STAGES
         phase = ((i // STAGES) & 1) ^ 1  # the first round passes at once
@@ -117,39 +127,43 @@ def _converter(v_smem, v16_smem, v_ready, v_empty, v16_ready, v16_empty, start, 
 
 
 @gluon.jit
-def _round_e4m3(x):
-    """act_quant.round_to_e4m3 (fp32 -> the nearest-even E4M3 value, in fp32, saturated at 448), restated
-    because a Gluon kernel cannot call a Triton function; lo = x - hi then needs no E4M3 -> fp32 unpack of
-    freshly packed values (what ptxas miscompiled in run 7's pre-pass)."""
+def _store_hi_lo(x, r, q_smem, j, NH: gl.constexpr):
+    """x r (one D half of q, bf16 [64, DH]; r = 448 / max|q_h| per head) as E4M3 hi into q_smem j and
+    lo = x r - hi into q_smem NH + j. hi is x r with its mantissa rounded to E4M3's 3 bits (nearest even) on
+    the fp32 bits, so its cast is exact for E4M3 normals and lo needs no E4M3 -> fp32 unpack (the pattern
+    ptxas miscompiled in run 7's pre-pass); the hardware cast (nearest even, saturating) rounds lo. Below
+    E4M3's normal range the cast re-rounds hi, which lo then misses by <= 2^-10 of the 448 scale. About 9
+    instructions an element where act_quant's full rounding of both parts took ~34 (NOTES_mfa.md run 13)."""
+    x = x.to(gl.float32) * r[:, None]
     bits = x.to(gl.int32, bitcast=True)
-    bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576  # -1048576 == 0xFFF00000
-    normal = bits.to(gl.float32, bitcast=True)
-    subnormal = (x + 24576.0) - 24576.0
-    y = gl.where(gl.abs(x) < 0.015625, subnormal, normal)
-    return gl.minimum(gl.maximum(y, -448.0), 448.0)
+    hi = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576).to(gl.float32, bitcast=True)  # 0xFFF00000
+    q_smem.index(j).store(hi.to(gl.float8e4nv))
+    q_smem.index(NH + j).store((x - hi).to(gl.float8e4nv))
 
 
 @gluon.jit
-def _split_q_smem(q_ptr, q_smem, b, stride_qb, stride_qh, H: gl.constexpr, NH: gl.constexpr):
+def _split_q_smem(q_ptr, q_smem, q_in, b, stride_qb, stride_qh, H: gl.constexpr, NH: gl.constexpr):
     """Sequence b's q [H, D] (rows up to 64 zero) as `mfa_decode._split_q_fp8` splits it, q ~= s (hi + lo)
     with s = max|q_h| / 448 per head: hi's D halves into q_smem 0 .. NH - 1, lo's into NH .. 2 NH - 1.
-    Returns s."""
+    Returns s. q is read once, both halves, and the loader starts the K / V stream only once q is in
+    registers (`q_in`): behind that stream q's loads had waited ~4 us, twice (a pass for the max, one for
+    the split), and a CTA's first tile had started ~12.5 us after its entry (NOTES_mfa.md run 13)."""
+    gl.static_assert(NH == 2)
     layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
     h = gl.arange(0, 64, layout=gl.SliceLayout(1, layout))
     d = gl.arange(0, DH, layout=gl.SliceLayout(0, layout))
     ptr = q_ptr + b.to(gl.int64) * stride_qb + h[:, None] * stride_qh + d[None, :]
     mask = (h < H)[:, None]
-    amax = gl.zeros([64], gl.float32, gl.SliceLayout(1, layout))
-    for j in gl.static_range(NH):
-        amax = gl.maximum(amax, gl.max(gl.abs(gl.load(ptr + j * DH, mask=mask, other=0.0).to(gl.float32)), 1))
-    s = gl.maximum(amax, 1e-30) / 448.0
-    for j in gl.static_range(NH):
-        x = gl.load(ptr + j * DH, mask=mask, other=0.0).to(gl.float32) / s[:, None]
-        hi = _round_e4m3(x)
-        q_smem.index(j).store(hi.to(gl.float8e4nv))
-        q_smem.index(NH + j).store(_round_e4m3(x - hi).to(gl.float8e4nv))
+    x0 = gl.load(ptr, mask=mask, other=0.0)
+    x1 = gl.load(ptr + DH, mask=mask, other=0.0)
+    amax = gl.maximum(gl.max(gl.abs(x0.to(gl.float32)), 1), gl.max(gl.abs(x1.to(gl.float32)), 1))
+    mbarrier.arrive(q_in, count=1)  # after the loads (the arrive releases them): the stream may start
+    amax = gl.maximum(amax, 1e-30)
+    r = 448.0 / amax
+    _store_hi_lo(x0, r, q_smem, 0, NH)
+    _store_hi_lo(x1, r, q_smem, 1, NH)
     fence_async_shared()  # the stores before the wgmma that reads them
-    return s
+    return amax / 448.0
 
 
 @gluon.jit
@@ -218,7 +232,7 @@ def _tile(bufs, st, qk_scale, zero_s, i, BLOCK_N: gl.constexpr, STAGES: gl.const
 
 
 @gluon.jit
-def _consumer(q_ptr, q_smem, k_smem, v16_smem, k_empty, k_ready, v16_ready, v16_empty, k_scale_ptr,
+def _consumer(q_ptr, q_smem, q_in, k_smem, v16_smem, k_empty, k_ready, v16_ready, v16_empty, k_scale_ptr,
               v_scale_ptr, out_ptr, part_o_ptr, part_lse_ptr, sm_scale_log2, b, split, start, end, n_tiles,
               num_splits, stride_qb, stride_qh, stride_ob, stride_oh, H: gl.constexpr, BLOCK_N: gl.constexpr,
               STAGES: gl.constexpr, VSTAGES: gl.constexpr, NH: gl.constexpr, DIRECT: gl.constexpr,
@@ -231,8 +245,10 @@ def _consumer(q_ptr, q_smem, k_smem, v16_smem, k_empty, k_ready, v16_ready, v16_
                                                        instr_shape=[16, BLOCK_N, 32])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, 128, 16])
-    qs = _split_q_smem(q_ptr, q_smem, b, stride_qb, stride_qh, H, NH)
-    qk_scale = sm_scale_log2 * gl.load(k_scale_ptr) * gl.convert_layout(qs, gl.SliceLayout(1, s_layout))
+    k_scale = gl.load(k_scale_ptr)  # both scales first: their round trips overlap q's
+    v_scale = gl.load(v_scale_ptr)
+    qs = _split_q_smem(q_ptr, q_smem, q_in, b, stride_qb, stride_qh, H, NH)
+    qk_scale = sm_scale_log2 * k_scale * gl.convert_layout(qs, gl.SliceLayout(1, s_layout))
     m_i = gl.full([64], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
     l_i = gl.zeros([64], gl.float32, gl.SliceLayout(1, s_layout))
     zero_s = gl.zeros([64, BLOCK_N], gl.float32, s_layout)
@@ -261,18 +277,18 @@ def _consumer(q_ptr, q_smem, k_smem, v16_smem, k_empty, k_ready, v16_ready, v16_
         acc0, acc1, p16 = warpgroup_mma_wait(0, deps=[t0, t1, p16])
         p16, t0, t1 = _pv(p, alpha, acc0, acc1, v16_smem, v16_ready, last, VSTAGES, o_layout)
         acc0, acc1, p16 = warpgroup_mma_wait(0, deps=[t0, t1, p16])
-    _epilogue(acc0, acc1, m_i, l_i, qk_scale, v_scale_ptr, out_ptr, part_o_ptr, part_lse_ptr, b, split,
+    _epilogue(acc0, acc1, m_i, l_i, qk_scale, v_scale, out_ptr, part_o_ptr, part_lse_ptr, b, split,
               num_splits, stride_ob, stride_oh, H, DIRECT, o_layout)
 
 
 @gluon.jit
-def _epilogue(acc0, acc1, m_i, l_i, qk_scale, v_scale_ptr, out_ptr, part_o_ptr, part_lse_ptr, b, split,
+def _epilogue(acc0, acc1, m_i, l_i, qk_scale, v_scale, out_ptr, part_o_ptr, part_lse_ptr, b, split,
               num_splits, stride_ob, stride_oh, H: gl.constexpr, DIRECT: gl.constexpr,
               o_layout: gl.constexpr):
     """o = O * v_scale / l for heads < H, into out (one split) or the fp32 partials [B, S, H, D] and
     lse [B, S, H] (an empty split: o = 0, lse = -inf, weight 0 in the merge)."""
     l_i = gl.where(l_i > 0, l_i, 1.0)
-    inv = gl.convert_layout(gl.load(v_scale_ptr) / l_i, gl.SliceLayout(1, o_layout))[:, None]
+    inv = gl.convert_layout(v_scale / l_i, gl.SliceLayout(1, o_layout))[:, None]
     h = gl.arange(0, 64, layout=gl.SliceLayout(1, o_layout))
     d = gl.arange(0, DH, layout=gl.SliceLayout(0, o_layout))
     mask = (h < H)[:, None]
@@ -324,6 +340,8 @@ def _mfa_decode_ws_kernel(q_ptr, k_desc, v_desc, bt_ptr, lens_ptr, k_scale_ptr, 
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v16_ready = gl.allocate_shared_memory(gl.int64, [VSTAGES, 1], mbarrier.MBarrierLayout())
     v16_empty = gl.allocate_shared_memory(gl.int64, [VSTAGES, 1], mbarrier.MBarrierLayout())
+    q_in = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_in, count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(k_empty.index(i), count=1)
@@ -334,14 +352,14 @@ def _mfa_decode_ws_kernel(q_ptr, k_desc, v_desc, bt_ptr, lens_ptr, k_scale_ptr, 
         mbarrier.init(v16_empty.index(i), count=1)
     fence_async_shared()
     gl.warp_specialize([
-        (_consumer, (q_ptr, q_smem, k_smem, v16_smem, k_empty, k_ready, v16_ready, v16_empty, k_scale_ptr,
-                     v_scale_ptr, out_ptr, part_o_ptr, part_lse_ptr, sm_scale_log2, b, split, start, end,
-                     n_tiles, num_splits, stride_qb, stride_qh, stride_ob, stride_oh, H, BLOCK_N, STAGES,
-                     VSTAGES, NH, DIRECT, PAIR)),
+        (_consumer, (q_ptr, q_smem, q_in, k_smem, v16_smem, k_empty, k_ready, v16_ready, v16_empty,
+                     k_scale_ptr, v_scale_ptr, out_ptr, part_o_ptr, part_lse_ptr, sm_scale_log2, b, split,
+                     start, end, n_tiles, num_splits, stride_qb, stride_qh, stride_ob, stride_oh, H, BLOCK_N,
+                     STAGES, VSTAGES, NH, DIRECT, PAIR)),
         (_converter, (v_smem, v16_smem, v_ready, v_empty, v16_ready, v16_empty, start, end, n_tiles, BLOCK_N,
                       STAGES, VSTAGES, NH, VEC)),
-        (_loader, (k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, bt_ptr, stride_bt, b,
-                   start, end, n_tiles, PAGE, BLOCK_N, STAGES, NH)),
+        (_loader, (k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, q_in, bt_ptr,
+                   stride_bt, b, start, end, n_tiles, PAGE, BLOCK_N, STAGES, NH)),
     ], [4, 1], [CONVERTER_REGS, 24])
 
 
