@@ -51,13 +51,6 @@ def _gdc(asm: gl.constexpr):
 
 
 @gluon.jit
-def _prefetch(ptr):
-    """Fetch the line at ptr into L1 ahead of its load (prefetch.global.L1)."""
-    gl.inline_asm_elementwise("prefetch.global.L1 [$1]; // $0", "=r,l", [ptr], dtype=gl.int32, is_pure=False,
-                              pack=1)
-
-
-@gluon.jit
 def _tile_bounds(start, end, i, BLOCK_N: gl.constexpr):
     """First token of tile i and its count of valid tokens (BLOCK_N except in the split's last tile)."""
     n = start + i * BLOCK_N
@@ -88,9 +81,9 @@ def _loader(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, 
     tile has the same byte count."""
     R: gl.constexpr = PAGE if PAGE < BLOCK_N else BLOCK_N
     bt_row = bt_ptr + b.to(gl.int64) * stride_bt
-    _prefetch(bt_row + start // PAGE)  # the first page id's round trip under q's
-    mbarrier.wait(q_in, 0)  # q first: its loads are the consumer's first wait
     for i in range(n_tiles):
+        if i == 1:  # the first tile's loads fly beside q's, the rest of the stream waits for q
+            mbarrier.wait(q_in, 0)
         s = i % STAGES
         phase = ((i // STAGES) & 1) ^ 1  # the first round passes at once
         n, _ = _tile_bounds(start, end, i, BLOCK_N)
@@ -145,9 +138,10 @@ def _store_hi_lo(x, r, q_smem, j, NH: gl.constexpr):
 def _split_q_smem(q_ptr, q_smem, q_in, b, stride_qb, stride_qh, H: gl.constexpr, NH: gl.constexpr):
     """Sequence b's q [H, D] (rows up to 64 zero) as `mfa_decode._split_q_fp8` splits it, q ~= s (hi + lo)
     with s = max|q_h| / 448 per head: hi's D halves into q_smem 0 .. NH - 1, lo's into NH .. 2 NH - 1.
-    Returns s. q is read once, both halves, and the loader starts the K / V stream only once q is in
-    registers (`q_in`): behind that stream q's loads had waited ~4 us, twice (a pass for the max, one for
-    the split), and a CTA's first tile had started ~12.5 us after its entry (NOTES_mfa.md run 13)."""
+    Returns s. q is read once, both halves, and the loader issues only the first tile before q is in
+    registers (`q_in`): behind the whole K / V stream q's loads had waited ~4 us, twice (a pass for the
+    max, one for the split), and a CTA's first tile had started ~12.5 us after its entry (NOTES_mfa.md
+    run 13)."""
     gl.static_assert(NH == 2)
     layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
     h = gl.arange(0, 64, layout=gl.SliceLayout(1, layout))
@@ -157,7 +151,7 @@ def _split_q_smem(q_ptr, q_smem, q_in, b, stride_qb, stride_qh, H: gl.constexpr,
     x0 = gl.load(ptr, mask=mask, other=0.0)
     x1 = gl.load(ptr + DH, mask=mask, other=0.0)
     amax = gl.maximum(gl.max(gl.abs(x0.to(gl.float32)), 1), gl.max(gl.abs(x1.to(gl.float32)), 1))
-    mbarrier.arrive(q_in, count=1)  # after the loads (the arrive releases them): the stream may start
+    mbarrier.arrive(q_in, count=1)  # after the loads (the arrive releases them): the stream may go on
     amax = gl.maximum(amax, 1e-30)
     r = 448.0 / amax
     _store_hi_lo(x0, r, q_smem, 0, NH)
