@@ -30,7 +30,7 @@ class DecodePlan:
     qk_fp8: int = 0  # FP8 cache, 2: q K^T as E4M3 dots of q split in hi + lo by a pre-pass (1: deleted)
     gluon: int = 0  # FP8 with qk_fp8 2 on Hopper + Triton 3.6: mfa_decode_ws's Gluon kernel, 2: tile pairs
     gluon_vec: int = 8  # Gluon: V converter's E4M3 bytes per thread per row (16: run 8's, bank-conflicted)
-    gluon_vstages: int = 2  # Gluon: fp16 V stages (num_stages is the E4M3 K / V ring's)
+    gluon_vstages: int = 3  # Gluon: fp16 V stages (num_stages is the E4M3 K / V ring's)
 
 
 # (block_n, num_warps, num_stages, chunk_max, tile_page, pdl, qk_fp8, gluon) for head_dim >= 128 on the GPU,
@@ -43,8 +43,10 @@ class DecodePlan:
 # fp16-dot launch's 28.3, 8 x 8K 29.5 against 30.6); below, run 6's fp16-dot launch, whose short programs
 # win where a sequence is split into many 4-tile pieces (1 x 32K 19.5 against 23.8, 8 x 4K 20.6 against
 # 24.5). PDL for the Gluon launch: run 11's two full sweeps, geometric mean 1.00 (1.4 us ahead at 32 x 1K /
-# 4K, 5% behind at 256 x 32K), so it stays off.
-_GPU_LAUNCH = {2: (32, 4, 4, 4096, 2, 1, 0, 0), 1: (64, 4, 4, 2048, 2, 0, 2, 2)}
+# 4K, 5% behind at 256 x 32K), so it stays off. Since the Gluon CTA's prologue went from ~12.5 to ~5.5 us
+# (run 13), 3 E4M3 K / V stages and 3 fp16 V stages beat 4 + 2 at all 12 shapes of an interleaved A/B, by
+# 0.4-4% (32 x 4K 34.0 against 35.4 us, 128 x 64K 1200.9 against 1217.4).
+_GPU_LAUNCH = {2: (32, 4, 4, 4096, 2, 1, 0, 0), 1: (64, 4, 3, 2048, 2, 0, 2, 2)}
 _GPU_LAUNCH_FP8_SMALL = (32, 4, 3, 512, 0, 1, 0, 0)
 QK8_MIN_TOKENS = 64 * 1024
 QK8_MIN_BATCH = 32
@@ -87,7 +89,8 @@ def plan_decode(batch: int, max_seq_len: int, head_dim: int, device: torch.devic
                 num_splits: int | None = None, block_n: int | None = None, num_warps: int | None = None,
                 num_stages: int | None = None, chunk_max: int | None = None, tile_page: int | None = None,
                 pdl: int | None = None, qk_fp8: int | None = None, gluon: int | None = None,
-                gluon_vec: int = 8, gluon_vstages: int = 2, min_split_tokens: int = 256) -> DecodePlan:
+                gluon_vec: int = 8, gluon_vstages: int | None = None,
+                min_split_tokens: int = 256) -> DecodePlan:
     """Launch parameters (tuned table) and the split of the sequence (`_pick_splits`), in one place."""
     on_gpu = device.type == "cuda"
     kv_bytes = torch.empty(0, dtype=kv_dtype).element_size()
@@ -113,6 +116,8 @@ def plan_decode(batch: int, max_seq_len: int, head_dim: int, device: torch.devic
         num_splits = _pick_splits(batch, max_seq_len, slots, granule, max_splits)
     tokens = _split_tokens(max_seq_len, num_splits, granule)
     num_splits = triton.cdiv(max_seq_len, tokens)
+    if gluon_vstages is None:  # the fp16 V ring takes the shared memory the K / V ring leaves (~224 KB)
+        gluon_vstages = 3 if num_stages <= 3 else 2
     return DecodePlan(num_splits=num_splits, tokens_per_split=tokens, block_n=block_n,
                       num_warps=num_warps, num_stages=num_stages, chunk=_chunk(tokens, granule, chunk_max),
                       page=page, tile_page=tile_page, pdl=pdl, qk_fp8=qk_fp8, gluon=gluon,
