@@ -136,12 +136,12 @@ def _store_hi_lo(x, r, q_smem, j, NH: gl.constexpr):
 
 @gluon.jit
 def _split_q_smem(q_ptr, q_smem, q_in, b, stride_qb, stride_qh, H: gl.constexpr, NH: gl.constexpr):
-    """Sequence b's q [H, D] (rows up to 64 zero) as `mfa_decode._split_q_fp8` splits it, q ~= s (hi + lo)
-    with s = max|q_h| / 448 per head: hi's D halves into q_smem 0 .. NH - 1, lo's into NH .. 2 NH - 1.
-    Returns s. q is read once, both halves, and the loader issues only the first tile before q is in
-    registers (`q_in`): behind the whole K / V stream q's loads had waited ~4 us, twice (a pass for the
-    max, one for the split), and a CTA's first tile had started ~12.5 us after its entry (NOTES_mfa.md
-    run 13)."""
+    """Sequence b's q [H, D] (rows up to 64 zero) split as `mfa_decode._split_q_fp8` does (the same hi for
+    E4M3 normals, see `_store_hi_lo`), q ~= s (hi + lo) with s = max|q_h| / 448 per head: hi's D halves into
+    q_smem 0 .. NH - 1, lo's into NH .. 2 NH - 1. Returns s. q is read once, both halves, and the loader
+    issues only the first tile before q is in registers (`q_in`): behind the whole K / V stream q's loads had
+    waited ~4 us, twice (a pass for the max, one for the split), and a CTA's first tile had started ~12.5 us
+    after its entry (NOTES_mfa.md run 13)."""
     gl.static_assert(NH == 2)
     layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
     h = gl.arange(0, 64, layout=gl.SliceLayout(1, layout))
