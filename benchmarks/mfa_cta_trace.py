@@ -12,7 +12,7 @@ cycles spent in each of its mbarrier waits in the loop (one partition a run: cou
 consumer's wgmma waits, make ptxas spill the consumer; the consumer's counters still spill 48 B where a
 sequence is split, so count its waits at one-split shapes). Each shape: the library kernel and the traced
 one as CUDA-graph replays, then one traced replay after warm ones; medians over the CTAs. Writes
-DIR/mfa_cta_trace.json.
+DIR/mfa_cta_trace[_PARTITION_waits]_h200.json (DIR: benchmarks/results unless --out).
 """
 
 from __future__ import annotations
@@ -158,6 +158,7 @@ def time_graph_us(fn) -> float:
 def trace_shape(batch: int, ctx: int, library, traced, waits: str | None) -> dict:
     """One shape (ctx 0: empty sequences, the CTA's fixed cost alone): times, then the CTAs' timeline."""
     from runtime.kernels.kv_cache import FP8_DTYPE, PagedKVCache
+    from runtime.kernels.mfa_decode import LOG2E
     from runtime.kernels.mfa_plan import plan_decode
 
     pages = batch * max(ctx, PAGE) // PAGE
@@ -174,7 +175,7 @@ def trace_shape(batch: int, ctx: int, library, traced, waits: str | None) -> dic
     part_lse = torch.empty(batch, plan.num_splits, H, device="cuda") if split else out
     trace = torch.zeros(batch * plan.num_splits * SLOTS, dtype=torch.int64, device="cuda")
     kw = dict(block_n=plan.block_n, stages=plan.num_stages, vstages=plan.gluon_vstages, pair=plan.gluon == 2)
-    args = (q, cache, table, lens, out, part_o, part_lse, D**-0.5 * 1.4426950408889634, plan.num_splits,
+    args = (q, cache, table, lens, out, part_o, part_lse, D**-0.5 * LOG2E, plan.num_splits,
             plan.tokens_per_split)
     call = lambda mod, **more: lambda: mod.mfa_decode_ws(*args, **kw, **more)
     row = dict(batch=batch, context=ctx, splits=plan.num_splits, stages=plan.num_stages,
@@ -203,7 +204,7 @@ def trace_shape(batch: int, ctx: int, library, traced, waits: str | None) -> dic
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=Path("/tmp"))
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--waits", choices=sorted(WAITS), help="also count this partition's mbarrier wait cycles")
     args = ap.parse_args()
     from runtime.kernels import mfa_decode_ws
@@ -217,7 +218,8 @@ def main() -> None:
     cost = statistics.median(r["traced_us"] / r["library_us"] for r in rows)  # what the tracing costs
     result = dict(machine=machine, waits=args.waits, rows=rows, traced_over_library=cost)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "mfa_cta_trace.json").write_text(json.dumps(result, indent=1))
+    name = f"mfa_cta_trace_{args.waits}_waits_h200.json" if args.waits else "mfa_cta_trace_h200.json"
+    (args.out / name).write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
