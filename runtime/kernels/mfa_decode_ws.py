@@ -7,10 +7,11 @@ but the work of a tile is spread over three partitions that meet only at mbarrie
   and V as [min(page, BLOCK_N), 128] boxes of the cache viewed as [num_blocks * page, D] (each D half its
   own 128-byte-swizzled buffer) into a STAGES ring.
 - converter (4 warps): V's E4M3 tile -> fp16 into a VSTAGES ring (rows past the sequence end zeroed: the
-  cache there may hold anything, NaN codes too), so the dot warps never touch V's bytes. It bounds the
-  loop: its bank-conflict-free layout (VEC 8) took 13% off the whole kernel (NOTES_mfa.md run 9).
-- consumer (the default partition, 4 warps): splits q into shared memory while the first K and V loads fly
-  (the Triton kernel's separate pre-pass launch took ~9 us a call; NOTES_mfa.md run 11), then
+  cache there may hold anything, NaN codes too), so the dot warps never touch V's bytes. Its
+  bank-conflict-free layout (VEC 8) took 13% off the whole kernel (NOTES_mfa.md run 9); since then the
+  consumer bounds the loop (run 13: it waits ~9% of a tile, and 8 converter warps changed nothing).
+- consumer (the default partition, 4 warps): reads q once and splits it into shared memory while the first
+  tile's K and V loads fly, the rest of the stream waiting for q (`q_in`; NOTES_mfa.md runs 11 and 13), then
   S = q_hi K^T + q_lo K^T as E4M3 wgmma chains on the raw K tile
   (K-major as stored), online softmax in registers, O += P V with P fp16 from registers and V fp16 from
   shared memory. Tile n+1's S chains are issued before tile n's softmax and run under it. (Leaving tile n's
@@ -19,8 +20,8 @@ but the work of a tile is spread over three partitions that meet only at mbarrie
   below 256 registers: hence the converter's 152.) PAIR (plan gluon 2): two tiles a loop pass instead.
 The Triton kernel does all of this in each of its warps, one step after the other (NOTES_mfa.md run 7:
 445 instructions per warp per 32-token tile, latency-bound at 2 warps per scheduler).
-Measured (H200, NOTES_mfa.md run 9): 256 x 4K 183.7 us with the q pre-pass (BF16 253.0, run 8's 211.8);
-from 256K cached tokens per call it is the library's FP8 launch. Needs Hopper and Triton 3.6's Gluon API
+Measured (H200, NOTES_mfa.md run 13): 256 x 4K 161.4 us (BF16 252.4); the library's FP8 launch from 64K
+cached tokens per call (32K with 32+ sequences, `mfa_plan`). Needs Hopper and Triton 3.6's Gluon API
 (`mfa_plan.ws_decode_usable`); elsewhere mfa_decode runs the Triton kernel.
 """
 
