@@ -29,7 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from benchmarks.common import capture_graph, event_median_ms, gpu_versions  # noqa: E402
+from benchmarks.common import capture_graph, gpu_versions  # noqa: E402
+from benchmarks.mfa_attention import time_graph  # noqa: E402
 
 SOURCE = Path(__file__).resolve().parents[1] / "runtime" / "kernels" / "mfa_decode_ws.py"
 SLOTS = 16  # int64 words per CTA: 0-9 timeline, 10-15 wait counters (low 32 bits)
@@ -149,12 +150,6 @@ def load_traced(waits: str | None):
     return module
 
 
-def time_graph_us(fn) -> float:
-    graph = capture_graph(fn)
-    graph.replay()
-    return event_median_ms(graph.replay, 20) * 1e3
-
-
 def trace_shape(batch: int, ctx: int, library, traced, waits: str | None) -> dict:
     """One shape (ctx 0: empty sequences, the CTA's fixed cost alone): times, then the CTAs' timeline."""
     from runtime.kernels.kv_cache import FP8_DTYPE, PagedKVCache
@@ -179,8 +174,8 @@ def trace_shape(batch: int, ctx: int, library, traced, waits: str | None) -> dic
             plan.tokens_per_split)
     call = lambda mod, **more: lambda: mod.mfa_decode_ws(*args, **kw, **more)
     row = dict(batch=batch, context=ctx, splits=plan.num_splits, stages=plan.num_stages,
-               vstages=plan.gluon_vstages, library_us=time_graph_us(call(library)),
-               traced_us=time_graph_us(call(traced, trace=trace)))
+               vstages=plan.gluon_vstages, library_us=time_graph(call(library), 20),
+               traced_us=time_graph(call(traced, trace=trace), 20))
     graph = capture_graph(call(traced, trace=trace))
     for _ in range(5):
         graph.replay()
