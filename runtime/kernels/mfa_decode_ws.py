@@ -174,30 +174,62 @@ def _qk(q_smem, k_smem, k_ready, i, zero, STAGES: gl.constexpr, NH: gl.constexpr
     return acc
 
 
+LAZY = gl.constexpr(8.0)  # log2 units a row's max may grow past its reference before O is rescaled: P <= 2^8
+RESCALE_PACK = gl.constexpr(32)  # accumulator elements per `_rescale` asm block (two a thread per D half)
+
+
+def _rescale_asm(n: int) -> tuple[str, str]:
+    """`_rescale`'s PTX for n elements: $0..n-1 out (tied to acc in $n..2n-1), alpha in $2n..3n-1."""
+    test = "".join(f"setp.neu.or.f32 p, ${2 * n + i}, 0f3F800000, p; " for i in range(1, 4))
+    muls = "".join(f"mul.f32 ${i}, ${n + i}, ${2 * n + i}; " for i in range(n))
+    asm = (f"{{ .reg .pred p; setp.neu.f32 p, ${2 * n}, 0f3F800000; {test}"
+           f"vote.sync.any.pred p, p, -1; @!p bra.uni SKIP; {muls}SKIP: }}")
+    constraints = ",".join(["=f"] * n + [str(i) for i in range(n)] + ["f"] * n)
+    return asm, constraints
+
+
+_RESCALE_ASM, _RESCALE_CONSTRAINTS = (gl.constexpr(x) for x in _rescale_asm(RESCALE_PACK.value))
+
+
 @gluon.jit
 def _softmax(raw, m_i, l_i, qk_scale, valid, BLOCK_N: gl.constexpr, MASK: gl.constexpr):
     """Online-softmax step on raw scores [64, BLOCK_N] (log2 domain: raw * qk_scale; the max kept in raw
-    units): P (fp32), the rescale factor of the old sums, the new max and sum."""
+    units): P (fp32), the rescale factor of the old sums, the new reference max and sum. Lazy, as FA4: a
+    row's reference max moves only when the tile's max passes it by more than 2^LAZY (P <= 256 then, exact
+    in fp16 to its 11 bits, and the sums in fp32 never see it), so alpha is exactly 1 on most tiles and
+    `_rescale` skips O's 128 multiplies a thread."""
     if MASK:  # the split's last tile: tokens >= valid are -inf
         cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, raw.type.layout))
         raw = gl.where(cols[None, :] < valid, raw, float("-inf"))
-    m_new = gl.maximum(m_i, gl.max(raw, 1))
-    alpha = gl.exp2((m_i - m_new) * qk_scale)
+    m_tile = gl.max(raw, 1)
+    moved = (m_tile - m_i) * qk_scale > LAZY  # the first tile: m_i = -inf
+    m_new = gl.where(moved, gl.maximum(m_i, m_tile), m_i)
+    alpha = gl.where(moved, gl.exp2((m_i - m_new) * qk_scale), 1.0)
     p = gl.exp2(raw * qk_scale[:, None] - (m_new * qk_scale)[:, None])
     l_i = l_i * alpha + gl.sum(p, 1)
     return p, alpha, m_new, l_i
 
 
 @gluon.jit
+def _rescale(acc, a):
+    """acc * a (a: alpha broadcast over a row) unless every alpha of the warp is 1: a warp-uniform branch
+    around the multiplies (a vote, no barrier: each warp holds its own 16 rows of the wgmma tile). In the
+    wgmma accumulator's register order a thread's elements 0-3 cover both of its rows (r, r + 8), so the
+    vote reads those 4; the GPU tests catch an order that does not."""
+    return gl.inline_asm_elementwise(_RESCALE_ASM, _RESCALE_CONSTRAINTS, [acc, a], dtype=gl.float32,
+                                     is_pure=True, pack=RESCALE_PACK)
+
+
+@gluon.jit
 def _pv(p, alpha, acc0, acc1, v16_smem, v16_ready, i, VSTAGES: gl.constexpr, o_layout: gl.constexpr):
     """Rescale O (two [64, 128] halves) by alpha and issue O += P V (P from registers, fp16)."""
-    a = gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+    a = gl.broadcast(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None], acc0)[0]
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     p16 = gl.convert_layout(p.to(gl.float16), p_layout)
     j = i % VSTAGES
     mbarrier.wait(v16_ready.index(j), (i // VSTAGES) & 1)
-    acc0 = warpgroup_mma(p16, v16_smem.index(2 * j), acc0 * a, is_async=True)
-    acc1 = warpgroup_mma(p16, v16_smem.index(2 * j + 1), acc1 * a, is_async=True)
+    acc0 = warpgroup_mma(p16, v16_smem.index(2 * j), _rescale(acc0, a), is_async=True)
+    acc1 = warpgroup_mma(p16, v16_smem.index(2 * j + 1), _rescale(acc1, a), is_async=True)
     return p16, acc0, acc1
 
 

@@ -77,6 +77,28 @@ def test_ws_decode_ignores_nan_past_the_end(heads, gluon):
 
 @pytest.mark.gpu
 @gluon_gpu
+@pytest.mark.parametrize("gluon", [1, 2])
+def test_ws_decode_rising_scores(gluon):
+    """The lazy rescale (`mfa_decode_ws._softmax`): K rows grow along each sequence (x 0.2 -> 3.2, one falls),
+    and q's heads have scales 0.5-4, so the rows' maxima pass their reference by > 2^8 several times deep in
+    a split for some heads and never for others, in the same warps (mixed skip / rescale votes)."""
+    gen = torch.Generator().manual_seed(11 + gluon)
+    lengths = [3000, 1500, 700]
+    cache, table, lens = random_paged_cache(lengths, 256, 64, FP8_DTYPE, gen)
+    for b, n in enumerate(lengths):
+        ramp = torch.linspace(0.2, 3.2, n) if b < 2 else torch.linspace(3.2, 0.2, n)
+        for t0 in range(0, n, 64):
+            blk, rows = int(table[b, t0 // 64]), min(64, n - t0)
+            k = cache.k[blk, :rows].float() * ramp[t0:t0 + rows, None].to(DEVICE)
+            cache.k[blk, :rows] = k.clamp(-448, 448).to(FP8_DTYPE)
+    head_scale = 0.5 + 3.5 * torch.rand(64, 1, generator=gen)
+    q = (torch.randn(len(lengths), 64, 256, generator=gen) * head_scale).to(torch.bfloat16).to(DEVICE)
+    for splits in (1, None):
+        _check(q, cache, table, lens, _plan(len(lengths), max(lengths), 64, num_splits=splits, gluon=gluon))
+
+
+@pytest.mark.gpu
+@gluon_gpu
 @pytest.mark.parametrize("gluon, vec, stages", [(1, 8, 4), (2, 8, 3), (2, 8, 4), (1, 16, 3)])
 def test_ws_decode_long_sequences(gluon, vec, stages):
     """Long splits (many pipeline rounds through the stage rings) and a lone long sequence: 2 x 5000 tokens in
