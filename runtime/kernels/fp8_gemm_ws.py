@@ -7,8 +7,8 @@ operand tile is a plain TMA box: A [P, K] at (m, k) in two 64-row halves, B [E *
 (expert * N + n, k). `gl.warp_specialize` runs two partitions of 4 warps, consumer 0 and 1 (rows
 64c..64c+63 of the tile), synchronized only through per-stage mbarriers (no CTA-wide barrier in the
 K loop): per K step each waits for `ready`, runs the wgmma chain into an fp32 temporary, waits for
-it, releases the stage (`empty`, count 2), and scales and adds the temporary to its fp32
-accumulator (the per-128-K promotion: chained FP8 accumulation inside the tensor core measured 4x
+it, releases the stage (`empty`: each thread, `gluon_sync.release`), and scales and adds the temporary
+to its fp32 accumulator (the per-128-K promotion: chained FP8 accumulation inside the tensor core measured 4x
 the error, NOTES_ffn.md run 3). Consumer 0 also issues the TMA loads, STAGES - 1 steps ahead, each
 once both consumers released that stage. So one consumer's promotion can run while the other's
 wgmma keeps the tensor cores busy: the overlap that the pointer-based kernel (fp8_gemm.py: every
@@ -47,6 +47,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from runtime.kernels.gluon_sync import WARPGROUP_THREADS, release
+
 BLOCK_M, HALF_M = gl.constexpr(128), gl.constexpr(64)
 # a consumer's [64, 128] fp32 accumulator (m64n128 wgmma) and its [64, 64] h (SwiGLU) register layouts
 ACC_LAYOUT = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -75,7 +77,7 @@ def _tile(pid, block_expert_ptr, N, K, num_m, TILE_N: gl.constexpr, GROUP_M: gl.
 def _load(step, k_tiles, a_desc, b_desc, b2_desc, a_smem, b_smem, ready, empty, off_m, off_b,
           SWIGLU: gl.constexpr, STAGES: gl.constexpr, SUB_N: gl.constexpr):
     """Issue global step `step`'s TMA loads (sub-tile step // k_tiles, K block step % k_tiles) once both
-    consumers released its stage (`empty`, count 2). SwiGLU: gate rows into the stage's first 64 rows,
+    consumers released its stage (`empty`). SwiGLU: gate rows into the stage's first 64 rows,
     up rows into the last 64, so one m64n128 wgmma multiplies A by both."""
     s = step % STAGES
     j = step // k_tiles
@@ -154,7 +156,7 @@ def _k_loop(j, half, k_tiles, a_desc, b_desc, b2_desc, a_smem, b_smem, ready, em
         a_s, b_s, b2_s = scales(as_ptr, bs_ptr, b2s_ptr, kb, offs_m, stride_asg, stride_bsk, SWIGLU)
         mbarrier.wait(ready.index(s), (step // STAGES) & 1)
         t = _mma(a_smem.index(2 * s + half), b_smem.index(s), zero)
-        mbarrier.arrive(empty.index(s), count=1)
+        release(empty.index(s))
         if LOADER and step + STAGES - 1 < SUB * k_tiles:  # the stage of step - 1, both consumers past it
             _load(step + STAGES - 1, k_tiles, a_desc, b_desc, b2_desc, a_smem, b_smem, ready, empty,
                   off_m, off_b, SWIGLU, STAGES, SUB_N)
@@ -236,7 +238,7 @@ def smem_ring(a_desc, b_desc, STAGES: gl.constexpr, PARTS: gl.constexpr):
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
-        mbarrier.init(empty.index(i), count=PARTS)  # one arrive per consumer warpgroup
+        mbarrier.init(empty.index(i), count=PARTS * WARPGROUP_THREADS)  # every consumer thread (`release`)
     fence_async_shared()
     return a_smem, b_smem, ready, empty
 

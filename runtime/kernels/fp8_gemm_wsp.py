@@ -55,6 +55,7 @@ from runtime.kernels.fp8_gemm_ws import (
     scales,
     smem_ring,
 )
+from runtime.kernels.gluon_sync import release
 
 
 @gluon.jit
@@ -152,7 +153,7 @@ def _step_done(t, step, acc, acc2, empty, as_ptr, bs_ptr, b2s_ptr, base, offs_m,
     promote it."""
     a_s, b_s, b2_s = scales(as_ptr, bs_ptr, b2s_ptr, step - base, offs_m, stride_asg, stride_bsk, SWIGLU)
     t = warpgroup_mma_wait(OUTSTANDING, deps=[t])
-    mbarrier.arrive(empty.index(step % STAGES), count=1)
+    release(empty.index(step % STAGES))
     return promote(t, acc, acc2, a_s, b_s, b2_s, SWIGLU)
 
 
@@ -202,13 +203,13 @@ def _k_loop(base, k_tiles, live, a_smem, b_smem, ready, empty, as_ptr, bs_ptr, b
                 a_s, b_s, b2_s = scales(as_ptr, bs_ptr, b2s_ptr, kb, offs_m, stride_asg, stride_bsk, SWIGLU)
                 mbarrier.wait(ready.index(s), (step // STAGES) & 1)
                 t = _mma(a_smem.index(PARTS * s + half), b_smem.index(s), zero)
-                mbarrier.arrive(empty.index(s), count=1)
+                release(empty.index(s))
                 acc, acc2 = promote(t, acc, acc2, a_s, b_s, b2_s, SWIGLU)
     else:
         for kb in range(k_tiles):
             step = base + kb
             mbarrier.wait(ready.index(step % STAGES), (step // STAGES) & 1)
-            mbarrier.arrive(empty.index(step % STAGES), count=1)
+            release(empty.index(step % STAGES))
     if SWIGLU:
         acc = gl.convert_layout(acc / (1.0 + gl.exp(-acc)) * acc2, out_layout)
     return acc

@@ -19,8 +19,7 @@ but the work of a tile is spread over three partitions that meet only at mbarrie
   kernel, silently: the in-flight P registers and accumulators are loop-carried. So did a consumer held
   below 256 registers: hence the converter's 152.) PAIR (plan gluon 2): two tiles a loop pass instead.
   O's rescale is lazy (`_softmax`, `_rescale`), and each of the 128 threads releases a K / fp16-V stage
-  itself (`cp.async.mbarrier.arrive.noinc` on barriers of count 128; Gluon's `mbarrier.arrive` is thread 0's
-  behind a bar.sync of the warpgroup): 3-5% off the loop together (NOTES_mfa.md run 14).
+  itself (`gluon_sync.release`): 3-5% off the loop together (NOTES_mfa.md run 14).
 The Triton kernel does all of this in each of its warps, one step after the other (NOTES_mfa.md run 7:
 445 instructions per warp per 32-token tile, latency-bound at 2 warps per scheduler).
 Measured (H200, NOTES_mfa.md run 14): 256 x 4K 157.4 us (BF16 257.7); the library's FP8 launch from 64K
@@ -33,7 +32,6 @@ from __future__ import annotations
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared,
     mbarrier,
@@ -44,6 +42,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from runtime.kernels.gluon_sync import WARPGROUP_THREADS, release
 from runtime.kernels.kv_cache import PagedKVCache
 
 DH = gl.constexpr(128)  # columns of one D half: a 128-byte E4M3 row, the TMA box's and the swizzle's width
@@ -166,13 +165,6 @@ def _split_q_smem(q_ptr, q_smem, q_in, b, stride_qb, stride_qh, H: gl.constexpr,
 
 
 @gluon.jit
-def _release(bar):
-    """The consumer frees a stage: each of its 128 threads arrives on `bar` (count 128; `.noinc`: the count
-    stays as initialized). Gluon's `mbarrier.arrive` is thread 0's behind a bar.sync of the warpgroup."""
-    async_copy.mbarrier_arrive(bar, increment_count=False)
-
-
-@gluon.jit
 def _qk(q_smem, k_smem, k_ready, i, zero, STAGES: gl.constexpr, NH: gl.constexpr):
     """Tile i's raw scores: wait for its K stage, then q_hi K^T + q_lo K^T as 2 x NH E4M3 wgmma chains into
     one fp32 accumulator (not waited for: the caller waits, then releases the stage)."""
@@ -256,7 +248,7 @@ def _tile(bufs, st, qk_scale, zero_s, i, BLOCK_N: gl.constexpr, STAGES: gl.const
     p, alpha, m_i, l_i = _softmax(raw, m_i, l_i, qk_scale, BLOCK_N, BLOCK_N, False)
     if PEND:
         acc0, acc1, p16 = warpgroup_mma_wait(2 * NH, deps=[t0, t1, p16])  # P V(i - 1), not S(i + 1)
-        _release(v16_empty.index((i - 1) % VSTAGES))
+        release(v16_empty.index((i - 1) % VSTAGES))
     else:
         acc0, acc1 = warpgroup_mma_wait(2 * NH, deps=[t0, t1])  # done already: only the types change
     p16, t0, t1 = _pv(p, alpha, acc0, acc1, v16_smem, v16_ready, i, VSTAGES, o_layout)
@@ -264,8 +256,8 @@ def _tile(bufs, st, qk_scale, zero_s, i, BLOCK_N: gl.constexpr, STAGES: gl.const
         raw = warpgroup_mma_wait(2, deps=[nxt])  # S(i + 1) is older than P V(i): only it
     else:
         raw = warpgroup_mma_wait(0, deps=[nxt])  # and this tile's P V
-        _release(v16_empty.index(i % VSTAGES))
-    _release(k_empty.index((i + 1) % STAGES))
+        release(v16_empty.index(i % VSTAGES))
+    release(k_empty.index((i + 1) % STAGES))
     return raw, m_i, l_i, t0, t1, p16
 
 
@@ -294,7 +286,7 @@ def _consumer(q_ptr, q_smem, q_in, k_smem, v16_smem, k_empty, k_ready, v16_ready
     acc1 = gl.zeros([64, DH], gl.float32, o_layout)
     if n_tiles > 0:
         raw = warpgroup_mma_wait(0, deps=[_qk(q_smem, k_smem, k_ready, 0, zero_s, STAGES, NH)])
-        _release(k_empty.index(0))
+        release(k_empty.index(0))
         p16 = gl.zeros([64, BLOCK_N], gl.float16, gl.DotOperandLayout(operand_index=0, parent=o_layout,
                                                                         k_width=2))
         t0 = warpgroup_mma_init(acc0)
@@ -382,12 +374,12 @@ def _mfa_decode_ws_kernel(q_ptr, k_desc, v_desc, bt_ptr, lens_ptr, k_scale_ptr, 
     mbarrier.init(q_in, count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(i), count=1)
-        mbarrier.init(k_empty.index(i), count=128)  # `_release`
+        mbarrier.init(k_empty.index(i), count=WARPGROUP_THREADS)  # `release`
         mbarrier.init(v_ready.index(i), count=1)
         mbarrier.init(v_empty.index(i), count=1)
     for i in gl.static_range(VSTAGES):
         mbarrier.init(v16_ready.index(i), count=1)
-        mbarrier.init(v16_empty.index(i), count=128)
+        mbarrier.init(v16_empty.index(i), count=WARPGROUP_THREADS)
     fence_async_shared()
     gl.warp_specialize([
         (_consumer, (q_ptr, q_smem, q_in, k_smem, v16_smem, k_empty, k_ready, v16_ready, v16_empty,
