@@ -24,6 +24,8 @@ Same operands, modes (SWIGLU / QUANT / WEIGHTED), arithmetic and epilogues as fp
 - DEFER: a consumer issues two K steps' wgmma chains before it waits for the first, and promotes that
   one while the second runs, so its promotion also overlaps its own MMA, not only the other consumer's
   (two 64-register temporaries; ptxas: no spills with SKIP, 268 B without, so DEFER goes with SKIP).
+Each consumer thread releases a ring stage itself (`gluon_sync.release`: no warpgroup bar.sync a K step;
+NOTES_ffn.md run 13).
 The consumers' setmaxnreg: the warps are padded to PARTS + 1 warpgroups (ptxas starts every thread at
 65536 / their threads registers); the producer's warpgroup gives its registers up and the consumers take
 CONSUMER_REGS.
