@@ -9,7 +9,7 @@ not touched, and the traced kernel is never the library's): every CTA writes %gl
 its q split is done, after its first S, when its loop ends and after its epilogue, and the loader and the
 converter when their first tile is issued / in. With --waits, thread 0 of that partition also sums the %clock
 cycles spent in each of its mbarrier waits in the loop (one partition a run: counters in both, or at the
-consumer's wgmma waits, make ptxas spill the consumer; the consumer's counters still spill 48 B where a
+consumer's wgmma waits, make ptxas spill the consumer; the consumer's counters still spill 24 B where a
 sequence is split, so count its waits at one-split shapes). Each shape: the library kernel and the traced
 one as CUDA-graph replays, then one traced replay after warm ones; medians over the CTAs. Writes
 DIR/mfa_cta_trace[_PARTITION_waits]_h200.json (DIR: benchmarks/results unless --out).
