@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One call on the H200 (device tool): every GPU-marked test, then both kernel benchmarks, each under its
-# own time limit so one slow part cannot eat the others' time. Logs and results land under $OUT.
+# One call on the H200 (device tool): every GPU-marked test and the Gluon ptxas checks, then both kernel
+# benchmarks, each under its own time limit so one slow part cannot eat the others' time. Logs and results
+# land under $OUT.
 #   bash benchmarks/gpu_run.sh            (from the repository root, with OUT set)
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -8,6 +9,9 @@ mkdir -p "$OUT/moe" "$OUT/mfa"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
 timeout 300 python3 -m pytest -q -m gpu tests -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
 echo "gpu-marked tests: exit $? :: $(tail -n 1 "$OUT/gpu_tests.log")"
+timeout 120 python3 -m pytest -q tests/runtime/kernels/test_gluon_ptxas.py -p no:cacheprovider \
+    > "$OUT/ptxas_tests.log" 2>&1  # ptxas on the Gluon kernels: needs the device's Triton 3.6, not its GPU
+echo "ptxas tests: exit $? :: $(tail -n 1 "$OUT/ptxas_tests.log")"
 timeout 540 python3 -m benchmarks.moe_ffn --out "$OUT/moe" > "$OUT/moe/run.log" 2>&1
 echo "moe_ffn: exit $?"; tail -n 25 "$OUT/moe/run.log"
 timeout 300 python3 benchmarks/mfa_attention.py --tests --out "$OUT/mfa" > "$OUT/mfa/run.log" 2>&1

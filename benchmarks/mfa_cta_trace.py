@@ -119,7 +119,7 @@ def _edits(waits: str | None) -> list[tuple]:
         ("STAGES, VSTAGES, NH, VEC)),", "STAGES, VSTAGES, NH, VEC, tr)),"),
         ("n_tiles, PAGE, BLOCK_N, STAGES, NH)),", "n_tiles, PAGE, BLOCK_N, STAGES, NH, tr)),"),
         ("pdl: bool = False) -> None:", "pdl: bool = False, trace: torch.Tensor | None = None) -> None:"),
-        ("        launch_pdl=pdl)", "        launch_pdl=pdl, trace_ptr=trace)"),
+        ("num_warps=4, launch_pdl=pdl,", "num_warps=4, launch_pdl=pdl, trace_ptr=trace,"),
     ]
     if waits == "consumer":
         edits += [(k_wait + "\n", _wait(k_wait, 10) + "\n"), (v16_wait + "\n", _wait(v16_wait, 11) + "\n")]

@@ -330,10 +330,19 @@ def wsp_grouped_gemm(a: torch.Tensor, a_scale_t: torch.Tensor, b: torch.Tensor, 
         torch.zeros(1, dtype=torch.int32, device=a.device), N, K, block_expert.numel(),
         num_pairs, num_tiles,
         a_scale_t.stride(0), b_scale.stride(0), b_scale.stride(1), b_scale.stride(2), out.stride(0),
-        out_scale_t.stride(0) if quant else 0,
-        SWIGLU=b2 is not None, WEIGHTED=topk_weights is not None, QUANT=quant, STAGES=num_stages,
-        GROUP_M=group_m, SKIP=skip, DEFER=defer, PARTS=parts, PRODUCER_REGS=producer_regs,
-        # the SM's 64K registers over PARTS + 1 warpgroups of 128 threads, in setmaxnreg's steps of 8
-        CONSUMER_REGS=(65536 // 128 - producer_regs) // parts // 8 * 8, num_warps=4,
+        out_scale_t.stride(0) if quant else 0, num_warps=4,
+        **kernel_constexprs(quant, topk_weights is not None, block_m, group_m, num_stages, skip, defer,
+                            producer_regs),
     )
     return out
+
+
+def kernel_constexprs(quant: bool, weighted: bool, block_m: int, group_m: int, num_stages: int, skip: bool,
+                      defer: bool, producer_regs: int = 24) -> dict:
+    """`_wsp_gemm_kernel`'s compile-time arguments for a launch (also what tests compile it with): QUANT is
+    the gate_up GEMM (SwiGLU, h quantized), WEIGHTED the down GEMM (weighted scatter)."""
+    parts = block_m // 64
+    return dict(SWIGLU=quant, WEIGHTED=weighted, QUANT=quant, STAGES=num_stages, GROUP_M=group_m, SKIP=skip,
+                DEFER=defer, PARTS=parts, PRODUCER_REGS=producer_regs,
+                # the SM's 64K registers over PARTS + 1 warpgroups of 128 threads, in setmaxnreg's steps of 8
+                CONSUMER_REGS=(65536 // 128 - producer_regs) // parts // 8 * 8)

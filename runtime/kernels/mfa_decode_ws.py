@@ -419,6 +419,12 @@ def mfa_decode_ws(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tenso
     _mfa_decode_ws_kernel[(num_splits, B)](
         q, k_desc, v_desc, block_table, seq_lens, cache.k_scale, cache.v_scale, out, part_o, part_lse,
         sm_scale_log2, tokens_per_split, num_splits, q.stride(0), q.stride(1), block_table.stride(0),
-        out.stride(0), out.stride(1), H=H, PAGE=pg, BLOCK_N=block_n, STAGES=stages, VSTAGES=vstages,
-        DIRECT=num_splits == 1, CONVERTER_REGS=converter_regs, VEC=vec, PAIR=pair, PDL=pdl, num_warps=4,
-        launch_pdl=pdl)
+        out.stride(0), out.stride(1), num_warps=4, launch_pdl=pdl,
+        **kernel_constexprs(H, pg, block_n, stages, vstages, num_splits == 1, converter_regs, vec, pair, pdl))
+
+
+def kernel_constexprs(heads: int, page: int, block_n: int, stages: int, vstages: int, direct: bool,
+                      converter_regs: int = 152, vec: int = 8, pair: bool = False, pdl: bool = False) -> dict:
+    """`_mfa_decode_ws_kernel`'s compile-time arguments for a launch (also what tests compile it with)."""
+    return dict(H=heads, PAGE=page, BLOCK_N=block_n, STAGES=stages, VSTAGES=vstages, DIRECT=direct,
+                CONVERTER_REGS=converter_regs, VEC=vec, PAIR=pair, PDL=pdl)

@@ -1,0 +1,98 @@
+"""ptxas's verdict on the Gluon kernels as the library launches them, compiled for sm_90a (no GPU needed).
+
+What no output check sees: ptxas serializing every wgmma of a kernel (C7510-C7515, "Potential Performance
+Loss") halves its speed silently, and it happened each time a consumer ran short of registers (NOTES_mfa.md
+runs 12 and 14, NOTES_ffn.md runs 6-9). Needs the Triton the kernels are written against (3.6) and its
+bundled ptxas; elsewhere the module is skipped, like the GPU tests off a GPU.
+"""
+
+import inspect
+import os
+import re
+import subprocess
+import tempfile
+
+import pytest
+import torch
+import triton
+
+pytestmark = pytest.mark.skipif(not triton.__version__.startswith("3.6."),
+                                reason="the Gluon kernels' Triton (3.6) and its ptxas")
+
+
+def _ptxas(fn, types: dict, constexprs: dict) -> str:
+    """fn compiled for sm_90a with `types` for its runtime arguments (i32 where absent), then `ptxas -v`'s
+    report."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    names = list(inspect.signature(fn.fn).parameters)
+    sig = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+             if sig[n].startswith("*") or n.startswith("stride")}
+    kernel = triton.compile(GluonASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
+                            target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(kernel.asm["ptx"])
+        run = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", path, "-o", os.devnull],
+                             capture_output=True, text=True, check=True)
+    return run.stderr
+
+
+def _serialized(report: str) -> bool:
+    return "Potential Performance Loss" in report or re.search(r"C751\d", report) is not None
+
+
+def _spill_bytes(report: str) -> int:
+    return sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", report))
+
+
+def _fp8_desc(rows: int) -> str:
+    from triton.experimental.gluon import language as gl
+
+    layout = gl.NVMMASharedLayout.get_default_for([rows, 128], gl.float8e4nv)
+    return f"tensordesc<fp8e4nv[{rows}, 128],{layout!r}>"
+
+
+@pytest.mark.parametrize("page", [64, 16])
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "split"])
+def test_fp8_decode_consumer_keeps_its_wgmma_pipeline(page, direct):
+    """The library's FP8 decode launch (mfa_plan's table): no wgmma serialization and no spills."""
+    from runtime.kernels.kv_cache import FP8_DTYPE
+    from runtime.kernels.mfa_decode_ws import _mfa_decode_ws_kernel, kernel_constexprs
+    from runtime.kernels.mfa_plan import plan_decode
+
+    plan = plan_decode(256, 4096, 256, torch.device("cuda"), FP8_DTYPE, page, num_splits=1 if direct else 4)
+    assert plan.gluon and plan.num_splits == (1 if direct else 4)
+    consts = kernel_constexprs(64, page, plan.block_n, plan.num_stages, plan.gluon_vstages, direct,
+                               vec=plan.gluon_vec, pair=plan.gluon == 2, pdl=bool(plan.pdl))
+    desc = _fp8_desc(min(page, plan.block_n))
+    types = dict(q_ptr="*bf16", k_desc=desc, v_desc=desc, bt_ptr="*i32", lens_ptr="*i32", k_scale_ptr="*fp32",
+                 v_scale_ptr="*fp32", out_ptr="*bf16", part_o_ptr="*fp32", part_lse_ptr="*fp32",
+                 sm_scale_log2="fp32")
+    report = _ptxas(_mfa_decode_ws_kernel, types, consts)
+    assert not _serialized(report), report
+    assert _spill_bytes(report) == 0, report
+
+
+@pytest.mark.parametrize("name", ["wsp192g4_side", "wsp192g8", "wspsd_side"])
+@pytest.mark.parametrize("gemm", ["gate_up", "down"])
+def test_moe_gemm_keeps_its_wgmma_pipeline(name, gemm):
+    """The persistent grouped GEMM at the MoE defaults from 2048 tokens and the DEFER tile: no wgmma
+    serialization (the 3-consumer QUANT kernel spills ~130 B today; that is not what this guards)."""
+    from runtime.kernels.fp8_gemm_wsp import _wsp_gemm_kernel, kernel_constexprs
+    from runtime.kernels.moe import MOE_CANDIDATES
+
+    cfg = MOE_CANDIDATES[name]
+    quant = gemm == "gate_up"
+    stages = cfg.stages_gate_up if quant else cfg.stages_down
+    consts = kernel_constexprs(quant, not quant, cfg.block_m, cfg.group_m, stages, cfg.skip_pad, cfg.defer)
+    b_rows = 64 if quant else 128
+    types = dict(a_desc=_fp8_desc(64), b_desc=_fp8_desc(b_rows), b2_desc=_fp8_desc(b_rows), as_ptr="*fp32",
+                 bs_ptr="*fp32", b2s_ptr="*fp32", c_ptr="*fp8e4nv" if quant else "*bf16", cs_ptr="*fp32",
+                 block_expert_ptr="*i32", rows_ptr="*i32", topk_w_ptr="*fp32", counter_ptr="*i32")
+    report = _ptxas(_wsp_gemm_kernel, types, consts)
+    assert not _serialized(report), report
