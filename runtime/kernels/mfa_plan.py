@@ -27,7 +27,7 @@ class DecodePlan:
     page: int
     tile_page: int = 0  # chunked: 1 scalar page ids per tile (one per page it covers), 2 also unmasked tiles
     pdl: int = 0  # GPU: 1 launches both kernels as programmatic dependents (see _mfa_decode_kernel)
-    qk_fp8: int = 0  # FP8 cache, 2: q K^T as E4M3 dots of q split in hi + lo by a pre-pass (1: deleted)
+    qk_fp8: int = 0  # FP8 cache, 2: q K^T as E4M3 dots of q split in hi + lo (Triton: a pre-pass; 1: deleted)
     gluon: int = 0  # FP8 with qk_fp8 2 on Hopper + Triton 3.6: mfa_decode_ws's Gluon kernel, 2: tile pairs
     gluon_vec: int = 8  # Gluon: V converter's E4M3 bytes per thread per row (16: run 8's, bank-conflicted)
     gluon_vstages: int = 3  # Gluon: fp16 V stages (num_stages is the E4M3 K / V ring's)
@@ -35,9 +35,9 @@ class DecodePlan:
 
 # (block_n, num_warps, num_stages, chunk_max, tile_page, pdl, qk_fp8, gluon) for head_dim >= 128 on the GPU,
 # by KV bytes per value: the launches the committed H200 runs picked (results/mfa_attention_*h200.json,
-# NOTES_mfa.md runs 7-11). FP8 takes the E4M3 q K^T (qk_fp8 2) in the Gluon kernel (64-token tiles, 4
-# stages, two tiles per loop pass (gluon 2: 174.1-174.5 us at 256 x 4K in run 11's three calls, one tile a
-# pass 181.6-182.8), no PDL; the Triton kernel where Gluon cannot run) from QK8_MIN_TOKENS
+# NOTES_mfa.md runs 7-13). FP8 takes the E4M3 q K^T (qk_fp8 2) in the Gluon kernel (64-token tiles, 3
+# stages (below), two tiles per loop pass (gluon 2: 174.1-174.5 us at 256 x 4K in run 11's three calls,
+# one tile a pass 181.6-182.8), no PDL; the Triton kernel where Gluon cannot run) from QK8_MIN_TOKENS
 # cached tokens per call, and from half that when the batch has QK8_MIN_BATCH sequences. Since the Gluon
 # kernel splits q itself (run 11: no pre-pass launch) it wins there too (32 x 1K 24.5 us against the
 # fp16-dot launch's 28.3, 8 x 8K 29.5 against 30.6); below, run 6's fp16-dot launch, whose short programs
