@@ -163,7 +163,7 @@ def trace_shape(batch: int, ctx: int, library, traced, waits: str | None) -> dic
     table = torch.randperm(pages, device="cuda").int().view(batch, -1)
     q = torch.randn(batch, H, D, device="cuda", dtype=torch.bfloat16)
     lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
-    plan = plan_decode(batch, max(ctx, PAGE), D, torch.device("cuda"), FP8_DTYPE, PAGE, H, gluon=2, qk_fp8=2)
+    plan = plan_decode(batch, max(ctx, PAGE), D, torch.device("cuda"), FP8_DTYPE, PAGE, gluon=2, qk_fp8=2)
     out = torch.empty_like(q)
     split = plan.num_splits > 1
     part_o = torch.empty(batch, plan.num_splits, H, D, device="cuda") if split else out

@@ -279,7 +279,7 @@ def mfa_decode(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor, 
     check(max_seq_len <= block_table.shape[1] * cache.block_size,
           f"mfa_decode: max_seq_len {max_seq_len} exceeds block_table capacity "
           f"{block_table.shape[1]} x {cache.block_size}")
-    plan = plan or plan_decode(B, max_seq_len, D, q.device, cache.k.dtype, cache.block_size, H)
+    plan = plan or plan_decode(B, max_seq_len, D, q.device, cache.k.dtype, cache.block_size)
     assert plan.page == cache.block_size and plan.tokens_per_split % max(plan.chunk, 1) == 0, plan
     out = torch.empty_like(q)
     direct = plan.num_splits == 1

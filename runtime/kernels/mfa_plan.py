@@ -38,23 +38,21 @@ class DecodePlan:
 # NOTES_mfa.md runs 7-13). FP8 takes the E4M3 q K^T (qk_fp8 2) in the Gluon kernel (64-token tiles, 3
 # stages (below), two tiles per loop pass (gluon 2: 174.1-174.5 us at 256 x 4K in run 11's three calls,
 # one tile a pass 181.6-182.8), no PDL; the Triton kernel where Gluon cannot run) from QK8_MIN_TOKENS
-# cached tokens per call, and from half that when the batch has QK8_MIN_BATCH sequences. Since the Gluon
-# kernel splits q itself (run 11: no pre-pass launch) it wins there too (32 x 1K 24.5 us against the
-# fp16-dot launch's 28.3, 8 x 8K 29.5 against 30.6); below, run 6's fp16-dot launch, whose short programs
-# win where a sequence is split into many 4-tile pieces (1 x 32K 19.5 against 23.8, 8 x 4K 20.6 against
-# 24.5). PDL for the Gluon launch: run 11's two full sweeps, geometric mean 1.00 (1.4 us ahead at 32 x 1K /
-# 4K, 5% behind at 256 x 32K), so it stays off. Since the Gluon CTA's prologue went from ~12.5 to ~5.5 us
-# (run 13), 3 E4M3 K / V stages and 3 fp16 V stages beat 4 + 2 at all 12 shapes of an interleaved A/B, by
-# 0.4-4% (32 x 4K 34.0 against 35.4 us, 128 x 64K 1200.9 against 1217.4).
+# cached tokens per call; below, run 6's fp16-dot launch, whose short programs win where a sequence is split
+# into many 1-4-tile pieces (run 15, `results/mfa_small_shapes_run15_h200.json`: 1 x 8K 11.8 us against
+# Gluon's 13.2, 8 x 1K 12.9 against 13.2; from 32K tokens Gluon wins: 1 x 32K 17.6 against 19.5, 8 x 4K 18.1
+# against 20.6, 32 x 1K 18.0 against 19.5). PDL for the Gluon launch: run 11's two full sweeps, geometric
+# mean 1.00 (1.4 us ahead at 32 x 1K / 4K, 5% behind at 256 x 32K), so it stays off. Since the Gluon CTA's
+# prologue went from ~12.5 to ~5.5 us (run 13), 3 E4M3 K / V stages and 3 fp16 V stages beat 4 + 2 at all
+# 12 shapes of an interleaved A/B, by 0.4-4% (32 x 4K 34.0 against 35.4 us, 128 x 64K 1200.9 against 1217.4).
 _GPU_LAUNCH = {2: (32, 4, 4, 4096, 2, 1, 0, 0), 1: (64, 4, 3, 2048, 2, 0, 2, 2)}
 _GPU_LAUNCH_FP8_SMALL = (32, 4, 3, 512, 0, 1, 0, 0)
-QK8_MIN_TOKENS = 64 * 1024
-QK8_MIN_BATCH = 32
+QK8_MIN_TOKENS = 32 * 1024
 _CPU_LAUNCH = (32, 4, 2, 128, 0, 0, 0, 0)
 MAX_SPLITS = 512
 MAX_CHUNK_PAGES = 64  # page ids held in registers per chunk: chunk_max 4096 tokens at page 64, 1024 at 16
-SMEM_PER_SM = 227 * 1024
 SPLIT_COST_TOKENS = 128  # a split's q load + fp32 partial write + merge read, in cached-token equivalents
+MIN_SPLIT_TOKENS = 64  # a split's least tokens: one page (run 15: 1 x 1K 13.0 -> 8.4 us from 256's 4 splits)
 
 
 def _chunk(tokens: int, granule: int, chunk_max: int) -> int:
@@ -74,7 +72,9 @@ def _split_tokens(max_seq_len: int, splits: int, granule: int) -> int:
 def _pick_splits(batch: int, max_seq_len: int, slots: int, granule: int, max_splits: int) -> int:
     """Fewest waves x (split length + per-split cost), preferring splits that fill >= 3/4 of the slots.
 
-    slots = SMs x programs that fit one SM; a wave is `slots` programs running side by side.
+    slots = the SMs: a wave is one program per SM. (Counting two per SM where two fit in shared memory made
+    the FP8 launch split 8 x 4K and 1 x 32K twice as finely, 7-14% slower on the H200: two programs on one
+    SM share its pipes; NOTES_mfa.md run 15.)
     """
     def cost(s: int) -> tuple[bool, int]:
         tokens = _split_tokens(max_seq_len, s, granule)
@@ -85,20 +85,19 @@ def _pick_splits(batch: int, max_seq_len: int, slots: int, granule: int, max_spl
 
 
 def plan_decode(batch: int, max_seq_len: int, head_dim: int, device: torch.device,
-                kv_dtype: torch.dtype = torch.bfloat16, page: int = 64, heads: int = 64,
+                kv_dtype: torch.dtype = torch.bfloat16, page: int = 64,
                 num_splits: int | None = None, block_n: int | None = None, num_warps: int | None = None,
                 num_stages: int | None = None, chunk_max: int | None = None, tile_page: int | None = None,
                 pdl: int | None = None, qk_fp8: int | None = None, gluon: int | None = None,
                 gluon_vec: int = 8, gluon_vstages: int | None = None,
-                min_split_tokens: int = 256) -> DecodePlan:
+                min_split_tokens: int = MIN_SPLIT_TOKENS) -> DecodePlan:
     """Launch parameters (tuned table) and the split of the sequence (`_pick_splits`), in one place."""
     on_gpu = device.type == "cuda"
     kv_bytes = torch.empty(0, dtype=kv_dtype).element_size()
     tuned = _CPU_LAUNCH
     if on_gpu and head_dim >= 128:
         tokens = batch * max_seq_len
-        small_fp8 = kv_bytes == 1 and tokens < QK8_MIN_TOKENS and not (batch >= QK8_MIN_BATCH
-                                                                       and 2 * tokens >= QK8_MIN_TOKENS)
+        small_fp8 = kv_bytes == 1 and tokens < QK8_MIN_TOKENS
         tuned = _GPU_LAUNCH_FP8_SMALL if small_fp8 else _GPU_LAUNCH[kv_bytes]
     block_n, num_warps, num_stages = block_n or tuned[0], num_warps or tuned[1], num_stages or tuned[2]
     chunk_max = min(tuned[3] if chunk_max is None else chunk_max, MAX_CHUNK_PAGES * page)
@@ -108,10 +107,7 @@ def plan_decode(batch: int, max_seq_len: int, head_dim: int, device: torch.devic
     qk_fp8 = int(tuned[6] if qk_fp8 is None else qk_fp8) if kv_bytes == 1 else 0
     gluon = int(tuned[7] if gluon is None else gluon) if qk_fp8 == 2 and on_gpu else 0
     if num_splits is None:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count if on_gpu else 4
-        smem = max(16, heads) * head_dim * 2 + num_stages * 2 * block_n * head_dim * kv_bytes  # q, K/V stages
-        slots = sms * max(1, min(2, SMEM_PER_SM // smem))  # registers cap it at 2 (fp32 acc [64, D])
-        slots = sms if gluon else slots  # the Gluon kernel: one 9-warp CTA per SM
+        slots = torch.cuda.get_device_properties(device).multi_processor_count if on_gpu else 4
         max_splits = max(1, min(MAX_SPLITS, max_seq_len // max(min_split_tokens, granule)))
         num_splits = _pick_splits(batch, max_seq_len, slots, granule, max_splits)
     tokens = _split_tokens(max_seq_len, num_splits, granule)

@@ -7,7 +7,7 @@ from paged_inputs import DEVICE, boundary_lengths, random_paged_cache, rel_err
 from converters.errors import Step3Error
 from runtime.kernels.kv_cache import FP8_DTYPE, PagedKVCache, write_kv_ref
 from runtime.kernels.mfa_decode import _split_q, mfa_decode, mfa_decode_ref
-from runtime.kernels.mfa_plan import MAX_CHUNK_PAGES, QK8_MIN_BATCH, QK8_MIN_TOKENS, _pick_splits, plan_decode
+from runtime.kernels.mfa_plan import MAX_CHUNK_PAGES, QK8_MIN_TOKENS, _pick_splits, plan_decode
 from runtime.model import reference
 
 # bf16 q/out: the output's own rounding (the CPU interpreter truncates) dominates; fp32 q on the CPU
@@ -120,24 +120,19 @@ def test_decode_qk_fp8_per_head_scale(qk_fp8=2):
 
 
 def test_plan_gpu_fp8_launch_by_size():
-    """On the GPU an FP8 cache takes the E4M3 q K^T launch from QK8_MIN_TOKENS cached tokens per call (from
-    half that with QK8_MIN_BATCH sequences) and the fp16-dot launch below (its short programs win where a
-    sequence is split into many 4-tile pieces); BF16 never splits q. (num_splits is given so that no GPU is
-    asked for its SM count: this runs anywhere.)"""
+    """On the GPU an FP8 cache takes the E4M3 q K^T launch (the Gluon kernel) from QK8_MIN_TOKENS cached
+    tokens per call and the fp16-dot launch below (its short programs win where a sequence is split into many
+    1-4-tile pieces); BF16 never splits q. (num_splits is given so that no GPU is asked for its SM count:
+    this runs anywhere.)"""
     gpu = torch.device("cuda")
     big = plan_decode(256, 4096, 256, gpu, FP8_DTYPE, 64, num_splits=1)
-    small = plan_decode(8, 4096, 256, gpu, FP8_DTYPE, 64, num_splits=16)
-    assert 256 * 4096 >= QK8_MIN_TOKENS > 8 * 4096
-    assert (big.qk_fp8, big.tile_page, small.qk_fp8, small.tile_page) == (2, 2, 0, 0)
-    wide = plan_decode(QK8_MIN_BATCH, QK8_MIN_TOKENS // 2 // QK8_MIN_BATCH, 256, gpu, FP8_DTYPE, 64,
-                       num_splits=1)
-    short = plan_decode(QK8_MIN_BATCH, QK8_MIN_TOKENS // 4 // QK8_MIN_BATCH, 256, gpu, FP8_DTYPE, 64,
-                        num_splits=1)
-    narrow = plan_decode(QK8_MIN_BATCH // 2, QK8_MIN_TOKENS // QK8_MIN_BATCH, 256, gpu, FP8_DTYPE, 64,
-                         num_splits=2)
-    assert (wide.qk_fp8, short.qk_fp8, narrow.qk_fp8) == (2, 0, 0)
+    at = plan_decode(8, QK8_MIN_TOKENS // 8, 256, gpu, FP8_DTYPE, 64, num_splits=16)
+    below = plan_decode(8, QK8_MIN_TOKENS // 16, 256, gpu, FP8_DTYPE, 64, num_splits=16)
+    one = plan_decode(1, QK8_MIN_TOKENS // 2, 256, gpu, FP8_DTYPE, 64, num_splits=64)
+    assert (big.qk_fp8, big.tile_page, at.qk_fp8) == (2, 2, 2)
+    assert (below.qk_fp8, below.tile_page, one.qk_fp8) == (0, 0, 0)
     assert plan_decode(256, 4096, 256, gpu, torch.bfloat16, 64, num_splits=1).qk_fp8 == 0
-    assert plan_decode(32, 4096, 256, gpu, FP8_DTYPE, 64, num_splits=4, qk_fp8=2).qk_fp8 == 2  # override
+    assert plan_decode(8, 1024, 256, gpu, FP8_DTYPE, 64, num_splits=4, qk_fp8=2).qk_fp8 == 2  # override
 
 
 def test_plan_caps_the_chunk_in_pages():
@@ -162,7 +157,7 @@ def test_decode_step3_shape(dtype, launch):
     cache, block_table, seq_lens = random_paged_cache([300, 1, 129], 256, 64, dtype, gen)
     q = torch.randn(3, 64, 256, generator=gen).to(torch.bfloat16).to(DEVICE)
     kw = dict(zip(("block_n", "num_stages", "tile_page", "qk_fp8"), launch or (), strict=False))
-    plan = plan_decode(3, 300, 256, DEVICE, dtype, 64, 64, **kw) if launch else None
+    plan = plan_decode(3, 300, 256, DEVICE, dtype, 64, **kw) if launch else None
     out = mfa_decode(q, cache, block_table, seq_lens, plan=plan)
     assert rel_err(out, mfa_decode_ref(q, cache, block_table, seq_lens)) < TOL_BF16
 
@@ -192,13 +187,17 @@ def test_decode_reference_agrees_with_model_attention():
 
 def test_plan_covers_the_sequence_and_fills_the_gpu():
     cpu = torch.device("cpu")
-    plan = plan_decode(1, 32768, 256, cpu, min_split_tokens=256)  # 4 "SMs" x 2 programs on the CPU
-    assert plan.num_splits == 8 and plan.num_splits * plan.tokens_per_split >= 32768
+    plan = plan_decode(1, 32768, 256, cpu)  # 4 "SMs" on the CPU, one program each
+    assert plan.num_splits == 4 and plan.num_splits * plan.tokens_per_split >= 32768
     assert plan.tokens_per_split % plan.block_n == 0
     assert plan.chunk % plan.page == 0 and plan.tokens_per_split % plan.chunk == 0  # splits start on a page
     assert plan_decode(512, 4096, 256, cpu).num_splits == 1  # batch alone fills the machine
     assert _pick_splits(128, 4096, slots=264, granule=64, max_splits=16) == 2  # 256 programs: one full wave
     assert _pick_splits(1, 1 << 22, slots=4096, granule=64, max_splits=512) == 512  # merge tile cap
+    # the H200's 132 SMs (NOTES_mfa.md run 15): a short sequence alone splits down to one page per program,
+    # and 8 x 4K stays at 128 programs (256 shared two to an SM ran 7% slower)
+    assert _pick_splits(1, 1024, slots=132, granule=64, max_splits=1024 // 64) == 16
+    assert _pick_splits(8, 4096, slots=132, granule=64, max_splits=4096 // 64) == 16
     small = plan_decode(3, 5, 64, cpu, num_splits=8)
     assert small.num_splits == 1 and small.tokens_per_split >= 5  # never more splits than tiles
 

@@ -16,7 +16,7 @@ TOL = 1e-2
 
 def _plan(batch, longest, page, **kw):
     kw = dict(block_n=64, num_stages=3, chunk_max=2048, tile_page=2, pdl=1, qk_fp8=2, gluon=1) | kw
-    return plan_decode(batch, longest, 256, DEVICE, FP8_DTYPE, page, 64, min_split_tokens=64, **kw)
+    return plan_decode(batch, longest, 256, DEVICE, FP8_DTYPE, page, min_split_tokens=64, **kw)
 
 
 def _check(q, cache, table, lens, plan):
@@ -118,7 +118,7 @@ def test_ws_plan_and_guard():
     the guard says no and mfa_decode runs the Triton kernel."""
     gpu = torch.device("cuda")
     assert plan_decode(256, 4096, 256, gpu, FP8_DTYPE, 64, num_splits=1).gluon == 2  # tile pairs
-    assert plan_decode(8, 4096, 256, gpu, FP8_DTYPE, 64, num_splits=16).gluon == 0
+    assert plan_decode(8, 2048, 256, gpu, FP8_DTYPE, 64, num_splits=16).gluon == 0  # < QK8_MIN_TOKENS
     assert plan_decode(256, 4096, 256, gpu, torch.bfloat16, 64, num_splits=1, gluon=1).gluon == 0
     assert plan_decode(256, 4096, 256, gpu, FP8_DTYPE, 64, num_splits=1, qk_fp8=2, gluon=1).gluon == 1
     assert plan_decode(256, 4096, 256, gpu, FP8_DTYPE, 64, num_splits=1, qk_fp8=0, gluon=1).gluon == 0
@@ -127,5 +127,5 @@ def test_ws_plan_and_guard():
     cache, table, lens = random_paged_cache([40, 7], 64, 16, FP8_DTYPE, gen)
     q = torch.randn(2, 16, 64, generator=gen).to(torch.bfloat16).to(DEVICE)
     assert not ws_decode_usable(q, cache)
-    plan = plan_decode(2, 40, 64, DEVICE, FP8_DTYPE, 16, 16, num_splits=2, qk_fp8=2, gluon=1)
+    plan = plan_decode(2, 40, 64, DEVICE, FP8_DTYPE, 16, num_splits=2, qk_fp8=2, gluon=1)
     assert rel_err(mfa_decode(q, cache, table, lens, plan=plan), mfa_decode_ref(q, cache, table, lens)) < TOL
