@@ -25,7 +25,7 @@ def _check(q, cache, table, lens, plan):
     out = mfa_decode(q, cache, table, lens, plan=plan)
     ref = mfa_decode_ref(q, cache, table, lens)
     triton_out = mfa_decode(q, cache, table, lens, plan=plan_decode(
-        q.shape[0], int(lens.max()), 256, DEVICE, FP8_DTYPE, cache.block_size, q.shape[1], qk_fp8=2,
+        q.shape[0], int(lens.max()), 256, DEVICE, FP8_DTYPE, cache.block_size, qk_fp8=2,
         num_splits=plan.num_splits))
     assert out.isfinite().all()
     assert rel_err(out, ref) < TOL

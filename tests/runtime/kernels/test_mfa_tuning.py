@@ -12,10 +12,10 @@ TRITON = launch_kw((32, 4, 3, 512, 0, 1, 0, 0))
 
 def test_same_kernel_follows_the_plan():
     assert same_kernel(GLUON, 256, 4096, 64, fp8=True)  # the plan runs the Gluon kernel there
-    assert not same_kernel(GLUON, 1, 32768, 64, fp8=True)  # and the fp16-dot Triton launch here
-    assert same_kernel(TRITON, 1, 32768, 64, fp8=True) and not same_kernel(TRITON, 256, 4096, 64, fp8=True)
-    assert same_kernel({}, 1, 32768, 64, fp8=True)  # the default: everywhere
-    assert same_kernel(GLUON, 1, 32768, 64, fp8=False)  # BF16 never takes the Gluon kernel
+    assert not same_kernel(GLUON, 1, 8192, 64, fp8=True)  # and the fp16-dot Triton launch here
+    assert same_kernel(TRITON, 1, 8192, 64, fp8=True) and not same_kernel(TRITON, 256, 4096, 64, fp8=True)
+    assert same_kernel({}, 1, 8192, 64, fp8=True)  # the default: everywhere
+    assert same_kernel(GLUON, 1, 8192, 64, fp8=False)  # BF16 never takes the Gluon kernel
 
 
 def test_score_counts_only_the_shapes_a_launch_ran():
