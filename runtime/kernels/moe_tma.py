@@ -41,7 +41,7 @@ def gather_rows(x: Fp8Act, rows: torch.Tensor, top_k: int,
     """A [P, H] FP8 and its scales [H/128, P] (contiguous in P): token rows[p] // k. Padding rows (the
     sentinel T * k) are not defined: every GEMM output row depends on its own A row only, and no padding
     row is stored. kernel: one Triton launch (default: on a GPU), which skips them (P is the worst case:
-    at 4096 tokens 21,456 rows for 12,288 pairs); torch's where + two index_selects elsewhere (token 0)."""
+    at 4096 tokens 21,504 rows for 12,288 pairs); torch's where + two index_selects elsewhere (token 0)."""
     pairs = x.q.shape[0] * top_k
     if not (rows.is_cuda if kernel is None else kernel):
         tok = torch.where(rows < pairs, rows // top_k, 0)
