@@ -69,11 +69,9 @@ LINEAR_SHAPES = {"dense gate/up 18432x7168": (18432, 7168), "dense down 7168x184
 # (wsp192*); the GROUP_M 16 candidates, never ahead, left the list.
 # Session 5 moved the routing into two Triton launches (~25 torch kernels before) and added wsp192g8 (no side
 # stream: the routing no longer gives the shared expert much to overlap).
-# Session 10 added the WIDE tiles (wide*: 256 weight rows a tile, accumulated in place, running rescale).
-LARGE = ["wide192g4_side", "wide192g4", "wide192g8", "wsp192g8_side", "wsp192g8", "wsp192g4", "wsp192g4_side",
-         "wsp192g4s5", "wspsd_side", "wspsd", "wspsdg4_side", "wspsdg4", "ws128q"]
-TUNE = {128: ["m16s3", "m16s3i"], 512: ["m32s3", "m64w8i", "wide128g4", "wsp192g4"], 2048: LARGE, 4096: LARGE,
-        8192: LARGE}
+LARGE = ["wsp192g8_side", "wsp192g8", "wsp192g4", "wsp192g4_side", "wsp192g4s5", "wspsd_side", "wspsd",
+         "wspsdg4_side", "wspsdg4", "ws128q"]
+TUNE = {128: ["m16s3", "m16s3i"], 512: ["m32s3", "m64w8i"], 2048: LARGE, 4096: LARGE, 8192: LARGE}
 TUNE_TOL = 3e-2  # a candidate must meet the bar's error against the format-exact reference to win
 TIMED_ROUNDS = 3  # windows of a timed row (eager and graph alternating); the median window counts
 TUNE_DEADLINE_S = 200  # seconds of tuning (after the GPU tests); what follows it takes ~60 s on the H200

@@ -99,25 +99,23 @@ def _take(sched, i):
 
 @gluon.jit
 def _producer(loads, sched, counter_ptr, SWIGLU: gl.constexpr, QUANT: gl.constexpr, STAGES: gl.constexpr,
-              GROUP_M: gl.constexpr, SKIP: gl.constexpr, PARTS: gl.constexpr, WIDE: gl.constexpr):
+              GROUP_M: gl.constexpr, SKIP: gl.constexpr, PARTS: gl.constexpr):
     """Every TMA load of this CTA's tiles, through one STAGES-deep ring (global step counter): per step
     wait until every consumer released the stage, then A (PARTS 64-row parts; with SKIP only the live
     ones: padding ends a run, so they are a prefix) and B (SwiGLU: gate rows into the stage's first 64
-    rows, up rows into the last 64; WIDE: 128 and 128, see `_b_wide`). loads: the descriptors, the ring
-    and the tile schedule's inputs."""
+    rows, up rows into the last 64). loads: the descriptors, the ring and the tile schedule's inputs."""
     (a_desc, b_desc, b2_desc, a_smem, b_smem, ready, empty, block_expert_ptr, rows_ptr, N, K, num_m,
      num_pairs, num_tiles) = loads
-    SUB_N: gl.constexpr = 64 if SWIGLU and not WIDE else 128
-    SUB: gl.constexpr = 2 if QUANT and not WIDE else 1
-    TILE_N: gl.constexpr = (128 if SWIGLU else 256) if WIDE else SUB * SUB_N
-    B_BYTES: gl.constexpr = (256 if WIDE else 128) * 128
+    SUB_N: gl.constexpr = 64 if SWIGLU else 128
+    SUB: gl.constexpr = 2 if QUANT else 1
+    B_BYTES: gl.constexpr = 128 * 128
     step = 0
     n = 0
     tile = gl.atomic_add(counter_ptr, 1)
     while tile < num_tiles:
         _publish(sched, n, tile)
-        off_m, off_b, pid_n, expert, k_tiles = _tile(tile, block_expert_ptr, N, K, num_m, TILE_N, GROUP_M,
-                                                      PARTS * HALF_M)
+        off_m, off_b, pid_n, expert, k_tiles = _tile(tile, block_expert_ptr, N, K, num_m, SUB * SUB_N,
+                                                      GROUP_M, PARTS * HALF_M)
         live1 = _live(rows_ptr, off_m, 1, num_pairs, SKIP)
         live2 = _live(rows_ptr, off_m, PARTS - 1, num_pairs, SKIP)  # the last part (the second of two)
         for i in range(SUB * k_tiles):
@@ -134,97 +132,11 @@ def _producer(loads, sched, counter_ptr, SWIGLU: gl.constexpr, QUANT: gl.constex
                 live = p == 0 or (p == 1 and live1) or (p == 2 and live2)
                 tma.async_copy_global_to_shared(a_desc, [off_m + p * HALF_M, k], bar,
                                                 a_smem.index(PARTS * s + p), pred=live)
-            if WIDE:
-                _b_wide(b_desc, b2_desc, b_smem.index(s), bar, off_b, k, SWIGLU)
-            else:
-                load_b(b_desc, b2_desc, b_smem.index(s), bar, off_b, j, k, SWIGLU, SUB_N)
+            load_b(b_desc, b2_desc, b_smem.index(s), bar, off_b, j, k, SWIGLU, SUB_N)
             step += 1
         n += 1
         tile = gl.atomic_add(counter_ptr, 1)
     _publish(sched, n, tile)  # past the end: the consumers stop
-
-
-@gluon.jit
-def _b_wide(b_desc, b2_desc, b, bar, off_b, k, SWIGLU: gl.constexpr):
-    """A WIDE tile's 256 B rows at K offset k: SwiGLU gate's and up's 128 rows of the same 128 h columns, else
-    256 consecutive rows of B (past the last expert TMA fills zeros; rows of the next expert are loaded and
-    their columns never stored)."""
-    tma.async_copy_global_to_shared(b_desc, [off_b, k], bar, b.slice(0, 128))
-    tma.async_copy_global_to_shared(b2_desc, [off_b if SWIGLU else off_b + 128, k], bar, b.slice(128, 128))
-
-
-@gluon.jit
-def _unit(a_s, b_s, prev):
-    """A WIDE accumulator's unit for this K step, a_s * b_s per row, and the factor that moves it from the
-    previous unit; a zero scale (a zero weight block) keeps the previous unit, exactly: its products are 0."""
-    unit = a_s * b_s
-    unit = gl.where(unit != 0, unit, prev)
-    return unit, prev / unit
-
-
-@gluon.jit
-def _k_loop_wide(base, k_tiles, live, a_smem, b_smem, ready, empty, as_ptr, bs0, bs1, offs_m, stride_asg,
-                 stride_bsk, half: gl.constexpr, STAGES: gl.constexpr, PARTS: gl.constexpr):
-    """A WIDE tile's K loop: both 128-row B halves' products, each wgmma chain accumulating in place into
-    its [64, 128] accumulator, which is kept in units of the current step's scale:
-        C <- C * (s_{k-1} / s_k) + A_k B_k,   result = C * s_last
-    (flash attention's running rescale). So there is no promotion temporary, and 128 registers hold 64 x 256
-    results (the other modes: 64 x 128 plus a 64 x 128 temporary). Returns both in real units."""
-    acc0 = gl.zeros([HALF_M, 128], gl.float32, ACC_LAYOUT)
-    acc1 = acc0
-    unit0 = gl.full([HALF_M], 1.0, gl.float32, gl.SliceLayout(1, ACC_LAYOUT))
-    unit1 = unit0
-    for kb in range(k_tiles):
-        step = base + kb
-        s = step % STAGES
-        if live:
-            a_s = gl.load(as_ptr + kb * stride_asg + offs_m)  # before the wait: its latency hides there
-            b0 = gl.load(bs0 + kb * stride_bsk)
-            b1 = gl.load(bs1 + kb * stride_bsk)
-            mbarrier.wait(ready.index(s), (step // STAGES) & 1)
-            unit0, f0 = _unit(a_s, b0, unit0)
-            unit1, f1 = _unit(a_s, b1, unit1)
-            a = a_smem.index(PARTS * s + half)
-            b = b_smem.index(s)
-            acc0 = acc0 * f0[:, None]
-            acc1 = acc1 * f1[:, None]  # both before the first chain: ptxas waits for a chain before any FMUL
-            t0 = warpgroup_mma(a, b.slice(0, 128).permute((1, 0)), acc0, is_async=True)
-            t1 = warpgroup_mma(a, b.slice(128, 128).permute((1, 0)), acc1, is_async=True)
-            acc0, acc1 = warpgroup_mma_wait(0, deps=[t0, t1])
-        else:
-            mbarrier.wait(ready.index(s), (step // STAGES) & 1)
-        release(empty.index(s))
-    return acc0 * unit0[:, None], acc1 * unit1[:, None]
-
-
-@gluon.jit
-def _wide_tile(step, k_tiles, live, a_smem, b_smem, ready, empty, as_ptr, bs_ptr, b2s_ptr, c_ptr, cs_ptr,
-               rows_ptr, topk_w_ptr, expert, pid_n, offs_m, N, num_pairs, stride_asg, stride_bse, stride_bsn,
-               stride_bsk, stride_cm, stride_csg, half: gl.constexpr, SWIGLU: gl.constexpr,
-               STAGES: gl.constexpr, PARTS: gl.constexpr):
-    """A consumer's share of one WIDE tile: its K loop, then the epilogue: SwiGLU: h = silu(gate) * up, its
-    128 columns one 1x128 group, quantized; down: w[pair] * row scattered, 256 columns (the second 128 only
-    inside N)."""
-    scale_row = bs_ptr + expert.to(gl.int64) * stride_bse
-    if SWIGLU:  # gate's and up's scale rows of these h columns
-        bs0 = scale_row + pid_n * stride_bsn
-        bs1 = b2s_ptr + expert.to(gl.int64) * stride_bse + pid_n * stride_bsn
-    else:  # the two 128-column blocks (the second clamped inside N: its columns are not stored)
-        bs0 = scale_row + 2 * pid_n * stride_bsn
-        bs1 = scale_row + gl.minimum(2 * pid_n + 1, N // 128 - 1) * stride_bsn
-    y0, y1 = _k_loop_wide(step, k_tiles, live, a_smem, b_smem, ready, empty, as_ptr, bs0, bs1, offs_m,
-                          stride_asg, stride_bsk, half, STAGES, PARTS)
-    if SWIGLU:
-        h_lo, h_hi = _halves(y0 / (1.0 + gl.exp(-y0)) * y1)
-        h_layout: gl.constexpr = h_lo.type.layout
-        _store(h_lo, h_hi, offs_m, pid_n, c_ptr, cs_ptr, rows_ptr, topk_w_ptr, num_pairs, stride_cm,
-               stride_csg, True, False, True, 128, 64, h_layout)
-    else:
-        _store(y0, y0, offs_m, pid_n, c_ptr, cs_ptr, rows_ptr, topk_w_ptr, num_pairs, stride_cm, stride_csg,
-               False, True, False, 256, 128, ACC_LAYOUT)
-        if pid_n * 256 + 128 < N:
-            _store(y1, y1, offs_m, pid_n, c_ptr + 128, cs_ptr, rows_ptr, topk_w_ptr, num_pairs, stride_cm,
-                   stride_csg, False, True, False, 256, 128, ACC_LAYOUT)
 
 
 @gluon.jit
@@ -308,7 +220,7 @@ def _k_loop(base, k_tiles, live, a_smem, b_smem, ready, empty, as_ptr, bs_ptr, b
 @gluon.jit
 def _consumer(half: gl.constexpr, bufs, args, sched, SWIGLU: gl.constexpr, WEIGHTED: gl.constexpr,
               QUANT: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr, SKIP: gl.constexpr,
-              DEFER: gl.constexpr, PARTS: gl.constexpr, WIDE: gl.constexpr):
+              DEFER: gl.constexpr, PARTS: gl.constexpr):
     """Rows 64 half .. 64 half + 63 of every tile of this CTA: K loop(s), then the epilogue (the producer
     meanwhile fills the stages of the next tile). bufs: the ring; args: the kernel's pointers and sizes."""
     a_smem, b_smem, ready, empty = bufs
@@ -317,8 +229,8 @@ def _consumer(half: gl.constexpr, bufs, args, sched, SWIGLU: gl.constexpr, WEIGH
     layout: gl.constexpr = ACC_LAYOUT
     out_layout: gl.constexpr = H_LAYOUT
     SUB_N: gl.constexpr = 64 if SWIGLU else 128
-    SUB: gl.constexpr = 2 if QUANT and not WIDE else 1
-    TILE_N: gl.constexpr = (128 if SWIGLU else 256) if WIDE else SUB * SUB_N
+    SUB: gl.constexpr = 2 if QUANT else 1
+    TILE_N: gl.constexpr = SUB * SUB_N
     lay: gl.constexpr = out_layout if SWIGLU else layout
     step = 0
     n = 0
@@ -328,24 +240,18 @@ def _consumer(half: gl.constexpr, bufs, args, sched, SWIGLU: gl.constexpr, WEIGH
                                                       PARTS * HALF_M)
         live = _live(rows_ptr, off_m, half, num_pairs, SKIP)
         offs_m = off_m + half * HALF_M + gl.arange(0, HALF_M, layout=gl.SliceLayout(1, layout))
-        if WIDE:
-            _wide_tile(step, k_tiles, live, a_smem, b_smem, ready, empty, as_ptr, bs_ptr, b2s_ptr, c_ptr,
-                       cs_ptr, rows_ptr, topk_w_ptr, expert, pid_n, offs_m, N, num_pairs, stride_asg,
-                       stride_bse, stride_bsn, stride_bsk, stride_cm, stride_csg, half, SWIGLU, STAGES, PARTS)
+        scale_off = expert.to(gl.int64) * stride_bse + (pid_n * TILE_N // 128) * stride_bsn
+        bs, b2s = bs_ptr + scale_off, b2s_ptr + scale_off
+        acc = _k_loop(step, k_tiles, live, a_smem, b_smem, ready, empty, as_ptr, bs, b2s, offs_m, stride_asg,
+                      stride_bsk, half, SWIGLU, STAGES, DEFER, PARTS, layout, out_layout)
+        step += k_tiles
+        h1 = acc
+        if QUANT:  # the second 64 columns of h
+            h1 = _k_loop(step, k_tiles, live, a_smem, b_smem, ready, empty, as_ptr, bs, b2s, offs_m,
+                         stride_asg, stride_bsk, half, SWIGLU, STAGES, DEFER, PARTS, layout, out_layout)
             step += k_tiles
-        else:
-            scale_off = expert.to(gl.int64) * stride_bse + (pid_n * TILE_N // 128) * stride_bsn
-            bs, b2s = bs_ptr + scale_off, b2s_ptr + scale_off
-            acc = _k_loop(step, k_tiles, live, a_smem, b_smem, ready, empty, as_ptr, bs, b2s, offs_m,
-                          stride_asg, stride_bsk, half, SWIGLU, STAGES, DEFER, PARTS, layout, out_layout)
-            step += k_tiles
-            h1 = acc
-            if QUANT:  # the second 64 columns of h
-                h1 = _k_loop(step, k_tiles, live, a_smem, b_smem, ready, empty, as_ptr, bs, b2s, offs_m,
-                             stride_asg, stride_bsk, half, SWIGLU, STAGES, DEFER, PARTS, layout, out_layout)
-                step += k_tiles
-            _store(acc, h1, offs_m, pid_n, c_ptr, cs_ptr, rows_ptr, topk_w_ptr, num_pairs, stride_cm,
-                   stride_csg, SWIGLU, WEIGHTED, QUANT, TILE_N, SUB_N, lay)
+        _store(acc, h1, offs_m, pid_n, c_ptr, cs_ptr, rows_ptr, topk_w_ptr, num_pairs, stride_cm, stride_csg,
+               SWIGLU, WEIGHTED, QUANT, TILE_N, SUB_N, lay)
         n += 1
         tile = _take(sched, n)
 
@@ -356,8 +262,8 @@ def _wsp_gemm_kernel(a_desc, as_ptr, b_desc, b2_desc, bs_ptr, b2s_ptr, c_ptr, cs
                      stride_bse, stride_bsn, stride_bsk, stride_cm, stride_csg,
                      SWIGLU: gl.constexpr, WEIGHTED: gl.constexpr, QUANT: gl.constexpr, STAGES: gl.constexpr,
                      GROUP_M: gl.constexpr, SKIP: gl.constexpr, DEFER: gl.constexpr, PARTS: gl.constexpr,
-                     WIDE: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
-    a_smem, b_smem, ready, empty = smem_ring(a_desc, b_desc, STAGES, PARTS, 256 if WIDE else 128)
+                     CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+    a_smem, b_smem, ready, empty = smem_ring(a_desc, b_desc, STAGES, PARTS)
     bufs = (a_smem, b_smem, ready, empty)
     tile_ids = gl.allocate_shared_memory(gl.int32, [SLOTS, 1], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
     full = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
@@ -374,21 +280,16 @@ def _wsp_gemm_kernel(a_desc, as_ptr, b_desc, b2_desc, bs_ptr, b2s_ptr, c_ptr, cs
              num_pairs, num_tiles)
     if PARTS == 2:
         gl.warp_specialize([
-            (_consumer, (0, bufs, args, sched, SWIGLU, WEIGHTED, QUANT, STAGES, GROUP_M, SKIP, DEFER, PARTS,
-                          WIDE)),
-            (_consumer, (1, bufs, args, sched, SWIGLU, WEIGHTED, QUANT, STAGES, GROUP_M, SKIP, DEFER, PARTS,
-                          WIDE)),
-            (_producer, (loads, sched, counter_ptr, SWIGLU, QUANT, STAGES, GROUP_M, SKIP, PARTS, WIDE)),
+            (_consumer, (0, bufs, args, sched, SWIGLU, WEIGHTED, QUANT, STAGES, GROUP_M, SKIP, DEFER, PARTS)),
+            (_consumer, (1, bufs, args, sched, SWIGLU, WEIGHTED, QUANT, STAGES, GROUP_M, SKIP, DEFER, PARTS)),
+            (_producer, (loads, sched, counter_ptr, SWIGLU, QUANT, STAGES, GROUP_M, SKIP, PARTS)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
     else:
         gl.warp_specialize([
-            (_consumer, (0, bufs, args, sched, SWIGLU, WEIGHTED, QUANT, STAGES, GROUP_M, SKIP, DEFER, PARTS,
-                          WIDE)),
-            (_consumer, (1, bufs, args, sched, SWIGLU, WEIGHTED, QUANT, STAGES, GROUP_M, SKIP, DEFER, PARTS,
-                          WIDE)),
-            (_consumer, (2, bufs, args, sched, SWIGLU, WEIGHTED, QUANT, STAGES, GROUP_M, SKIP, DEFER, PARTS,
-                          WIDE)),
-            (_producer, (loads, sched, counter_ptr, SWIGLU, QUANT, STAGES, GROUP_M, SKIP, PARTS, WIDE)),
+            (_consumer, (0, bufs, args, sched, SWIGLU, WEIGHTED, QUANT, STAGES, GROUP_M, SKIP, DEFER, PARTS)),
+            (_consumer, (1, bufs, args, sched, SWIGLU, WEIGHTED, QUANT, STAGES, GROUP_M, SKIP, DEFER, PARTS)),
+            (_consumer, (2, bufs, args, sched, SWIGLU, WEIGHTED, QUANT, STAGES, GROUP_M, SKIP, DEFER, PARTS)),
+            (_producer, (loads, sched, counter_ptr, SWIGLU, QUANT, STAGES, GROUP_M, SKIP, PARTS)),
         ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -408,21 +309,20 @@ def wsp_grouped_gemm(a: torch.Tensor, a_scale_t: torch.Tensor, b: torch.Tensor, 
                      b2: torch.Tensor | None = None, b2_scale: torch.Tensor | None = None,
                      out_scale_t: torch.Tensor | None = None, topk_weights: torch.Tensor | None = None,
                      block_m: int = 128, group_m: int = 8, num_stages: int = 4, skip: bool = True,
-                     defer: bool = False, wide: bool = False, producer_regs: int = 24) -> torch.Tensor:
+                     defer: bool = False, producer_regs: int = 24) -> torch.Tensor:
     """fp8_gemm_ws.ws_grouped_gemm's contract (same operands and outputs) on the persistent kernel; rows
     (the pair of each A row, padding >= num_pairs) is needed in every mode here (SKIP reads it).
     block_m 128 or 192: two or three consumer warpgroups of 64 rows; the three share 64K registers with
-    the producer's warpgroup, 160 each, too few for defer's two temporaries. wide: 256 weight rows a tile
-    (A read once per 256, not 128), accumulated in place with a running rescale (`_k_loop_wide`)."""
+    the producer's warpgroup, 160 each, too few for defer's two temporaries."""
     E, N, K = b.shape
     quant = out_scale_t is not None
     parts = block_m // 64
-    assert block_m in (128, 192) and not (defer and (parts == 3 or wide))
+    assert block_m in (128, 192) and not (defer and parts == 3)
     assert N % 128 == 0 and K % 128 == 0 and a.shape[0] == block_m * block_expert.numel() == rows.numel()
     assert a_scale_t.stride(1) == 1 and (not quant or (b2 is not None and out_scale_t.stride(1) == 1))
     assert (b2 is None) == (not quant) and (topk_weights is None) == quant  # QUANT gate_up or WEIGHTED down
-    a_desc, b_desc, b2_desc = descriptors(a, b, b2, wide)
-    num_tiles = block_expert.numel() * -(-N // (256 if wide and not quant else 128))
+    a_desc, b_desc, b2_desc = descriptors(a, b, b2)
+    num_tiles = block_expert.numel() * (N // 128)
     _wsp_gemm_kernel[(max(1, min(num_tiles, sm_count(a.device))),)](
         a_desc, a_scale_t, b_desc, b2_desc, b_scale, b_scale if b2_scale is None else b2_scale, out,
         out_scale_t if quant else a_scale_t, block_expert, rows,
@@ -431,18 +331,18 @@ def wsp_grouped_gemm(a: torch.Tensor, a_scale_t: torch.Tensor, b: torch.Tensor, 
         num_pairs, num_tiles,
         a_scale_t.stride(0), b_scale.stride(0), b_scale.stride(1), b_scale.stride(2), out.stride(0),
         out_scale_t.stride(0) if quant else 0, num_warps=4,
-        **kernel_constexprs(quant, topk_weights is not None, block_m, group_m, num_stages, skip, defer, wide,
+        **kernel_constexprs(quant, topk_weights is not None, block_m, group_m, num_stages, skip, defer,
                             producer_regs),
     )
     return out
 
 
 def kernel_constexprs(quant: bool, weighted: bool, block_m: int, group_m: int, num_stages: int, skip: bool,
-                      defer: bool, wide: bool = False, producer_regs: int = 24) -> dict:
+                      defer: bool, producer_regs: int = 24) -> dict:
     """`_wsp_gemm_kernel`'s compile-time arguments for a launch (also what tests compile it with): QUANT is
     the gate_up GEMM (SwiGLU, h quantized), WEIGHTED the down GEMM (weighted scatter)."""
     parts = block_m // 64
     return dict(SWIGLU=quant, WEIGHTED=weighted, QUANT=quant, STAGES=num_stages, GROUP_M=group_m, SKIP=skip,
-                DEFER=defer, PARTS=parts, WIDE=wide, PRODUCER_REGS=producer_regs,
+                DEFER=defer, PARTS=parts, PRODUCER_REGS=producer_regs,
                 # the SM's 64K registers over PARTS + 1 warpgroups of 128 threads, in setmaxnreg's steps of 8
                 CONSUMER_REGS=(65536 // 128 - producer_regs) // parts // 8 * 8)

@@ -40,18 +40,6 @@ from runtime.kernels.moe_routing import align_by_expert, pair_buffer
 from runtime.kernels.moe_tma import portable_block_m, tma_moe_pairs, tma_moe_usable
 
 
-def _clear_unscaled_blocks(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """q with the codes of every 128x128 block whose scale is 0 set to 0 (a copy; q itself when there is
-    none). Such a block dequantizes to zero whatever its codes, but the WIDE tiles multiply codes before
-    they scale (fp8_gemm_wsp._k_loop_wide), so the codes must say so too. Our quantizer never writes a
-    zero scale; a checkpoint might."""
-    dead = scale == 0
-    if not bool(dead.any()):
-        return q
-    mask = dead.repeat_interleave(128, -2).repeat_interleave(128, -1)[..., :q.shape[-2], :q.shape[-1]]
-    return q.view(torch.uint8).masked_fill(mask, 0).view(q.dtype)
-
-
 @dataclass(frozen=True)
 class ExpertWeights:
     """Experts [first, first + E_local) of one MoE layer: the HF fused 3-D layout, FP8 or BF16.
@@ -86,9 +74,6 @@ class ExpertWeights:
             raise Step3Error(f"{self.name}: expert range [{self.first}, {self.first + e}) is outside "
                              f"0..{total} (num_experts)")
         object.__setattr__(self, "num_experts", total)
-        if fp8:
-            for codes, scale in (("gate", self.gate_scale), ("up", self.up_scale), ("down", self.down_scale)):
-                object.__setattr__(self, codes, _clear_unscaled_blocks(getattr(self, codes), scale))
 
     @property
     def num_local(self) -> int:
@@ -124,7 +109,6 @@ class MoeConfig:
     persistent: bool = False  # with fuse_quant: the persistent kernel with a producer warp (fp8_gemm_wsp.py)
     skip_pad: bool = False  # and no wgmma for a consumer whose 64 rows are all padding
     defer: bool = False  # and two wgmma chains in flight per consumer (one promoted while the next runs)
-    wide: bool = False  # and 256 weight rows per tile, accumulated in place (fp8_gemm_wsp._k_loop_wide)
     shared_stream: bool = False  # moe_ffn: the shared expert on a side CUDA stream
 
 
@@ -195,17 +179,6 @@ MOE_CANDIDATES = {
     # session 5: routing in two launches leaves the shared expert little to overlap on a side stream
     "wsp192g8": MoeConfig(192, 8, 4, 4, 128, 4, 4, backend="tma", warp_specialize=True, fuse_quant=True,
                           persistent=True, skip_pad=True),
-    # session 10: 256 weight rows per tile (A read once per 256 B rows, not 128), no promotion temporaries
-    "wide192g4": MoeConfig(192, 4, 4, 4, 128, 4, 4, backend="tma", warp_specialize=True, fuse_quant=True,
-                           persistent=True, skip_pad=True, wide=True),
-    "wide192g4_side": MoeConfig(192, 4, 4, 4, 128, 4, 4, backend="tma", warp_specialize=True, fuse_quant=True,
-                                persistent=True, skip_pad=True, wide=True, shared_stream=True),
-    "wide192g4s3": MoeConfig(192, 4, 4, 3, 128, 4, 3, backend="tma", warp_specialize=True, fuse_quant=True,
-                             persistent=True, skip_pad=True, wide=True),
-    "wide192g8": MoeConfig(192, 8, 4, 4, 128, 4, 4, backend="tma", warp_specialize=True, fuse_quant=True,
-                           persistent=True, skip_pad=True, wide=True),
-    "wide128g4": MoeConfig(128, 4, 4, 4, 128, 4, 4, backend="tma", warp_specialize=True, fuse_quant=True,
-                           persistent=True, skip_pad=True, wide=True),
 }
 # default per mean (token, slot) pairs per expert: (upper bound, candidate name), first match wins.
 # From 2048 tokens the persistent Gluon GEMM (tiles in order from an atomic counter) with skipped padding

@@ -97,7 +97,7 @@ def _grouped_gemm(config, device: torch.device):
             from runtime.kernels.fp8_gemm_wsp import wsp_grouped_gemm  # Gluon: imported where it runs
 
             tiles = dict(block_m=config.block_m, group_m=config.group_m, skip=config.skip_pad,
-                         defer=config.defer, wide=config.wide)
+                         defer=config.defer)
             return (lambda *args, **kw: wsp_grouped_gemm(*args, **tiles, **kw)), True, config.block_m
         from runtime.kernels.fp8_gemm_ws import ws_grouped_gemm
 

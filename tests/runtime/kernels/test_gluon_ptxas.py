@@ -78,7 +78,7 @@ def test_fp8_decode_consumer_keeps_its_wgmma_pipeline(page, direct):
     assert _spill_bytes(report) == 0, report
 
 
-@pytest.mark.parametrize("name", ["wsp192g4_side", "wsp192g8", "wspsd_side", "wide192g4", "wide192g4s3"])
+@pytest.mark.parametrize("name", ["wsp192g4_side", "wsp192g8", "wspsd_side"])
 @pytest.mark.parametrize("gemm", ["gate_up", "down"])
 def test_moe_gemm_keeps_its_wgmma_pipeline(name, gemm):
     """The persistent grouped GEMM at the MoE defaults from 2048 tokens and the DEFER tile: no wgmma
@@ -89,12 +89,10 @@ def test_moe_gemm_keeps_its_wgmma_pipeline(name, gemm):
     cfg = MOE_CANDIDATES[name]
     quant = gemm == "gate_up"
     stages = cfg.stages_gate_up if quant else cfg.stages_down
-    consts = kernel_constexprs(quant, not quant, cfg.block_m, cfg.group_m, stages, cfg.skip_pad, cfg.defer,
-                               cfg.wide)
-    b_rows = 64 if quant and not cfg.wide else 128
+    consts = kernel_constexprs(quant, not quant, cfg.block_m, cfg.group_m, stages, cfg.skip_pad, cfg.defer)
+    b_rows = 64 if quant else 128
     types = dict(a_desc=_fp8_desc(64), b_desc=_fp8_desc(b_rows), b2_desc=_fp8_desc(b_rows), as_ptr="*fp32",
                  bs_ptr="*fp32", b2s_ptr="*fp32", c_ptr="*fp8e4nv" if quant else "*bf16", cs_ptr="*fp32",
                  block_expert_ptr="*i32", rows_ptr="*i32", topk_w_ptr="*fp32", counter_ptr="*i32")
     report = _ptxas(_wsp_gemm_kernel, types, consts)
     assert not _serialized(report), report
-    assert not cfg.wide or _spill_bytes(report) == 0, report  # the WIDE tiles' point: no temporaries
