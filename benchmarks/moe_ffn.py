@@ -43,6 +43,7 @@ from runtime.kernels.moe import (
     ExpertWeights,
     MoeConfig,
     default_moe_config,
+    fused_moe,
     fused_moe_ref,
     moe_ffn,
 )
@@ -73,6 +74,10 @@ LARGE = ["wsp192g8_side", "wsp192g8", "wsp192g4", "wsp192g4_side", "wsp192g4s5",
          "wspsdg4_side", "wspsdg4", "ws128q"]
 TUNE = {128: ["m16s3", "m16s3i"], 512: ["m32s3", "m64w8i"], 2048: LARGE, 4096: LARGE, 8192: LARGE}
 TUNE_TOL = 3e-2  # a candidate must meet the bar's error against the format-exact reference to win
+# and its routed experts alone the tests' requantization tolerance (the format gives ~3e-3): the layer's error
+# hides theirs behind the shared expert's (run 15: in-place tensor-core accumulation gave the experts 1.5e-2
+# while the layer stayed at 4.9e-3)
+ROUTED_TOL = 1e-2
 TIMED_ROUNDS = 3  # windows of a timed row (eager and graph alternating); the median window counts
 TUNE_DEADLINE_S = 200  # seconds of tuning (after the GPU tests); what follows it takes ~60 s on the H200
 
@@ -226,11 +231,13 @@ def moe_row(T, gen, experts, shared, deq, baseline, rate, bw, config, reps) -> d
     x, weights, ids = inputs(T, gen)
     ours = lambda: moe_ffn(x, weights, ids, experts, shared, config)
     y = ours()
+    routed_ref = fused_moe_ref(x, weights, ids, experts)
+    errors = dict(rel_err_routed=rel_err(fused_moe(x, weights, ids, experts, out_dtype=torch.float32,
+                                                   config=config), routed_ref))
     if baseline is None:
         t_ours = time_ms(ours, reps)
         row = _timed_row(T, ids, rate, bw, config, t_ours)
-        exact = fused_moe_ref(x, weights, ids, experts) + swiglu_mlp_ref(x, shared)
-        return row | dict(rel_err=rel_err(y, exact))
+        return row | errors | dict(rel_err=rel_err(y, routed_ref + swiglu_mlp_ref(x, shared)))
     try:  # the layer as one CUDA-graph replay: no Python or launch time between its ~20 kernels
         replay, graph_error = capture_graph(ours).replay, None
     except Exception as e:  # noqa: BLE001 - recorded: a failed capture (run 6) must not lose the run
@@ -250,7 +257,7 @@ def moe_row(T, gen, experts, shared, deq, baseline, rate, bw, config, reps) -> d
         row |= dict(ours_graph_ms=t_graph, ours_graph_ms_rounds=graph,
                     fraction_of_floor_graph=row["floor_ms"] / t_graph)
     exact, plain = references(x, weights, ids, experts, shared, deq)
-    row |= dict(rel_err=rel_err(y, exact), rel_err_vs_unquantized_activations=rel_err(y, plain))
+    row |= errors | dict(rel_err=rel_err(y, exact), rel_err_vs_unquantized_activations=rel_err(y, plain))
     try:
         t_loop = time_ms(lambda: baseline(x, weights, ids), max(3, reps // 2))
     except RuntimeError as e:  # recorded, so one refusal by cuBLAS does not lose the run
@@ -429,8 +436,9 @@ def try_candidate(T, name, gen, experts, shared, rate, bw, reps) -> dict:
     """Time and check one named candidate; a failure (compile, resources, wrong result) is recorded."""
     try:
         row = moe_row(T, gen, experts, shared, None, None, rate, bw, MOE_CANDIDATES[name], reps=reps)
-        ok = row["rel_err"] <= TUNE_TOL  # NaN fails too
-        row |= dict(candidate=name, status="ok" if ok else f"wrong: rel err {row['rel_err']:.2e}")
+        ok = row["rel_err"] <= TUNE_TOL and row["rel_err_routed"] <= ROUTED_TOL  # NaN fails too
+        row |= dict(candidate=name, status="ok" if ok else
+                    f"wrong: rel err {row['rel_err']:.2e} (routed experts {row['rel_err_routed']:.2e})")
     except Exception as e:  # noqa: BLE001 - any failure only disqualifies this candidate
         row = dict(tokens=T, candidate=name, config=vars(MOE_CANDIDATES[name]), ours_ms=None,
                    status=f"failed: {type(e).__name__}: {str(e)[:300]}")
@@ -530,13 +538,13 @@ def main() -> None:
     (args.out / "moe_ffn_h200.json").write_text(json.dumps(result, indent=1))
     plot(result, args.out / "moe_ffn_h200.png")
     print(f"\n{'tokens':>6} {'ours ms':>9} {'graph ms':>9} {'loop ms':>9} {'floor ms':>9} {'of floor':>8} "
-          f"{'(sust.)':>7} {'vs loop':>7} {'TFLOP/s':>7} {'err':>8} {'err(unq)':>8}")
+          f"{'(sust.)':>7} {'vs loop':>7} {'TFLOP/s':>7} {'err':>8} {'err(unq)':>8} {'err(rt)':>8}")
     for r in result["moe"]:
         loop, graph = r.get("loop_ms") or float("nan"), r.get("ours_graph_ms") or float("nan")
         print(f"{r['tokens']:6d} {r['ours_ms']:9.3f} {graph:9.3f} {loop:9.3f} {r['floor_ms']:9.3f} "
               f"{r['fraction_of_floor']:8.2f} {r['fraction_of_floor_at_sustained_rate']:7.2f} "
-              f"{r['speedup_vs_loop']:7.2f} {r['tflops']:7.0f} "
-              f"{r['rel_err']:8.1e} {r['rel_err_vs_unquantized_activations']:8.1e}")
+              f"{r['speedup_vs_loop']:7.2f} {r['tflops']:7.0f} {r['rel_err']:8.1e} "
+              f"{r['rel_err_vs_unquantized_activations']:8.1e} {r['rel_err_routed']:8.1e}")
     for r in result["linear"]:
         print(f"linear {r['shape']:28s} T={r['tokens']:5d} ratio {r['ratio']:.3f} "
               f"({r['fp8_linear_ms']:.3f} vs {r['bare_scaled_mm_ms']:.3f} ms) err {r['rel_err']:.1e}")
