@@ -38,6 +38,30 @@ def event_median_ms(fn: Callable[[], object], reps: int) -> float:
     return statistics.median(s.elapsed_time(e) for s, e in pairs)
 
 
+def interleaved_graph_ms(fns: dict[str, Callable[[], object]], reps: int, rounds: int = 5
+                         ) -> dict[str, float]:
+    """Median ms of one CUDA-graph replay of each fn, the fns taking turns in `rounds` rounds.
+
+    The H200's clock follows its power draw: in moe_ffn's run 7 one cuBLAS FP8 GEMM ran 1.74 to 1.92 ms per
+    launch depending on what ran around it, so timing one side after the other compares clock states, not
+    code; a ratio bar needs both sides in turns.
+    """
+    graphs = {name: capture_graph(fn) for name, fn in fns.items()}
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, graph in graphs.items():
+            times[name].append(time_ms(graph.replay, reps))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def time_ms(fn: Callable[[], object], reps: int) -> float:
+    """Median milliseconds of one call over `reps` event-timed calls, after 2 warm-up calls."""
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    return event_median_ms(fn, reps)
+
+
 def gpu_versions() -> dict:
     """The software a GPU result depends on, for the machine block of each result JSON."""
     return dict(torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,

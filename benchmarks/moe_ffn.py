@@ -26,13 +26,12 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import triton
 
-from benchmarks.common import capture_graph, event_median_ms, gpu_versions
+from benchmarks.common import capture_graph, event_median_ms, gpu_versions, interleaved_graph_ms, time_ms
 from quant.fp8 import FP8_DTYPE, dequantize_fp8
 from runtime.kernels.act_quant import Fp8Act, act_quant
 from runtime.kernels.fp8_linear import fp8_linear, scaled_mm, scaled_mm_weight_scale
@@ -83,29 +82,6 @@ TUNE_DEADLINE_S = 200  # seconds of tuning (after the GPU tests); what follows i
 
 
 # ---- measuring --------------------------------------------------------------------------------
-def interleaved_graph_ms(fns: dict[str, Callable[[], object]], reps: int, rounds: int = 5
-                         ) -> dict[str, float]:
-    """Median ms of one CUDA-graph replay of each fn, the fns taking turns in `rounds` rounds.
-
-    The H200's clock follows its power draw: in run 7 one cuBLAS FP8 GEMM ran 1.74 to 1.92 ms per launch
-    depending on what ran around it, so timing one side after the other compared clock states, not code.
-    """
-    graphs = {name: capture_graph(fn) for name, fn in fns.items()}
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, graph in graphs.items():
-            times[name].append(time_ms(graph.replay, reps))
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
-def time_ms(fn: Callable[[], object], reps: int) -> float:
-    """Median milliseconds of one call over `reps` event-timed calls, after 2 warm-up calls."""
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    return event_median_ms(fn, reps)
-
-
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 
