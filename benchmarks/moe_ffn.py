@@ -190,12 +190,10 @@ def inputs(T: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, to
     return x, weights, ids
 
 
-def references(x, weights, ids, experts, shared, deq) -> tuple[torch.Tensor, torch.Tensor]:
-    """(format-exact fp32 reference, fp32 reference with unquantized activations)."""
-    exact = fused_moe_ref(x, weights, ids, experts) + swiglu_mlp_ref(x, shared)  # same 1x128 act. quant
+def unquantized_reference(x, weights, ids, deq) -> torch.Tensor:
+    """The layer in fp32 with unquantized activations (the format-exact one quantizes them per 1x128)."""
     xf = x.float()
-    plain = reference.routed_experts(xf, weights, ids.long(), *deq[:3]) + reference.mlp(xf, *deq[3:])
-    return exact, plain
+    return reference.routed_experts(xf, weights, ids.long(), *deq[:3]) + reference.mlp(xf, *deq[3:])
 
 
 def moe_row(T, gen, experts, shared, deq, baseline, rate, bw, config, reps) -> dict:
@@ -207,13 +205,16 @@ def moe_row(T, gen, experts, shared, deq, baseline, rate, bw, config, reps) -> d
     x, weights, ids = inputs(T, gen)
     ours = lambda: moe_ffn(x, weights, ids, experts, shared, config)
     y = ours()
-    routed_ref = fused_moe_ref(x, weights, ids, experts)
-    errors = dict(rel_err_routed=rel_err(fused_moe(x, weights, ids, experts, out_dtype=torch.float32,
-                                                   config=config), routed_ref))
+    routed = fused_moe(x, weights, ids, experts, out_dtype=torch.float32, config=config)
+
+    def errors() -> tuple[dict, torch.Tensor]:  # after the timing: the fp32 references load the GPU
+        routed_ref = fused_moe_ref(x, weights, ids, experts)  # format-exact (same 1x128 act. quant)
+        exact = routed_ref + swiglu_mlp_ref(x, shared)
+        return dict(rel_err_routed=rel_err(routed, routed_ref), rel_err=rel_err(y, exact)), exact
+
     if baseline is None:
         t_ours = time_ms(ours, reps)
-        row = _timed_row(T, ids, rate, bw, config, t_ours)
-        return row | errors | dict(rel_err=rel_err(y, routed_ref + swiglu_mlp_ref(x, shared)))
+        return _timed_row(T, ids, rate, bw, config, t_ours) | errors()[0]
     try:  # the layer as one CUDA-graph replay: no Python or launch time between its ~20 kernels
         replay, graph_error = capture_graph(ours).replay, None
     except Exception as e:  # noqa: BLE001 - recorded: a failed capture (run 6) must not lose the run
@@ -232,8 +233,9 @@ def moe_row(T, gen, experts, shared, deq, baseline, rate, bw, config, reps) -> d
         t_graph = statistics.median(graph)
         row |= dict(ours_graph_ms=t_graph, ours_graph_ms_rounds=graph,
                     fraction_of_floor_graph=row["floor_ms"] / t_graph)
-    exact, plain = references(x, weights, ids, experts, shared, deq)
-    row |= errors | dict(rel_err=rel_err(y, exact), rel_err_vs_unquantized_activations=rel_err(y, plain))
+    errs, exact = errors()
+    plain = unquantized_reference(x, weights, ids, deq)
+    row |= errs | dict(rel_err_vs_unquantized_activations=rel_err(y, plain))
     try:
         t_loop = time_ms(lambda: baseline(x, weights, ids), max(3, reps // 2))
     except RuntimeError as e:  # recorded, so one refusal by cuBLAS does not lose the run
