@@ -186,16 +186,21 @@ MOE_CANDIDATES = {
 # expert on a side stream up to ~256 pairs (2048 / 4096 tokens), GROUP_M 8 and no side stream at ~512
 # (8192). H200 run 11 (session 6): the in-run winners of all three full runs, ahead of run 10's defaults
 # (wspsd_side, wsp192g8_side) by 1-3% at 2048, 0.5-4% at 4096 and 2-4% at 8192.
-DEFAULT_MOE_TILES = ((16, "m16s3i"), (64, "m32s3"), (384, "wsp192g4_side"), (float("inf"), "wsp192g8"))
+# Session 10 (`benchmarks/results/moe_mid_ab_run15_h200.json`, 5 interleaved rounds): the 32-row tile lost to
+# the persistent Gluon kernel from ~32 pairs per expert (512 tokens 2.05 vs 1.67 ms, 1024 tokens 3.15 vs 1.84
+# ms: 64 pairs had gone to 32-row tiles), and beat the 16-row one at 256 tokens (1.57 vs 1.69).
+DEFAULT_MOE_TILES = ((8, "m16s3i"), (16, "m32s3"), (96, "wspsd_side"), (384, "wsp192g4_side"),
+                     (float("inf"), "wsp192g8"))
 
 
 def default_moe_config(tokens: int, top_k: int, num_experts: int) -> MoeConfig:
     """The fastest candidate per mean pairs per expert on the H200 (DEFAULT_MOE_TILES).
 
-    16- and 32-row gathering tiles while experts get up to ~32 pairs (weight-bandwidth bound: little
-    padding); above, the TMA path over expert-contiguous rows (192-row tiles, warp-specialized and
-    persistent on Hopper). The cuBLAS backend never won (CPU-launch bound, NOTES_ffn.md). num_experts
-    is the layer's: an AFD rank holding some of them sees the same mean pairs per expert as the whole layer.
+    16- and 32-row gathering tiles while experts get up to ~16 pairs (weight-bandwidth bound: little
+    padding); above, the TMA path over expert-contiguous rows (warp-specialized and persistent on Hopper:
+    128-row tiles with two chains in flight per consumer, then 192-row tiles from ~96 pairs). The cuBLAS
+    backend never won (CPU-launch bound, NOTES_ffn.md). num_experts is the layer's: an AFD rank holding some
+    of them sees the same mean pairs per expert as the whole layer.
     """
     mean = tokens * top_k / max(num_experts, 1)
     return MOE_CANDIDATES[next(name for bound, name in DEFAULT_MOE_TILES if mean <= bound)]
