@@ -17,7 +17,8 @@ times (gathered), the FP8 intermediate written and read once, [T*k, H] partials 
 `moe_ffn` can also route the experts through cuBLAS (moe_cublas.py, MoeConfig.backend = "cublas"),
 but that lost at every size on the H200, so `default_moe_config` always picks the Triton path; and
 through the TMA kernels over pre-gathered rows (moe_tma.py, backend "tma": the warp-specialized Gluon
-kernel on Hopper, fp8_gemm_ws.py, or its portable Triton twin), the default from ~2048 tokens (H200 runs 6-7).
+kernel on Hopper, fp8_gemm_ws.py / fp8_gemm_wsp.py, or its portable Triton twin), the default from ~16
+pairs per expert (256 tokens of Step-3's 48 experts, top-3; H200 runs 6-15).
 """
 
 from __future__ import annotations
@@ -181,9 +182,9 @@ MOE_CANDIDATES = {
                           persistent=True, skip_pad=True),
 }
 # default per mean (token, slot) pairs per expert: (upper bound, candidate name), first match wins.
-# From 2048 tokens the persistent Gluon GEMM (tiles in order from an atomic counter) with skipped padding
-# parts and 192-row tiles (an expert's 129-192 pairs stream its weights once), GROUP_M 4 and the shared
-# expert on a side stream up to ~256 pairs (2048 / 4096 tokens), GROUP_M 8 and no side stream at ~512
+# From ~96 pairs (2048 tokens) the persistent Gluon GEMM (tiles in order from an atomic counter), skipped
+# padding parts and 192-row tiles (an expert's 129-192 pairs stream its weights once), GROUP_M 4 and the
+# shared expert on a side stream up to ~256 pairs (2048 / 4096 tokens), GROUP_M 8 and no side stream at ~512
 # (8192). H200 run 11 (session 6): the in-run winners of all three full runs, ahead of run 10's defaults
 # (wspsd_side, wsp192g8_side) by 1-3% at 2048, 0.5-4% at 4096 and 2-4% at 8192.
 # Session 10 (`benchmarks/results/moe_mid_ab_run15_h200.json`, 5 interleaved rounds): the 32-row tile lost to
