@@ -182,11 +182,11 @@ MOE_CANDIDATES = {
                           persistent=True, skip_pad=True),
 }
 # default per mean (token, slot) pairs per expert: (upper bound, candidate name), first match wins.
-# From ~96 pairs (2048 tokens) the persistent Gluon GEMM (tiles in order from an atomic counter), skipped
-# padding parts and 192-row tiles (an expert's 129-192 pairs stream its weights once), GROUP_M 4 and the
-# shared expert on a side stream up to ~256 pairs (2048 / 4096 tokens), GROUP_M 8 and no side stream at ~512
-# (8192). H200 run 11 (session 6): the in-run winners of all three full runs, ahead of run 10's defaults
-# (wspsd_side, wsp192g8_side) by 1-3% at 2048, 0.5-4% at 4096 and 2-4% at 8192.
+# Above ~96 pairs (2048 tokens: 128) the persistent Gluon GEMM (tiles in order from an atomic counter),
+# no wgmma for padding parts, 192-row tiles (an expert's 129-192 pairs stream its weights once), GROUP_M 4
+# and the shared expert on a side stream up to ~256 pairs (2048 / 4096 tokens), GROUP_M 8 and no side
+# stream at ~512 (8192). H200 run 11 (session 6): the in-run winners of all three full runs, ahead of run
+# 10's defaults (wspsd_side, wsp192g8_side) by 1-3% at 2048, 0.5-4% at 4096 and 2-4% at 8192.
 # Session 10 (`benchmarks/results/moe_mid_ab_run15_h200.json`, 5 interleaved rounds): the 32-row tile lost to
 # the persistent Gluon kernel from ~32 pairs per expert (512 tokens 2.05 vs 1.67 ms, 1024 tokens 3.15 vs 1.84
 # ms: 64 pairs had gone to 32-row tiles), and beat the 16-row one at 256 tokens (1.57 vs 1.69).
