@@ -85,14 +85,15 @@ def _edits(waits: str | None) -> list[tuple]:
     free_wait = "        mbarrier.wait(v16_empty.index(j), ((i // VSTAGES) & 1) ^ 1)"
     load_v = ("        _load_tile(v_desc, v_smem, v_ready, v_empty, s, phase, bt_row, n, end, PAGE, BLOCK_N, "
               "R, NH)\n")
-    split_q = "    qs = _split_q_smem(q_ptr, q_smem, q_in, b, stride_qb, stride_qh, H, NH)\n"
+    split_q = "    qs = _split_q_smem(x0, x1, q_smem, q_in, NH)\n"
     last_wait = "        acc0, acc1, p16 = warpgroup_mma_wait(0, deps=[t0, t1, p16])\n    _epilogue("
     epilogue = "              num_splits, stride_ob, stride_oh, H, DIRECT, o_layout)\n"
     bufs = "(q_smem, k_smem, k_ready, k_empty, v16_smem, v16_ready, v16_empty"
     store = "{}gl.store(tr + {}, _now())\n".format
     edits = [
         ("@gluon.jit\ndef _tile_bounds(", _HELPERS),
-        ("            NH: gl.constexpr):\n", "            NH: gl.constexpr, tr):\n"),
+        ("            STAGES: gl.constexpr, NH: gl.constexpr):\n",
+         "            STAGES: gl.constexpr, NH: gl.constexpr, tr):\n"),
         (load_v, load_v + "        if i == 0:\n" + store(" " * 12, 6)),
         ("               VEC: gl.constexpr):", "               VEC: gl.constexpr, tr):"),
         (v_wait + "\n", (_wait(v_wait, 14) if waits == "converter" else v_wait) + "\n        if i == 0:\n"
@@ -105,7 +106,7 @@ def _edits(waits: str | None) -> list[tuple]:
         ("v16_ready, last, VSTAGES, o_layout)", "v16_ready, last, tr, VSTAGES, o_layout)"),
         ("v16_smem, v16_ready, v16_empty = bufs", "v16_smem, v16_ready, v16_empty, tr = bufs"),
         (f"bufs = {bufs})", f"bufs = {bufs}, tr)"),
-        ("              PAIR: gl.constexpr):", "              PAIR: gl.constexpr, tr):"),
+        ("DIRECT: gl.constexpr, PAIR: gl.constexpr):", "DIRECT: gl.constexpr, PAIR: gl.constexpr, tr):"),
         (split_q, split_q + store(" " * 4, 1)),
         ("        release(k_empty.index(0))\n",
          "        release(k_empty.index(0))\n" + store(" " * 8, 2)),
@@ -117,7 +118,7 @@ def _edits(waits: str | None) -> list[tuple]:
          + store(" " * 4, 0) + "    gl.store(tr + 8, _clk())\n"),
         ("STAGES, VSTAGES, NH, DIRECT, PAIR)),", "STAGES, VSTAGES, NH, DIRECT, PAIR, tr)),"),
         ("STAGES, VSTAGES, NH, VEC)),", "STAGES, VSTAGES, NH, VEC, tr)),"),
-        ("n_tiles, PAGE, BLOCK_N, STAGES, NH)),", "n_tiles, PAGE, BLOCK_N, STAGES, NH, tr)),"),
+        ("PAGE, BLOCK_N, STAGES, NH)),", "PAGE, BLOCK_N, STAGES, NH, tr)),"),
         ("pdl: bool = False) -> None:", "pdl: bool = False, trace: torch.Tensor | None = None) -> None:"),
         ("num_warps=4, launch_pdl=pdl,", "num_warps=4, launch_pdl=pdl, trace_ptr=trace,"),
     ]

@@ -55,6 +55,14 @@ def _gdc(asm: gl.constexpr):
 
 
 @gluon.jit
+def _span(lens_ptr, b, start, tokens_per_split, BLOCK_N: gl.constexpr):
+    """The split's end token and its tile count. Each partition reads the length itself, after whatever it can
+    issue first (the consumer: q), rather than the whole CTA waiting for it before the partitions start."""
+    end = gl.minimum(start + tokens_per_split, gl.load(lens_ptr + b))
+    return end, gl.cdiv(gl.maximum(end - start, 0), BLOCK_N)
+
+
+@gluon.jit
 def _tile_bounds(start, end, i, BLOCK_N: gl.constexpr):
     """First token of tile i and its count of valid tokens (BLOCK_N except in the split's last tile)."""
     n = start + i * BLOCK_N
@@ -78,12 +86,13 @@ def _load_tile(desc, smem, ready, empty, s, phase, bt_row, n, end, PAGE: gl.cons
 
 @gluon.jit
 def _loader(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, q_in, bt_ptr, stride_bt, b,
-            start, end, n_tiles, PAGE: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-            NH: gl.constexpr):
+            lens_ptr, start, tokens_per_split, PAGE: gl.constexpr, BLOCK_N: gl.constexpr,
+            STAGES: gl.constexpr, NH: gl.constexpr):
     """Each tile's K and V: BLOCK_N / R boxes of R = min(PAGE, BLOCK_N) rows per D half. A box past the
     sequence end re-reads its last token's page (rows the consumer masks and the converter zeroes), so every
     tile has the same byte count."""
     R: gl.constexpr = PAGE if PAGE < BLOCK_N else BLOCK_N
+    end, n_tiles = _span(lens_ptr, b, start, tokens_per_split, BLOCK_N)
     bt_row = bt_ptr + b.to(gl.int64) * stride_bt
     for i in range(n_tiles):
         if i == 1:  # the first tile's loads fly beside q's, the rest of the stream waits for q
@@ -96,7 +105,7 @@ def _loader(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, 
 
 
 @gluon.jit
-def _converter(v_smem, v16_smem, v_ready, v_empty, v16_ready, v16_empty, start, end, n_tiles,
+def _converter(v_smem, v16_smem, v_ready, v_empty, v16_ready, v16_empty, b, lens_ptr, start, tokens_per_split,
                BLOCK_N: gl.constexpr, STAGES: gl.constexpr, VSTAGES: gl.constexpr, NH: gl.constexpr,
                VEC: gl.constexpr):
     """Each tile's V: E4M3 stage -> registers (VEC bytes a thread a row) -> fp16 stage; releases the E4M3
@@ -107,6 +116,7 @@ def _converter(v_smem, v16_smem, v_ready, v_empty, v16_ready, v16_empty, start, 
     request where 4 would do)."""
     layout: gl.constexpr = gl.BlockedLayout([1, VEC], [32 * VEC // DH, DH // VEC], [4, 1], [1, 0])
     rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, layout))
+    end, n_tiles = _span(lens_ptr, b, start, tokens_per_split, BLOCK_N)
     for i in range(n_tiles):
         s = i % STAGES
         j = i % VSTAGES
@@ -139,21 +149,25 @@ def _store_hi_lo(x, r, q_smem, j, NH: gl.constexpr):
 
 
 @gluon.jit
-def _split_q_smem(q_ptr, q_smem, q_in, b, stride_qb, stride_qh, H: gl.constexpr, NH: gl.constexpr):
-    """Sequence b's q [H, D] (rows up to 64 zero) split as `mfa_decode._split_q_fp8` does (the same hi for
-    E4M3 normals, see `_store_hi_lo`), q ~= s (hi + lo) with s = max|q_h| / 448 per head: hi's D halves into
-    q_smem 0 .. NH - 1, lo's into NH .. 2 NH - 1. Returns s. q is read once, both halves, and the loader
-    issues only the first tile before q is in registers (`q_in`): behind the whole K / V stream q's loads had
-    waited ~4 us, twice (a pass for the max, one for the split), and a CTA's first tile had started ~12.5 us
-    after its entry (NOTES_mfa.md run 13)."""
-    gl.static_assert(NH == 2)
+def _load_q(q_ptr, b, stride_qb, stride_qh, H: gl.constexpr):
+    """Sequence b's q [H, D] as its two D halves [64, DH] in registers (rows from H on zero)."""
     layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
     h = gl.arange(0, 64, layout=gl.SliceLayout(1, layout))
     d = gl.arange(0, DH, layout=gl.SliceLayout(0, layout))
     ptr = q_ptr + b.to(gl.int64) * stride_qb + h[:, None] * stride_qh + d[None, :]
     mask = (h < H)[:, None]
-    x0 = gl.load(ptr, mask=mask, other=0.0)
-    x1 = gl.load(ptr + DH, mask=mask, other=0.0)
+    return gl.load(ptr, mask=mask, other=0.0), gl.load(ptr + DH, mask=mask, other=0.0)
+
+
+@gluon.jit
+def _split_q_smem(x0, x1, q_smem, q_in, NH: gl.constexpr):
+    """q's D halves x0, x1 (`_load_q`) split as `mfa_decode._split_q_fp8` does (the same hi for E4M3 normals,
+    see `_store_hi_lo`), q ~= s (hi + lo) with s = max|q_h| / 448 per head: hi's D halves into q_smem
+    0 .. NH - 1, lo's into NH .. 2 NH - 1. Returns s. q is read once, both halves, and the loader issues only
+    the first tile before q is in registers (`q_in`): behind the whole K / V stream q's loads had waited
+    ~4 us, twice (a pass for the max, one for the split), and a CTA's first tile had started ~12.5 us after
+    its entry (NOTES_mfa.md run 13)."""
+    gl.static_assert(NH == 2)
     amax = gl.maximum(gl.max(gl.abs(x0.to(gl.float32)), 1), gl.max(gl.abs(x1.to(gl.float32)), 1))
     mbarrier.arrive(q_in, count=1)  # after the loads (the arrive releases them): the stream may go on
     amax = gl.maximum(amax, 1e-30)
@@ -263,10 +277,10 @@ def _tile(bufs, st, qk_scale, zero_s, i, BLOCK_N: gl.constexpr, STAGES: gl.const
 
 @gluon.jit
 def _consumer(q_ptr, q_smem, q_in, k_smem, v16_smem, k_empty, k_ready, v16_ready, v16_empty, k_scale_ptr,
-              v_scale_ptr, out_ptr, part_o_ptr, part_lse_ptr, sm_scale_log2, b, split, start, end, n_tiles,
-              num_splits, stride_qb, stride_qh, stride_ob, stride_oh, H: gl.constexpr, BLOCK_N: gl.constexpr,
-              STAGES: gl.constexpr, VSTAGES: gl.constexpr, NH: gl.constexpr, DIRECT: gl.constexpr,
-              PAIR: gl.constexpr):
+              v_scale_ptr, out_ptr, part_o_ptr, part_lse_ptr, sm_scale_log2, b, split, lens_ptr, start,
+              tokens_per_split, num_splits, stride_qb, stride_qh, stride_ob, stride_oh, H: gl.constexpr,
+              BLOCK_N: gl.constexpr, STAGES: gl.constexpr, VSTAGES: gl.constexpr, NH: gl.constexpr,
+              DIRECT: gl.constexpr, PAIR: gl.constexpr):
     """Scores, softmax and P V of every tile (the loop peels the last one, the only one masked), then the
     normalized partial output and its log2-sum-exp (or the output itself when there is one split).
     PAIR: the loop body takes two tiles, P V of the first running under the second's softmax (a P V left
@@ -275,9 +289,11 @@ def _consumer(q_ptr, q_smem, q_in, k_smem, v16_smem, k_empty, k_ready, v16_ready
                                                        instr_shape=[16, BLOCK_N, 32])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, 128, 16])
-    k_scale = gl.load(k_scale_ptr)  # both scales first: their round trips overlap q's
+    k_scale = gl.load(k_scale_ptr)  # the scales and q first: their round trips overlap the length's
     v_scale = gl.load(v_scale_ptr)
-    qs = _split_q_smem(q_ptr, q_smem, q_in, b, stride_qb, stride_qh, H, NH)
+    x0, x1 = _load_q(q_ptr, b, stride_qb, stride_qh, H)
+    end, n_tiles = _span(lens_ptr, b, start, tokens_per_split, BLOCK_N)
+    qs = _split_q_smem(x0, x1, q_smem, q_in, NH)
     qk_scale = sm_scale_log2 * k_scale * gl.convert_layout(qs, gl.SliceLayout(1, s_layout))
     m_i = gl.full([64], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
     l_i = gl.zeros([64], gl.float32, gl.SliceLayout(1, s_layout))
@@ -307,30 +323,48 @@ def _consumer(q_ptr, q_smem, q_in, k_smem, v16_smem, k_empty, k_ready, v16_ready
         acc0, acc1, p16 = warpgroup_mma_wait(0, deps=[t0, t1, p16])
         p16, t0, t1 = _pv(p, alpha, acc0, acc1, v16_smem, v16_ready, last, VSTAGES, o_layout)
         acc0, acc1, p16 = warpgroup_mma_wait(0, deps=[t0, t1, p16])
-    _epilogue(acc0, acc1, m_i, l_i, qk_scale, v_scale, out_ptr, part_o_ptr, part_lse_ptr, b, split,
+    _epilogue(acc0, acc1, m_i, l_i, qk_scale, v_scale, q_smem, out_ptr, part_o_ptr, part_lse_ptr, b, split,
               num_splits, stride_ob, stride_oh, H, DIRECT, o_layout)
 
 
 @gluon.jit
-def _epilogue(acc0, acc1, m_i, l_i, qk_scale, v_scale, out_ptr, part_o_ptr, part_lse_ptr, b, split,
+def _store_rows(x, stage, ptr, stride_h, H: gl.constexpr):
+    """x [64, DH] (a wgmma accumulator's layout) into rows h < H of ptr (row stride stride_h) through the
+    shared stage, so that each thread writes 16 contiguous bytes: from the accumulator's layout a thread holds
+    2 adjacent 16-bit columns, and a warp's store wrote 8 rows 16 bytes each, half a sector (2-6% of the
+    call at 1K-4K tokens, NOTES_mfa.md run 17). fp32 partials fill whole sectors so and need no stage."""
+    VEC: gl.constexpr = 128 // x.dtype.primitive_bitwidth
+    layout: gl.constexpr = gl.BlockedLayout([1, VEC], [32 * VEC // DH, DH // VEC], [4, 1], [1, 0])
+    stage.store(x)
+    y = stage.load(layout)
+    h = gl.arange(0, 64, layout=gl.SliceLayout(1, layout))
+    d = gl.arange(0, DH, layout=gl.SliceLayout(0, layout))
+    gl.store(ptr + h[:, None] * stride_h + d[None, :], y, mask=(h < H)[:, None])
+
+
+@gluon.jit
+def _epilogue(acc0, acc1, m_i, l_i, qk_scale, v_scale, q_smem, out_ptr, part_o_ptr, part_lse_ptr, b, split,
               num_splits, stride_ob, stride_oh, H: gl.constexpr, DIRECT: gl.constexpr,
               o_layout: gl.constexpr):
-    """o = O * v_scale / l for heads < H, into out (one split) or the fp32 partials [B, S, H, D] and
-    lse [B, S, H] (an empty split: o = 0, lse = -inf, weight 0 in the merge)."""
+    """o = O * v_scale / l for heads < H, into out (one split: its two D halves staged in q's shared memory,
+    which no wgmma reads any more) or the fp32 partials [B, S, H, D] and lse [B, S, H] (an empty split:
+    o = 0, lse = -inf, weight 0 in the merge)."""
     l_i = gl.where(l_i > 0, l_i, 1.0)
     inv = gl.convert_layout(v_scale / l_i, gl.SliceLayout(1, o_layout))[:, None]
-    h = gl.arange(0, 64, layout=gl.SliceLayout(1, o_layout))
-    d = gl.arange(0, DH, layout=gl.SliceLayout(0, o_layout))
-    mask = (h < H)[:, None]
     if DIRECT:
-        ptr = out_ptr + b.to(gl.int64) * stride_ob + h[:, None] * stride_oh + d[None, :]
-        gl.store(ptr, (acc0 * inv).to(out_ptr.dtype.element_ty), mask=mask)
-        gl.store(ptr + DH, (acc1 * inv).to(out_ptr.dtype.element_ty), mask=mask)
+        dtype: gl.constexpr = out_ptr.dtype.element_ty
+        gl.static_assert(dtype.primitive_bitwidth == 16)  # mfa_plan.ws_decode_usable
+        stage = q_smem._reinterpret(dtype, [2, 64, DH], gl.NVMMASharedLayout.get_default_for([64, DH], dtype))
+        ptr = out_ptr + b.to(gl.int64) * stride_ob
+        _store_rows((acc0 * inv).to(dtype), stage.index(0), ptr, stride_oh, H)
+        _store_rows((acc1 * inv).to(dtype), stage.index(1), ptr + DH, stride_oh, H)
     else:
+        h = gl.arange(0, 64, layout=gl.SliceLayout(1, o_layout))
+        d = gl.arange(0, DH, layout=gl.SliceLayout(0, o_layout))
         row = (b.to(gl.int64) * num_splits + split) * H + h
         ptr = part_o_ptr + row[:, None] * (2 * DH) + d[None, :]
-        gl.store(ptr, acc0 * inv, mask=mask)
-        gl.store(ptr + DH, acc1 * inv, mask=mask)
+        gl.store(ptr, acc0 * inv, mask=(h < H)[:, None])
+        gl.store(ptr + DH, acc1 * inv, mask=(h < H)[:, None])
         hs = gl.arange(0, 64, layout=m_i.type.layout)
         row_s = (b.to(gl.int64) * num_splits + split) * H + hs
         gl.store(part_lse_ptr + row_s, m_i * qk_scale + gl.log2(l_i), mask=hs < H)
@@ -355,8 +389,6 @@ def _mfa_decode_ws_kernel(q_ptr, k_desc, v_desc, bt_ptr, lens_ptr, k_scale_ptr, 
     split = gl.program_id(0)
     b = gl.program_id(1)
     start = split * tokens_per_split
-    end = gl.minimum(start + tokens_per_split, gl.load(lens_ptr + b))
-    n_tiles = gl.cdiv(gl.maximum(end - start, 0), BLOCK_N)
     kv_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, DH], gl.float8e4nv)
     v16_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, DH], gl.float16)
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, DH], gl.float8e4nv)
@@ -384,12 +416,12 @@ def _mfa_decode_ws_kernel(q_ptr, k_desc, v_desc, bt_ptr, lens_ptr, k_scale_ptr, 
     gl.warp_specialize([
         (_consumer, (q_ptr, q_smem, q_in, k_smem, v16_smem, k_empty, k_ready, v16_ready, v16_empty,
                      k_scale_ptr, v_scale_ptr, out_ptr, part_o_ptr, part_lse_ptr, sm_scale_log2, b, split,
-                     start, end, n_tiles, num_splits, stride_qb, stride_qh, stride_ob, stride_oh, H, BLOCK_N,
-                     STAGES, VSTAGES, NH, DIRECT, PAIR)),
-        (_converter, (v_smem, v16_smem, v_ready, v_empty, v16_ready, v16_empty, start, end, n_tiles, BLOCK_N,
-                      STAGES, VSTAGES, NH, VEC)),
+                     lens_ptr, start, tokens_per_split, num_splits, stride_qb, stride_qh, stride_ob,
+                     stride_oh, H, BLOCK_N, STAGES, VSTAGES, NH, DIRECT, PAIR)),
+        (_converter, (v_smem, v16_smem, v_ready, v_empty, v16_ready, v16_empty, b, lens_ptr, start,
+                      tokens_per_split, BLOCK_N, STAGES, VSTAGES, NH, VEC)),
         (_loader, (k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, q_in, bt_ptr,
-                   stride_bt, b, start, end, n_tiles, PAGE, BLOCK_N, STAGES, NH)),
+                   stride_bt, b, lens_ptr, start, tokens_per_split, PAGE, BLOCK_N, STAGES, NH)),
     ], [4, 1], [CONVERTER_REGS, 24])
 
 

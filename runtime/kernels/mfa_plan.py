@@ -123,6 +123,8 @@ def plan_decode(batch: int, max_seq_len: int, head_dim: int, device: torch.devic
 def ws_decode_usable(q: torch.Tensor, cache) -> bool:
     """Whether mfa_decode_ws's Gluon kernel can run: Hopper, Triton 3.6 (the Gluon API it is written against;
     no interpreter), an FP8 cache whose [num_blocks * page, 256] view is a TMA tensor (contiguous), pages of
-    >= 8 rows (the swizzle atom) and 33..64 heads (one 64-row wgmma tile)."""
+    >= 8 rows (the swizzle atom), 33..64 heads (one 64-row wgmma tile) and a 16-bit q (the output's two D
+    halves are staged in q's 32 KB of shared memory)."""
     return (gluon_usable(q.device) and cache.is_fp8 and cache.head_dim == 256 and cache.block_size >= 8
-            and 32 < q.shape[1] <= 64 and cache.k.is_contiguous() and cache.v.is_contiguous())
+            and 32 < q.shape[1] <= 64 and q.dtype in (torch.bfloat16, torch.float16)
+            and cache.k.is_contiguous() and cache.v.is_contiguous())

@@ -114,8 +114,9 @@ def test_ws_decode_long_sequences(gluon, vec, stages):
 
 def test_ws_plan_and_guard():
     """gluon holds only with the E4M3 q K^T (qk_fp8 2) on a GPU (the library's FP8 launch from
-    QK8_MIN_TOKENS); off Hopper + Triton 3.6, or for shapes the kernel does not take (head_dim 64, 16 heads),
-    the guard says no and mfa_decode runs the Triton kernel."""
+    QK8_MIN_TOKENS); off Hopper + Triton 3.6, or for shapes the kernel does not take (head_dim 64, 16 heads;
+    an fp32 q, whose output would not fit the shared memory it is staged in), the guard says no and
+    mfa_decode runs the Triton kernel."""
     gpu = torch.device("cuda")
     assert plan_decode(256, 4096, 256, gpu, FP8_DTYPE, 64, num_splits=1).gluon == 2  # tile pairs
     assert plan_decode(8, 2048, 256, gpu, FP8_DTYPE, 64, num_splits=16).gluon == 0  # < QK8_MIN_TOKENS
@@ -127,5 +128,9 @@ def test_ws_plan_and_guard():
     cache, table, lens = random_paged_cache([40, 7], 64, 16, FP8_DTYPE, gen)
     q = torch.randn(2, 16, 64, generator=gen).to(torch.bfloat16).to(DEVICE)
     assert not ws_decode_usable(q, cache)
+    cache64, _, _ = random_paged_cache([40, 7], 256, 16, FP8_DTYPE, gen)
+    q64 = torch.randn(2, 64, 256, generator=gen).to(DEVICE)
+    assert ws_decode_usable(q64.bfloat16(), cache64) == HOPPER_36
+    assert not ws_decode_usable(q64, cache64)
     plan = plan_decode(2, 40, 64, DEVICE, FP8_DTYPE, 16, num_splits=2, qk_fp8=2, gluon=1)
     assert rel_err(mfa_decode(q, cache, table, lens, plan=plan), mfa_decode_ref(q, cache, table, lens)) < TOL
