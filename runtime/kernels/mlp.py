@@ -5,8 +5,9 @@ First half, two ways: (a) "fused": one Triton program computes a gate tile AND t
 from the same FP8 activation tile, applies silu-and-mul and quantizes the result per 1x128 group in
 its epilogue (fp8_gemm.py, SWIGLU + QUANT_OUT), so the [T, I] intermediate crosses memory once, as
 FP8; (b) "scaled_mm": cuBLAS blockwise GEMMs for gate and up (fp32 out), then one pass of
-`silu_mul_quant` (reads 8 bytes, writes ~1 byte per intermediate element): faster for many tokens,
-where the GEMMs are compute-bound and cuBLAS beats the Triton kernel (benchmarks/NOTES_ffn.md).
+`silu_mul_quant` (reads 8 bytes, writes ~1 byte per intermediate element): faster wherever cuBLAS
+serves fp8_matmul (from 64 tokens): the MLP alone 0.57-0.94x the fused kernel's time at 64-2048 tokens,
+the MoE layer 0.95-0.99x at 64-1024 (benchmarks/NOTES_ffn.md runs 15-16). "auto" picks it there.
 Second half: the down projection through fp8_matmul (cuBLAS blockwise on Hopper).
 Tensor parallelism: rank r of F holds rows [r I/F, (r+1) I/F) of gate/up and those columns of down.
 With I/F a multiple of 128 every quantization group stays whole, so the F partial outputs sum to the
@@ -26,9 +27,7 @@ from converters.errors import Step3Error
 from quant.fp8 import FP8_DTYPE, dequantize_fp8
 from runtime.kernels.act_quant import Fp8Act, act_dequant, act_quant, act_quant_ref, quantize_rows
 from runtime.kernels.fp8_gemm import fp8_gemm
-from runtime.kernels.fp8_linear import fp8_matmul, scaled_mm_usable
-
-CUBLAS_FIRST_HALF_MIN_TOKENS = 1024  # "auto" switches the first half to cuBLAS from here (NOTES_ffn.md)
+from runtime.kernels.fp8_linear import SCALED_MM_MIN_TOKENS, fp8_matmul, scaled_mm_usable
 
 
 @dataclass(frozen=True)
@@ -121,7 +120,7 @@ def swiglu_mlp(x: torch.Tensor | Fp8Act, w: MlpWeights, out_dtype: torch.dtype |
         raise Step3Error(f"{w.name}: input width {hidden} != hidden size {w.gate.shape[1]}")
     cublas = scaled_mm_usable(x.q.device, w.intermediate, hidden)
     if first_half == "auto":
-        first_half = "scaled_mm" if cublas and T >= CUBLAS_FIRST_HALF_MIN_TOKENS else "fused"
+        first_half = "scaled_mm" if cublas and T >= SCALED_MM_MIN_TOKENS else "fused"
     if first_half == "scaled_mm":
         # fp32 out: a BF16 rounding here would flip ~5% of the FP8 roundings that follow (~1.3% error)
         g = fp8_matmul(x, w.gate, w.gate_scale, torch.float32, name=f"{w.name}.gate_proj")

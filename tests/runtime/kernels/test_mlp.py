@@ -7,6 +7,7 @@ from ffn_inputs import DEVICE, REQUANT_TOL, fp8_weight, randn, rel_err
 from converters.errors import Step3Error
 from quant.fp8 import dequantize_fp8
 from runtime.kernels.act_quant import act_dequant, act_quant_ref
+from runtime.kernels.fp8_linear import SCALED_MM_MIN_TOKENS
 from runtime.kernels.mlp import MlpWeights, mlp_tp_slice, silu_mul_quant, swiglu_mlp, swiglu_mlp_ref
 from runtime.model import reference
 
@@ -53,6 +54,17 @@ def test_cublas_first_half_matches_fused_on_gpu(T):
     ref = swiglu_mlp_ref(x, w)
     for first_half in ("fused", "scaled_mm"):
         assert rel_err(swiglu_mlp(x, w, first_half=first_half), ref) < 1.5e-2  # bf16 rounding inside
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("T, first_half", [(SCALED_MM_MIN_TOKENS - 1, "fused"),
+                                           (SCALED_MM_MIN_TOKENS, "scaled_mm")])
+def test_auto_first_half_is_cublas_where_fp8_matmul_is(T, first_half):
+    """The default first half is cuBLAS's from the token count where fp8_matmul takes cuBLAS (Hopper)."""
+    w = _weights(1024, 512, seed=T)
+    x = randn((T, 1024), torch.Generator().manual_seed(T)).bfloat16()
+    assert torch.equal(swiglu_mlp(x, w), swiglu_mlp(x, w, first_half=first_half))
 
 
 @pytest.mark.parametrize("world", [2, 4])
