@@ -83,8 +83,7 @@ def _edits(waits: str | None) -> list[tuple]:
     v16_wait = "    mbarrier.wait(v16_ready.index(j), (i // VSTAGES) & 1)"
     v_wait = "        mbarrier.wait(v_ready.index(s), (i // STAGES) & 1)"
     free_wait = "        mbarrier.wait(v16_empty.index(j), ((i // VSTAGES) & 1) ^ 1)"
-    load_v = ("        _load_tile(v_desc, v_smem, v_ready, v_empty, s, phase, bt_row, n, end, PAGE, BLOCK_N, "
-              "R, NH)\n")
+    load_v = "        _load_tile(v_desc, v_smem, v_ready, v_empty, s, phase, rows, BLOCK_N, R, NH)\n"
     split_q = "    qs = _split_q_smem(x0, x1, q_smem, q_in, NH)\n"
     last_wait = "        acc0, acc1, p16 = warpgroup_mma_wait(0, deps=[t0, t1, p16])\n    _epilogue("
     epilogue = "              num_splits, stride_ob, stride_oh, H, DIRECT, o_layout)\n"

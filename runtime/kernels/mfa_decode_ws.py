@@ -70,17 +70,25 @@ def _tile_bounds(start, end, i, BLOCK_N: gl.constexpr):
 
 
 @gluon.jit
-def _load_tile(desc, smem, ready, empty, s, phase, bt_row, n, end, PAGE: gl.constexpr, BLOCK_N: gl.constexpr,
-               R: gl.constexpr, NH: gl.constexpr):
-    """Once stage s is free, tokens [n, n + BLOCK_N) of the cache `desc` into it: BLOCK_N / R boxes of R rows
-    per D half, each from its page (a box past `end` re-reads the last token's page)."""
+def _tile_rows(bt_row, n, end, PAGE: gl.constexpr, BLOCK_N: gl.constexpr, R: gl.constexpr):
+    """The cache rows of the tile at token n: one per box of R rows (a box past `end` re-reads the last
+    token's page), read from the block table once for K and V."""
+    rows = ()
+    for j in gl.static_range(BLOCK_N // R):
+        t = gl.minimum(n + j * R, end - 1)
+        rows = rows + (gl.load(bt_row + t // PAGE) * PAGE + t % PAGE,)
+    return rows
+
+
+@gluon.jit
+def _load_tile(desc, smem, ready, empty, s, phase, rows, BLOCK_N: gl.constexpr, R: gl.constexpr,
+               NH: gl.constexpr):
+    """Once stage s is free, the tile's boxes (`_tile_rows`) of the cache `desc`, R rows per D half."""
     mbarrier.wait(empty.index(s), phase)
     mbarrier.expect(ready.index(s), BLOCK_N * NH * DH)
     for j in gl.static_range(BLOCK_N // R):
-        t = gl.minimum(n + j * R, end - 1)
-        row = gl.load(bt_row + t // PAGE) * PAGE + t % PAGE
         for h in gl.static_range(NH):
-            tma.async_copy_global_to_shared(desc, [row, h * DH], ready.index(s),
+            tma.async_copy_global_to_shared(desc, [rows[j], h * DH], ready.index(s),
                                             smem.index(s * NH + h).slice(j * R, R))
 
 
@@ -90,18 +98,20 @@ def _loader(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, 
             STAGES: gl.constexpr, NH: gl.constexpr):
     """Each tile's K and V: BLOCK_N / R boxes of R = min(PAGE, BLOCK_N) rows per D half. A box past the
     sequence end re-reads its last token's page (rows the consumer masks and the converter zeroes), so every
-    tile has the same byte count."""
+    tile has the same byte count. A tile's page ids are read before its stage is free, once for K and V
+    (1-3% off the call, NOTES_mfa.md run 17)."""
     R: gl.constexpr = PAGE if PAGE < BLOCK_N else BLOCK_N
     end, n_tiles = _span(lens_ptr, b, start, tokens_per_split, BLOCK_N)
     bt_row = bt_ptr + b.to(gl.int64) * stride_bt
     for i in range(n_tiles):
-        if i == 1:  # the first tile's loads fly beside q's, the rest of the stream waits for q
-            mbarrier.wait(q_in, 0)
         s = i % STAGES
         phase = ((i // STAGES) & 1) ^ 1  # the first round passes at once
         n, _ = _tile_bounds(start, end, i, BLOCK_N)
-        _load_tile(k_desc, k_smem, k_ready, k_empty, s, phase, bt_row, n, end, PAGE, BLOCK_N, R, NH)
-        _load_tile(v_desc, v_smem, v_ready, v_empty, s, phase, bt_row, n, end, PAGE, BLOCK_N, R, NH)
+        rows = _tile_rows(bt_row, n, end, PAGE, BLOCK_N, R)
+        if i == 1:  # the first tile's loads fly beside q's, the rest of the stream waits for q
+            mbarrier.wait(q_in, 0)
+        _load_tile(k_desc, k_smem, k_ready, k_empty, s, phase, rows, BLOCK_N, R, NH)
+        _load_tile(v_desc, v_smem, v_ready, v_empty, s, phase, rows, BLOCK_N, R, NH)
 
 
 @gluon.jit
