@@ -342,7 +342,7 @@ def _store_rows(x, stage, ptr, stride_h, H: gl.constexpr):
     """x [64, DH] (a wgmma accumulator's layout) into rows h < H of ptr (row stride stride_h) through the
     shared stage, so that each thread writes 16 contiguous bytes: from the accumulator's layout a thread holds
     2 adjacent 16-bit columns, and a warp's store wrote 8 rows 16 bytes each, half a sector (2-6% of the
-    call at 1K-4K tokens, NOTES_mfa.md run 17). The fp32 partials fill whole sectors stored directly."""
+    call at 1K-4K tokens, NOTES_mfa.md run 17). fp32 partials go direct: 4 lanes x 8 bytes fill a sector."""
     VEC: gl.constexpr = 128 // x.dtype.primitive_bitwidth
     layout: gl.constexpr = gl.BlockedLayout([1, VEC], [32 * VEC // DH, DH // VEC], [4, 1], [1, 0])
     stage.store(x)
