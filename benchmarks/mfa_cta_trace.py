@@ -6,8 +6,8 @@
 
 A traced copy of runtime/kernels/mfa_decode_ws.py is built from its source at run time (the library file is
 not touched, and the traced kernel is never the library's): every CTA writes %globaltimer at its entry, when
-its q split is done, after its first S, when its loop ends and after its epilogue, and the loader and the
-converter when their first tile is issued / in. With --waits, thread 0 of that partition also sums the %clock
+its consumer starts, when q is in its registers, when its q split is done, after its first S, when its loop
+ends and after its epilogue, and the loader and the converter when their first tile is issued / in. With --waits, thread 0 of that partition also sums the %clock
 cycles spent in each of its mbarrier waits in the loop (one partition a run: counters in both, or at the
 consumer's wgmma waits, make ptxas spill the consumer; the consumer's counters still spill 24 B where a
 sequence is split, so count its waits at one-split shapes). Each shape: the library kernel and the traced
@@ -37,13 +37,21 @@ SLOTS = 16  # int64 words per CTA: 0-9 timeline, 10-15 wait counters (low 32 bit
 H, D, PAGE = 64, 256, 64
 SHAPES = ((128, 0), (128, 1024), (128, 4096), (128, 8192), (256, 4096), (32, 4096), (128, 32768))
 TIMELINE = {"q_split_done": 1, "first_s": 2, "loop_done": 3, "epilogue_done": 4, "loader_first_issue": 6,
-            "converter_first_v": 7}
+            "converter_first_v": 7, "consumer_start": 12, "q_loaded": 13}
+FIXED = (1, 4, 12, 13)  # the slots an empty sequence (ctx 0) writes too
 WAITS = {"consumer": {"k_ready": 10, "v16_ready": 11}, "converter": {"v_ready": 14, "v16_empty": 15}}
 
 _HELPERS = '''@gluon.jit
 def _now():
     return gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=gl.int64, is_pure=False,
                                      pack=1)
+
+
+@gluon.jit
+def _now_after(x):
+    """%globaltimer once x is computed (the asm takes it as an operand, so it cannot be read earlier)."""
+    return gl.inline_asm_elementwise("mov.u64 $0, %globaltimer; // $1", "=l,r", [x], dtype=gl.int64,
+                                     is_pure=False, pack=1)
 
 
 @gluon.jit
@@ -85,6 +93,8 @@ def _edits(waits: str | None) -> list[tuple]:
     free_wait = "        mbarrier.wait(v16_empty.index(j), ((i // VSTAGES) & 1) ^ 1)"
     load_v = "        _load_tile(v_desc, v_smem, v_ready, v_empty, s, phase, rows, BLOCK_N, R, NH)\n"
     split_q = "    qs = _split_q_smem(x0, x1, q_smem, q_in, NH)\n"
+    q_arrive = "    mbarrier.arrive(q_in, count=1)  # after the loads"
+    consumer_first = "    k_scale = gl.load(k_scale_ptr)  # the scales and q first"
     last_wait = "        acc0, acc1, p16 = warpgroup_mma_wait(0, deps=[t0, t1, p16])\n    _epilogue("
     epilogue = "              num_splits, stride_ob, stride_oh, H, DIRECT, o_layout)\n"
     bufs = "(q_smem, k_smem, k_ready, k_empty, v16_smem, v16_ready, v16_empty"
@@ -106,7 +116,11 @@ def _edits(waits: str | None) -> list[tuple]:
         ("v16_smem, v16_ready, v16_empty = bufs", "v16_smem, v16_ready, v16_empty, tr = bufs"),
         (f"bufs = {bufs})", f"bufs = {bufs}, tr)"),
         ("DIRECT: gl.constexpr, PAIR: gl.constexpr):", "DIRECT: gl.constexpr, PAIR: gl.constexpr, tr):"),
-        (split_q, split_q + store(" " * 4, 1)),
+        (split_q, split_q.replace("NH)", "NH, tr)") + store(" " * 4, 1)),
+        ("def _split_q_smem(x0, x1, q_smem, q_in, NH: gl.constexpr):",
+         "def _split_q_smem(x0, x1, q_smem, q_in, NH: gl.constexpr, tr):"),
+        (q_arrive, "    gl.store(tr + 13, _now_after(gl.max(amax, 0).to(gl.int32, bitcast=True)))\n" + q_arrive),
+        (consumer_first, store(" " * 4, 12) + consumer_first),
         ("        release(k_empty.index(0))\n",
          "        release(k_empty.index(0))\n" + store(" " * 8, 2)),
         (last_wait, last_wait.replace("\n", "\n" + store(" " * 4, 3))),
@@ -185,7 +199,7 @@ def trace_shape(batch: int, ctx: int, library, traced, waits: str | None) -> dic
     t = trace.view(-1, SLOTS).cpu()
     us = lambda a, b: (t[:, b] - t[:, a]).double() / 1e3
     med = lambda v: round(float(v.median()), 2)
-    row |= {f"{name}_us": med(us(0, slot)) for name, slot in TIMELINE.items() if ctx or slot in (1, 4)}
+    row |= {f"{name}_us": med(us(0, slot)) for name, slot in TIMELINE.items() if ctx or slot in FIXED}
     row |= dict(cta_us_max=round(float(us(0, 4).max()), 2),
                 span_us=round(float(t[:, 4].max() - t[:, 0].min()) / 1e3, 2),
                 ghz=round(float(((t[:, 5] - t[:, 8]).double() / (t[:, 4] - t[:, 0]).double()).median()), 3))
