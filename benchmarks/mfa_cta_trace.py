@@ -7,12 +7,13 @@
 A traced copy of runtime/kernels/mfa_decode_ws.py is built from its source at run time (the library file is
 not touched, and the traced kernel is never the library's): every CTA writes %globaltimer at its entry, when
 its consumer starts, when q is in its registers, when its q split is done, after its first S, when its loop
-ends and after its epilogue, and the loader and the converter when their first tile is issued / in. With --waits, thread 0 of that partition also sums the %clock
-cycles spent in each of its mbarrier waits in the loop (one partition a run: counters in both, or at the
-consumer's wgmma waits, make ptxas spill the consumer; the consumer's counters still spill 24 B where a
-sequence is split, so count its waits at one-split shapes). Each shape: the library kernel and the traced
-one as CUDA-graph replays, then one traced replay after warm ones; medians over the CTAs. Writes
-DIR/mfa_cta_trace[_PARTITION_waits]_h200.json (DIR: benchmarks/results unless --out).
+ends and after its epilogue, and the loader and the converter when their first tile is issued / in. With
+--waits, thread 0 of that partition also sums the %clock cycles spent in each of its mbarrier waits in the
+loop (one partition a run: counters in both, or at the consumer's wgmma waits, make ptxas spill the consumer;
+the consumer's counters still spill 24 B where a sequence is split, so count its waits at one-split shapes).
+Each shape: the library kernel and the traced one as CUDA-graph replays, then one traced replay after warm
+ones; medians over the CTAs. Writes DIR/mfa_cta_trace[_PARTITION_waits]_h200.json (DIR: benchmarks/results
+unless --out).
 """
 
 from __future__ import annotations
@@ -92,7 +93,8 @@ def _edits(waits: str | None) -> list[tuple]:
     v_wait = "        mbarrier.wait(v_ready.index(s), (i // STAGES) & 1)"
     free_wait = "        mbarrier.wait(v16_empty.index(j), ((i // VSTAGES) & 1) ^ 1)"
     load_v = "        _load_tile(v_desc, v_smem, v_ready, v_empty, s, phase, rows, BLOCK_N, R, NH)\n"
-    split_q = "    qs = _split_q_smem(x0, x1, q_smem, q_in, NH)\n"
+    split_q = "    _split_q_smem(x0, x1, q_smem, q_in, qs_smem, NH, "  # the consumer's and the converter's
+    q_done = "    mbarrier.wait(q_done, 0)  # the converter's rows\n"
     q_arrive = "    mbarrier.arrive(q_in, count=1)  # after the loads"
     consumer_first = "    k_scale = gl.load(k_scale_ptr)  # the scales and q first"
     last_wait = "        acc0, acc1, p16 = warpgroup_mma_wait(0, deps=[t0, t1, p16])\n    _epilogue("
@@ -104,7 +106,7 @@ def _edits(waits: str | None) -> list[tuple]:
         ("            STAGES: gl.constexpr, NH: gl.constexpr):\n",
          "            STAGES: gl.constexpr, NH: gl.constexpr, tr):\n"),
         (load_v, load_v + "        if i == 0:\n" + store(" " * 12, 6)),
-        ("               VEC: gl.constexpr):", "               VEC: gl.constexpr, tr):"),
+        ("               VEC: gl.constexpr):", "               VEC: gl.constexpr, tr):"),  # the converter
         (v_wait + "\n", (_wait(v_wait, 14) if waits == "converter" else v_wait) + "\n        if i == 0:\n"
          + store(" " * 12, 7)),
         ("k_ready, i, zero, STAGES", "k_ready, i, zero, tr, STAGES"),
@@ -116,10 +118,12 @@ def _edits(waits: str | None) -> list[tuple]:
         ("v16_smem, v16_ready, v16_empty = bufs", "v16_smem, v16_ready, v16_empty, tr = bufs"),
         (f"bufs = {bufs})", f"bufs = {bufs}, tr)"),
         ("DIRECT: gl.constexpr, PAIR: gl.constexpr):", "DIRECT: gl.constexpr, PAIR: gl.constexpr, tr):"),
-        (split_q, split_q.replace("NH)", "NH, tr)") + store(" " * 4, 1)),
-        ("def _split_q_smem(x0, x1, q_smem, q_in, NH: gl.constexpr):",
-         "def _split_q_smem(x0, x1, q_smem, q_in, NH: gl.constexpr, tr):"),
-        (q_arrive, "    gl.store(tr + 13, _now_after(gl.max(amax, 0).to(gl.int32, bitcast=True)))\n" + q_arrive),
+        (split_q, split_q.replace("NH, ", "NH, tr, "), 2),
+        ("def _split_q_smem(x0, x1, q_smem, q_in, qs_smem, NH: gl.constexpr, ROW0: gl.constexpr):",
+         "def _split_q_smem(x0, x1, q_smem, q_in, qs_smem, NH: gl.constexpr, tr, ROW0: gl.constexpr):"),
+        (q_arrive, "    if ROW0 == 0:  # the consumer's rows\n"
+         "        gl.store(tr + 13, _now_after(gl.max(amax, 0).to(gl.int32, bitcast=True)))\n" + q_arrive),
+        (q_done, q_done + store(" " * 4, 1)),
         (consumer_first, store(" " * 4, 12) + consumer_first),
         ("        release(k_empty.index(0))\n",
          "        release(k_empty.index(0))\n" + store(" " * 8, 2)),

@@ -6,13 +6,15 @@ but the work of a tile is spread over three partitions that meet only at mbarrie
 - loader (1 warp, 24 registers): reads the block table and issues every TMA load: per BLOCK_N-token tile K
   and V as [min(page, BLOCK_N), 128] boxes of the cache viewed as [num_blocks * page, D] (each D half its
   own 128-byte-swizzled buffer) into a STAGES ring.
-- converter (4 warps): V's E4M3 tile -> fp16 into a VSTAGES ring (rows past the sequence end zeroed: the
-  cache there may hold anything, NaN codes too), so the dot warps never touch V's bytes. Its
+- converter (4 warps): first splits the second half of q's rows (heads), as the consumer does the first, so
+  a CTA's first S waits for half the split (NOTES_mfa.md run 18); then V's E4M3 tile -> fp16 into a VSTAGES
+  ring (rows past the sequence end zeroed: the cache there may hold anything, NaN codes too), so the dot
+  warps never touch V's bytes. Its
   bank-conflict-free layout (VEC 8) took 13% off the whole kernel (NOTES_mfa.md run 9); since then the
   consumer bounds the loop (run 13: it waits ~9% of a tile, and 8 converter warps changed nothing).
-- consumer (the default partition, 4 warps): reads q once and splits it into shared memory while the first
-  tile's K and V loads fly, the rest of the stream waiting for q (`q_in`; NOTES_mfa.md runs 11 and 13), then
-  S = q_hi K^T + q_lo K^T as E4M3 wgmma chains on the raw K tile
+- consumer (the default partition, 4 warps): reads the first half of q's rows once and splits it into
+  shared memory while the first tile's K and V loads fly, the rest of the stream waiting for q (`q_in`;
+  NOTES_mfa.md runs 11 and 13), then S = q_hi K^T + q_lo K^T as E4M3 wgmma chains on the raw K tile
   (K-major as stored), online softmax in registers, O += P V with P fp16 from registers and V fp16 from
   shared memory. Tile n+1's S chains are issued before tile n's softmax and run under it. (Leaving tile n's
   P V in flight across the loop's back edge as well, FA3-style, made ptxas serialize every wgmma of the
@@ -46,6 +48,7 @@ from runtime.kernels.gluon_sync import WARPGROUP_THREADS, release
 from runtime.kernels.kv_cache import PagedKVCache
 
 DH = gl.constexpr(128)  # columns of one D half: a 128-byte E4M3 row, the TMA box's and the swizzle's width
+QROWS = gl.constexpr(32)  # q rows (heads) a partition splits: the consumer the first, the converter the rest
 
 
 @gluon.jit
@@ -115,10 +118,12 @@ def _loader(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, 
 
 
 @gluon.jit
-def _converter(v_smem, v16_smem, v_ready, v_empty, v16_ready, v16_empty, b, lens_ptr, start, tokens_per_split,
+def _converter(q_ptr, q_smem, q_in, q_done, qs_smem, stride_qb, stride_qh, v_smem, v16_smem, v_ready, v_empty,
+               v16_ready, v16_empty, b, lens_ptr, start, tokens_per_split, H: gl.constexpr,
                BLOCK_N: gl.constexpr, STAGES: gl.constexpr, VSTAGES: gl.constexpr, NH: gl.constexpr,
                VEC: gl.constexpr):
-    """Each tile's V: E4M3 stage -> registers (VEC bytes a thread a row) -> fp16 stage; releases the E4M3
+    """First the second half of q's rows (`_split_q_smem`; `q_done` tells the consumer), then each tile's V:
+    E4M3 stage -> registers (VEC bytes a thread a row) -> fp16 stage; releases the E4M3
     stage as soon as it is read. Rows past the sequence end become 0 (P is 0 there, but 0 x NaN is not).
     VEC 8 (16 threads along a 128-column row, 2 rows a warp): the fp16 STS.128 of a warp cover 2 x 256
     bytes of the 128-byte-swizzled tile, conflict-free (gl.bank_conflicts 0); VEC 16, run 8's layout (8
@@ -126,7 +131,10 @@ def _converter(v_smem, v16_smem, v_ready, v_empty, v16_ready, v16_empty, b, lens
     request where 4 would do)."""
     layout: gl.constexpr = gl.BlockedLayout([1, VEC], [32 * VEC // DH, DH // VEC], [4, 1], [1, 0])
     rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, layout))
+    x0, x1 = _load_q(q_ptr, b, stride_qb, stride_qh, H, QROWS)
     end, n_tiles = _span(lens_ptr, b, start, tokens_per_split, BLOCK_N)
+    _split_q_smem(x0, x1, q_smem, q_in, qs_smem, NH, QROWS)
+    mbarrier.arrive(q_done, count=1)
     for i in range(n_tiles):
         s = i % STAGES
         j = i % VSTAGES
@@ -144,7 +152,7 @@ def _converter(v_smem, v16_smem, v_ready, v_empty, v16_ready, v16_empty, b, lens
 
 
 @gluon.jit
-def _store_hi_lo(x, r, q_smem, j, NH: gl.constexpr):
+def _store_hi_lo(x, r, q_smem, j, NH: gl.constexpr, ROW0: gl.constexpr):
     """x r (one D half of q, bf16 [64, DH]; r = 448 / max|q_h| per head) as E4M3 hi into q_smem j and
     lo = x r - hi into q_smem NH + j. hi is x r with its mantissa rounded to E4M3's 3 bits (nearest even) on
     the fp32 bits, so its cast is exact for E4M3 normals and lo needs no E4M3 -> fp32 unpack (the pattern
@@ -154,15 +162,16 @@ def _store_hi_lo(x, r, q_smem, j, NH: gl.constexpr):
     x = x.to(gl.float32) * r[:, None]
     bits = x.to(gl.int32, bitcast=True)
     hi = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576).to(gl.float32, bitcast=True)  # 0xFFF00000
-    q_smem.index(j).store(hi.to(gl.float8e4nv))
-    q_smem.index(NH + j).store((x - hi).to(gl.float8e4nv))
+    q_smem.index(j).slice(ROW0, QROWS).store(hi.to(gl.float8e4nv))
+    q_smem.index(NH + j).slice(ROW0, QROWS).store((x - hi).to(gl.float8e4nv))
 
 
 @gluon.jit
-def _load_q(q_ptr, b, stride_qb, stride_qh, H: gl.constexpr):
-    """Sequence b's q [H, D] as its two D halves [64, DH] in registers (rows from H on zero)."""
+def _load_q(q_ptr, b, stride_qb, stride_qh, H: gl.constexpr, ROW0: gl.constexpr):
+    """Rows ROW0 .. ROW0 + QROWS - 1 of sequence b's q [H, D] as two D halves [QROWS, DH] in registers (rows
+    from H on zero)."""
     layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
-    h = gl.arange(0, 64, layout=gl.SliceLayout(1, layout))
+    h = ROW0 + gl.arange(0, QROWS, layout=gl.SliceLayout(1, layout))
     d = gl.arange(0, DH, layout=gl.SliceLayout(0, layout))
     ptr = q_ptr + b.to(gl.int64) * stride_qb + h[:, None] * stride_qh + d[None, :]
     mask = (h < H)[:, None]
@@ -170,22 +179,23 @@ def _load_q(q_ptr, b, stride_qb, stride_qh, H: gl.constexpr):
 
 
 @gluon.jit
-def _split_q_smem(x0, x1, q_smem, q_in, NH: gl.constexpr):
-    """q's D halves x0, x1 (`_load_q`) split as `mfa_decode._split_q_fp8` does (the same hi for E4M3 normals,
-    see `_store_hi_lo`), q ~= s (hi + lo) with s = max|q_h| / 448 per head: hi's D halves into q_smem
-    0 .. NH - 1, lo's into NH .. 2 NH - 1. Returns s. q is read once, both halves, and the loader issues only
-    the first tile before q is in registers (`q_in`): behind the whole K / V stream q's loads had waited
-    ~4 us, twice (a pass for the max, one for the split), and a CTA's first tile had started ~12.5 us after
-    its entry (NOTES_mfa.md run 13)."""
+def _split_q_smem(x0, x1, q_smem, q_in, qs_smem, NH: gl.constexpr, ROW0: gl.constexpr):
+    """q's rows ROW0 .. ROW0 + QROWS - 1 (x0, x1: `_load_q`) split as `mfa_decode._split_q_fp8` does (the
+    same hi for E4M3 normals, see `_store_hi_lo`), q ~= s (hi + lo) with s = max|q_h| / 448 per head: hi's
+    D halves into q_smem 0 .. NH - 1, lo's into NH .. 2 NH - 1, s into qs_smem. The consumer splits the
+    first half of the rows and the converter, idle until the first V tile lands, the second: a CTA's first
+    S waits for the split (NOTES_mfa.md run 18). q is read once, both D halves, and the loader issues only
+    the first tile before q is in registers (`q_in`: one arrive per partition): behind the whole K / V
+    stream q's loads had waited ~4 us (NOTES_mfa.md run 13)."""
     gl.static_assert(NH == 2)
     amax = gl.maximum(gl.max(gl.abs(x0.to(gl.float32)), 1), gl.max(gl.abs(x1.to(gl.float32)), 1))
     mbarrier.arrive(q_in, count=1)  # after the loads (the arrive releases them): the stream may go on
     amax = gl.maximum(amax, 1e-30)
     r = 448.0 / amax
-    _store_hi_lo(x0, r, q_smem, 0, NH)
-    _store_hi_lo(x1, r, q_smem, 1, NH)
+    _store_hi_lo(x0, r, q_smem, 0, NH, ROW0)
+    _store_hi_lo(x1, r, q_smem, 1, NH, ROW0)
+    qs_smem.slice(ROW0, QROWS).store(amax / 448.0)
     fence_async_shared()  # the stores before the wgmma that reads them
-    return amax / 448.0
 
 
 @gluon.jit
@@ -286,11 +296,11 @@ def _tile(bufs, st, qk_scale, zero_s, i, BLOCK_N: gl.constexpr, STAGES: gl.const
 
 
 @gluon.jit
-def _consumer(q_ptr, q_smem, q_in, k_smem, v16_smem, k_empty, k_ready, v16_ready, v16_empty, k_scale_ptr,
-              v_scale_ptr, out_ptr, part_o_ptr, part_lse_ptr, sm_scale_log2, b, split, lens_ptr, start,
-              tokens_per_split, num_splits, stride_qb, stride_qh, stride_ob, stride_oh, H: gl.constexpr,
-              BLOCK_N: gl.constexpr, STAGES: gl.constexpr, VSTAGES: gl.constexpr, NH: gl.constexpr,
-              DIRECT: gl.constexpr, PAIR: gl.constexpr):
+def _consumer(q_ptr, q_smem, q_in, q_done, qs_smem, k_smem, v16_smem, k_empty, k_ready, v16_ready, v16_empty,
+              k_scale_ptr, v_scale_ptr, out_ptr, part_o_ptr, part_lse_ptr, sm_scale_log2, b, split, lens_ptr,
+              start, tokens_per_split, num_splits, stride_qb, stride_qh, stride_ob, stride_oh,
+              H: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, VSTAGES: gl.constexpr,
+              NH: gl.constexpr, DIRECT: gl.constexpr, PAIR: gl.constexpr):
     """Scores, softmax and P V of every tile (the loop peels the last one, the only one masked), then the
     normalized partial output and its log2-sum-exp (or the output itself when there is one split).
     PAIR: the loop body takes two tiles, P V of the first running under the second's softmax (a P V left
@@ -301,10 +311,11 @@ def _consumer(q_ptr, q_smem, q_in, k_smem, v16_smem, k_empty, k_ready, v16_ready
                                                        instr_shape=[16, 128, 16])
     k_scale = gl.load(k_scale_ptr)  # the scales and q first: their round trips overlap the length's
     v_scale = gl.load(v_scale_ptr)
-    x0, x1 = _load_q(q_ptr, b, stride_qb, stride_qh, H)
+    x0, x1 = _load_q(q_ptr, b, stride_qb, stride_qh, H, 0)
     end, n_tiles = _span(lens_ptr, b, start, tokens_per_split, BLOCK_N)
-    qs = _split_q_smem(x0, x1, q_smem, q_in, NH)
-    qk_scale = sm_scale_log2 * k_scale * gl.convert_layout(qs, gl.SliceLayout(1, s_layout))
+    _split_q_smem(x0, x1, q_smem, q_in, qs_smem, NH, 0)
+    mbarrier.wait(q_done, 0)  # the converter's rows
+    qk_scale = sm_scale_log2 * k_scale * qs_smem.load(gl.SliceLayout(1, s_layout))
     m_i = gl.full([64], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
     l_i = gl.zeros([64], gl.float32, gl.SliceLayout(1, s_layout))
     zero_s = gl.zeros([64, BLOCK_N], gl.float32, s_layout)
@@ -412,8 +423,11 @@ def _mfa_decode_ws_kernel(q_ptr, k_desc, v_desc, bt_ptr, lens_ptr, k_scale_ptr, 
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v16_ready = gl.allocate_shared_memory(gl.int64, [VSTAGES, 1], mbarrier.MBarrierLayout())
     v16_empty = gl.allocate_shared_memory(gl.int64, [VSTAGES, 1], mbarrier.MBarrierLayout())
+    qs_smem = gl.allocate_shared_memory(gl.float32, [64], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
     q_in = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_in, count=1)
+    q_done = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_in, count=2)  # the consumer's and the converter's q rows are in registers
+    mbarrier.init(q_done, count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(k_empty.index(i), count=WARPGROUP_THREADS)  # `release`
@@ -424,12 +438,13 @@ def _mfa_decode_ws_kernel(q_ptr, k_desc, v_desc, bt_ptr, lens_ptr, k_scale_ptr, 
         mbarrier.init(v16_empty.index(i), count=WARPGROUP_THREADS)
     fence_async_shared()
     gl.warp_specialize([
-        (_consumer, (q_ptr, q_smem, q_in, k_smem, v16_smem, k_empty, k_ready, v16_ready, v16_empty,
-                     k_scale_ptr, v_scale_ptr, out_ptr, part_o_ptr, part_lse_ptr, sm_scale_log2, b, split,
-                     lens_ptr, start, tokens_per_split, num_splits, stride_qb, stride_qh, stride_ob,
+        (_consumer, (q_ptr, q_smem, q_in, q_done, qs_smem, k_smem, v16_smem, k_empty, k_ready, v16_ready,
+                     v16_empty, k_scale_ptr, v_scale_ptr, out_ptr, part_o_ptr, part_lse_ptr, sm_scale_log2, b,
+                     split, lens_ptr, start, tokens_per_split, num_splits, stride_qb, stride_qh, stride_ob,
                      stride_oh, H, BLOCK_N, STAGES, VSTAGES, NH, DIRECT, PAIR)),
-        (_converter, (v_smem, v16_smem, v_ready, v_empty, v16_ready, v16_empty, b, lens_ptr, start,
-                      tokens_per_split, BLOCK_N, STAGES, VSTAGES, NH, VEC)),
+        (_converter, (q_ptr, q_smem, q_in, q_done, qs_smem, stride_qb, stride_qh, v_smem, v16_smem, v_ready,
+                      v_empty, v16_ready, v16_empty, b, lens_ptr, start, tokens_per_split, H, BLOCK_N,
+                      STAGES, VSTAGES, NH, VEC)),
         (_loader, (k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, q_in, bt_ptr,
                    stride_bt, b, lens_ptr, start, tokens_per_split, PAGE, BLOCK_N, STAGES, NH)),
     ], [4, 1], [CONVERTER_REGS, 24])
