@@ -210,13 +210,14 @@ def _mfa_decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, k_scale_ptr, v_s
 
 
 @triton.jit
-def _mfa_merge_kernel(part_o_ptr, part_lse_ptr, lens_ptr, out_ptr, tokens_per_split, num_splits,
-                      stride_ob, stride_oh, H: tl.constexpr, D: tl.constexpr, S_PAD: tl.constexpr,
-                      D_BLOCK: tl.constexpr, PDL: tl.constexpr):
-    """Program (head h, sequence b, dims block): all used splits of (b, h) in ONE load of [S_PAD, D_BLOCK].
+def _mfa_merge_kernel(part_o_ptr, part_lse_ptr, out_ptr, num_splits, stride_ob, stride_oh, H: tl.constexpr,
+                      D: tl.constexpr, S_PAD: tl.constexpr, D_BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """Program (head h, sequence b, dims block): all splits of (b, h) in ONE load of [S_PAD, D_BLOCK].
 
     One round trip per program instead of a loop over split blocks: at batch 1 the merge is latency,
-    not bytes (64 heads x 128 splits x 1 KiB), so it is spread over D / D_BLOCK programs per head.
+    not bytes (64 heads x 128 splits x 1 KiB), so it is spread over D / D_BLOCK programs per head. The
+    sequence's length is not read (a second round trip before the partials'): a split past it wrote o = 0
+    and lse = -inf, weight 0 here.
     PDL: launched before the decode grid finished (programmatic dependent launch): wait for it first.
     """
     if PDL:
@@ -225,11 +226,10 @@ def _mfa_merge_kernel(part_o_ptr, part_lse_ptr, lens_ptr, out_ptr, tokens_per_sp
     h = tl.program_id(0)
     b = tl.program_id(1)
     d = tl.program_id(2) * D_BLOCK + tl.arange(0, D_BLOCK)
-    used = tl.cdiv(tl.load(lens_ptr + b), tokens_per_split)  # splits that saw >= 1 token
     sp = tl.arange(0, S_PAD)
     row = (b.to(tl.int64) * num_splits + sp) * H + h
-    lse = tl.load(part_lse_ptr + row, mask=sp < used, other=float("-inf"))  # [S_PAD]
-    o = tl.load(part_o_ptr + row[:, None] * D + d[None, :], mask=(sp < used)[:, None], other=0.0)
+    lse = tl.load(part_lse_ptr + row, mask=sp < num_splits, other=float("-inf"))  # [S_PAD]
+    o = tl.load(part_o_ptr + row[:, None] * D + d[None, :], mask=(sp < num_splits)[:, None], other=0.0)
     w = tl.exp2(lse - tl.max(lse, 0))  # [S_PAD], 0 for unused splits
     merged = tl.sum(w[:, None] * o, 0) / tl.sum(w, 0)
     out = out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + d
@@ -310,10 +310,9 @@ def mfa_decode(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor, 
     if not direct:
         s_pad = triton.next_power_of_2(plan.num_splits)
         d_block = min(D, max(16, 8192 // s_pad))  # a [S_PAD, D_BLOCK] fp32 tile of <= 32 KiB
-        _mfa_merge_kernel[(H, B, D // d_block)](part_o, part_lse, seq_lens, out, plan.tokens_per_split,
-                                                plan.num_splits, out.stride(0), out.stride(1), H=H, D=D,
-                                                S_PAD=s_pad, D_BLOCK=d_block, PDL=pdl, num_warps=4,
-                                                launch_pdl=pdl)
+        _mfa_merge_kernel[(H, B, D // d_block)](part_o, part_lse, out, plan.num_splits, out.stride(0),
+                                                out.stride(1), H=H, D=D, S_PAD=s_pad, D_BLOCK=d_block,
+                                                PDL=pdl, num_warps=4, launch_pdl=pdl)
     return out
 
 
