@@ -34,7 +34,7 @@ from benchmarks.common import capture_graph, gpu_versions  # noqa: E402
 from benchmarks.mfa_attention import time_graph  # noqa: E402
 
 SOURCE = Path(__file__).resolve().parents[1] / "runtime" / "kernels" / "mfa_decode_ws.py"
-SLOTS = 16  # int64 words per CTA: 0-9 timeline, 10-15 wait counters (low 32 bits)
+SLOTS = 16  # int64 words per CTA: 0-9, 12, 13 timeline; 10, 11, 14, 15 wait counters (low 32 bits)
 H, D, PAGE = 64, 256, 64
 SHAPES = ((128, 0), (128, 1024), (128, 4096), (128, 8192), (256, 4096), (32, 4096), (128, 32768))
 TIMELINE = {"q_split_done": 1, "first_s": 2, "loop_done": 3, "epilogue_done": 4, "loader_first_issue": 6,

@@ -9,9 +9,9 @@ but the work of a tile is spread over three partitions that meet only at mbarrie
 - converter (4 warps): first splits the second half of q's rows (heads), as the consumer does the first, so
   a CTA's first S waits for half the split (NOTES_mfa.md run 18); then V's E4M3 tile -> fp16 into a VSTAGES
   ring (rows past the sequence end zeroed: the cache there may hold anything, NaN codes too), so the dot
-  warps never touch V's bytes. Its
-  bank-conflict-free layout (VEC 8) took 13% off the whole kernel (NOTES_mfa.md run 9); since then the
-  consumer bounds the loop (run 13: it waits ~9% of a tile, and 8 converter warps changed nothing).
+  warps never touch V's bytes. Its bank-conflict-free layout (VEC 8) took 13% off the whole kernel
+  (NOTES_mfa.md run 9); since then the consumer bounds the loop (run 13: it waits ~9% of a tile, and 8
+  converter warps changed nothing).
 - consumer (the default partition, 4 warps): reads the first half of q's rows once and splits it into
   shared memory while the first tile's K and V loads fly, the rest of the stream waiting for q (`q_in`;
   NOTES_mfa.md runs 11 and 13), then S = q_hi K^T + q_lo K^T as E4M3 wgmma chains on the raw K tile
@@ -24,8 +24,8 @@ but the work of a tile is spread over three partitions that meet only at mbarrie
   itself (`gluon_sync.release`): 3-5% off the loop together (NOTES_mfa.md run 14).
 The Triton kernel does all of this in each of its warps, one step after the other (NOTES_mfa.md run 7:
 445 instructions per warp per 32-token tile, latency-bound at 2 warps per scheduler).
-Measured (H200, NOTES_mfa.md run 14): 256 x 4K 157.4 us (BF16 257.7); the library's FP8 launch from 64K
-cached tokens per call (32K with 32+ sequences, `mfa_plan`). Needs Hopper and Triton 3.6's Gluon API
+Measured (H200, NOTES_mfa.md run 18): 256 x 4K 151.9 us (BF16 258.9); the library's FP8 launch from 32K
+cached tokens per call (`mfa_plan`). Needs Hopper and Triton 3.6's Gluon API
 (`mfa_plan.ws_decode_usable`); elsewhere mfa_decode runs the Triton kernel.
 """
 
@@ -60,7 +60,8 @@ def _gdc(asm: gl.constexpr):
 @gluon.jit
 def _span(lens_ptr, b, start, tokens_per_split, BLOCK_N: gl.constexpr):
     """The split's end token and its tile count. Each partition reads the length itself, after whatever it can
-    issue first (the consumer: q), rather than the whole CTA waiting for it before the partitions start."""
+    issue first (the consumer and the converter: their q rows), rather than the whole CTA waiting for it
+    before the partitions start."""
     end = gl.minimum(start + tokens_per_split, gl.load(lens_ptr + b))
     return end, gl.cdiv(gl.maximum(end - start, 0), BLOCK_N)
 
@@ -123,8 +124,8 @@ def _converter(q_ptr, q_smem, q_in, q_done, qs_smem, stride_qb, stride_qh, v_sme
                BLOCK_N: gl.constexpr, STAGES: gl.constexpr, VSTAGES: gl.constexpr, NH: gl.constexpr,
                VEC: gl.constexpr):
     """First the second half of q's rows (`_split_q_smem`; `q_done` tells the consumer), then each tile's V:
-    E4M3 stage -> registers (VEC bytes a thread a row) -> fp16 stage; releases the E4M3
-    stage as soon as it is read. Rows past the sequence end become 0 (P is 0 there, but 0 x NaN is not).
+    E4M3 stage -> registers (VEC bytes a thread a row) -> fp16 stage; releases the E4M3 stage as soon as it
+    is read. Rows past the sequence end become 0 (P is 0 there, but 0 x NaN is not).
     VEC 8 (16 threads along a 128-column row, 2 rows a warp): the fp16 STS.128 of a warp cover 2 x 256
     bytes of the 128-byte-swizzled tile, conflict-free (gl.bank_conflicts 0); VEC 16, run 8's layout (8
     threads a row, 4 rows a warp), put both 64-column halves on the same banks (ncu: 12.8 wavefronts per
@@ -153,12 +154,13 @@ def _converter(q_ptr, q_smem, q_in, q_done, qs_smem, stride_qb, stride_qh, v_sme
 
 @gluon.jit
 def _store_hi_lo(x, r, q_smem, j, NH: gl.constexpr, ROW0: gl.constexpr):
-    """x r (one D half of q, bf16 [64, DH]; r = 448 / max|q_h| per head) as E4M3 hi into q_smem j and
-    lo = x r - hi into q_smem NH + j. hi is x r with its mantissa rounded to E4M3's 3 bits (nearest even) on
-    the fp32 bits, so its cast is exact for E4M3 normals and lo needs no E4M3 -> fp32 unpack (the pattern
-    ptxas miscompiled in run 7's pre-pass); the hardware cast (nearest even, saturating) rounds lo. Below
-    E4M3's normal range the cast re-rounds hi, which lo then misses by <= 2^-10 of the 448 scale. About 9
-    instructions an element where act_quant's full rounding of both parts took ~34 (NOTES_mfa.md run 13)."""
+    """x r (one D half of q's rows ROW0 .., bf16 [QROWS, DH]; r = 448 / max|q_h| per head) as E4M3 hi into
+    those rows of q_smem j and lo = x r - hi into q_smem NH + j. hi is x r with its mantissa rounded to E4M3's
+    3 bits (nearest even) on the fp32 bits, so its cast is exact for E4M3 normals and lo needs no E4M3 -> fp32
+    unpack (the pattern ptxas miscompiled in run 7's pre-pass); the hardware cast (nearest even, saturating)
+    rounds lo. Below E4M3's normal range the cast re-rounds hi, which lo then misses by <= 2^-10 of the 448
+    scale. About 9 instructions an element where act_quant's full rounding of both parts took ~34
+    (NOTES_mfa.md run 13)."""
     x = x.to(gl.float32) * r[:, None]
     bits = x.to(gl.int32, bitcast=True)
     hi = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576).to(gl.float32, bitcast=True)  # 0xFFF00000
