@@ -6,14 +6,14 @@
 
 A traced copy of runtime/kernels/mfa_decode_ws.py is built from its source at run time (the library file is
 not touched, and the traced kernel is never the library's): every CTA writes %globaltimer at its entry, when
-its consumer starts, when q is in its registers, when its q split is done, after its first S, when its loop
-ends and after its epilogue, and the loader and the converter when their first tile is issued / in. With
---waits, thread 0 of that partition also sums the %clock cycles spent in each of its mbarrier waits in the
-loop (one partition a run: counters in both, or at the consumer's wgmma waits, make ptxas spill the consumer;
-the consumer's counters still spill 24 B where a sequence is split, so count its waits at one-split shapes).
-Each shape: the library kernel and the traced one as CUDA-graph replays, then one traced replay after warm
-ones; medians over the CTAs. Writes DIR/mfa_cta_trace[_PARTITION_waits]_h200.json (DIR: benchmarks/results
-unless --out).
+its consumer starts, when q is in its registers (and the converter's rows of q), when each partition's q split
+and the whole split are done, after its first S, when its loop ends and after its epilogue, and the loader and
+the converter when their first tile is issued / in. With --waits, thread 0 of that partition also sums the
+%clock cycles spent in each of its mbarrier waits in the loop (one partition a run: counters in both, or at
+the consumer's wgmma waits, make ptxas spill the consumer; the consumer's counters still spill 24 B where a
+sequence is split, so count its waits at one-split shapes). Each shape: the library kernel and the traced one
+as CUDA-graph replays, then one traced replay after warm ones; medians over the CTAs. Writes
+DIR/mfa_cta_trace[_PARTITION_waits]_h200.json (DIR: benchmarks/results unless --out).
 """
 
 from __future__ import annotations
@@ -34,12 +34,13 @@ from benchmarks.common import capture_graph, gpu_versions  # noqa: E402
 from benchmarks.mfa_attention import time_graph  # noqa: E402
 
 SOURCE = Path(__file__).resolve().parents[1] / "runtime" / "kernels" / "mfa_decode_ws.py"
-SLOTS = 16  # int64 words per CTA: 0-9, 12, 13 timeline; 10, 11, 14, 15 wait counters (low 32 bits)
+SLOTS = 24  # int64 words per CTA: 0-9, 12, 13, 16-18 timeline; 10, 11, 14, 15 wait counters (low 32 bits)
 H, D, PAGE = 64, 256, 64
 SHAPES = ((128, 0), (128, 1024), (128, 4096), (128, 8192), (256, 4096), (32, 4096), (128, 32768))
 TIMELINE = {"q_split_done": 1, "first_s": 2, "loop_done": 3, "epilogue_done": 4, "loader_first_issue": 6,
-            "converter_first_v": 7, "consumer_start": 12, "q_loaded": 13}
-FIXED = (1, 4, 12, 13)  # the slots an empty sequence (ctx 0) writes too
+            "converter_first_v": 7, "consumer_start": 12, "q_loaded": 13, "consumer_split_done": 16,
+            "converter_split_done": 17, "converter_q_loaded": 18}
+FIXED = (1, 4, 12, 13, 16, 17, 18)  # the slots an empty sequence (ctx 0) writes too
 WAITS = {"consumer": {"k_ready": 10, "v16_ready": 11}, "converter": {"v_ready": 14, "v16_empty": 15}}
 
 _HELPERS = '''@gluon.jit
@@ -96,6 +97,7 @@ def _edits(waits: str | None) -> list[tuple]:
     split_q = "    _split_q_smem(x0, x1, q_smem, q_in, qs_smem, NH, "  # the consumer's and the converter's
     q_done = "    mbarrier.wait(q_done, 0)  # the converter's rows\n"
     q_arrive = "    mbarrier.arrive(q_in, count=1)  # after the loads"
+    q_done_arrive = "    mbarrier.arrive(q_done, count=1)\n"
     consumer_first = "    k_scale = gl.load(k_scale_ptr)  # the scales and q first"
     last_wait = "        acc0, acc1, p16 = warpgroup_mma_wait(0, deps=[t0, t1, p16])\n    _epilogue("
     epilogue = "              num_splits, stride_ob, stride_oh, H, DIRECT, o_layout)\n"
@@ -121,9 +123,11 @@ def _edits(waits: str | None) -> list[tuple]:
         (split_q, split_q.replace("NH, ", "NH, tr, "), 2),
         ("def _split_q_smem(x0, x1, q_smem, q_in, qs_smem, NH: gl.constexpr, ROW0: gl.constexpr):",
          "def _split_q_smem(x0, x1, q_smem, q_in, qs_smem, NH: gl.constexpr, tr, ROW0: gl.constexpr):"),
-        (q_arrive, "    if ROW0 == 0:  # the consumer's rows\n"
-         "        gl.store(tr + 13, _now_after(gl.max(amax, 0).to(gl.int32, bitcast=True)))\n" + q_arrive),
-        (q_done, q_done + store(" " * 4, 1)),
+        (q_arrive, "    loaded = _now_after(gl.max(amax, 0).to(gl.int32, bitcast=True))\n"
+         "    gl.store(tr + (13 if ROW0 == 0 else 18), loaded)  # the consumer's rows, or the converter's\n"
+         + q_arrive),
+        (q_done, store(" " * 4, 16) + q_done + store(" " * 4, 1)),
+        (q_done_arrive, store(" " * 4, 17) + q_done_arrive),
         (consumer_first, store(" " * 4, 12) + consumer_first),
         ("        release(k_empty.index(0))\n",
          "        release(k_empty.index(0))\n" + store(" " * 8, 2)),

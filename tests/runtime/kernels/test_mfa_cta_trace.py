@@ -11,7 +11,7 @@ from benchmarks import mfa_cta_trace as tool
 def test_traced_source_applies_and_parses(waits):
     src = tool.traced_source(waits)
     compile(src, "mfa_decode_ws_traced", "exec")
-    assert src.count("gl.store(tr + ") == 11  # timeline slots 0-8, 12 and 13
+    assert src.count("gl.store(tr + ") == 13  # timeline slots 0-8, 12, 13 (or 18), 16 and 17
     assert src.count("_acc(tr, 1") == (0 if waits is None else 2)  # wait counters, slots 10-15
     assert "trace_ptr=trace" in src and "trace_ptr)" in src  # the launch and the kernel take the buffer
 
