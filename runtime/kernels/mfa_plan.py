@@ -41,8 +41,9 @@ class DecodePlan:
 # cached tokens per call; below, run 6's fp16-dot launch, whose short programs win where a sequence is split
 # into many 1-4-tile pieces (run 15, `results/mfa_small_shapes_run15_h200.json`: 1 x 8K 11.8 us against
 # Gluon's 13.2, 8 x 1K 12.9 against 13.2; from 32K tokens Gluon wins: 1 x 32K 17.6 against 19.5, 8 x 4K 18.1
-# against 20.6, 32 x 1K 18.0 against 19.5). PDL for the Gluon launch: run 11's two full sweeps, geometric
-# mean 1.00 (1.4 us ahead at 32 x 1K / 4K, 5% behind at 256 x 32K), so it stays off. Since the Gluon CTA's
+# against 20.6, 32 x 1K 18.0 against 19.5). PDL for the Gluon launch stays off: timed in turns (run 18,
+# `results/mfa_pdl_ab_run18_h200.json`) it is 1.5-3.8% slower where a sequence is split (8 x 64K 1.030x, 32 x
+# 64K 1.038x; the merge alone as a dependent too) and 0.997-1.003x at one split. Since the Gluon CTA's
 # prologue went from ~12.5 to ~5.5 us (run 13), 3 E4M3 K / V stages and 3 fp16 V stages beat 4 + 2 at all
 # 12 shapes of an interleaved A/B, by 0.4-4% (32 x 4K 34.0 against 35.4 us, 128 x 64K 1200.9 against 1217.4).
 _GPU_LAUNCH = {2: (32, 4, 4, 4096, 2, 1, 0, 0), 1: (64, 4, 3, 2048, 2, 0, 2, 2)}
