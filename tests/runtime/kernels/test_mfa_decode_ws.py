@@ -77,6 +77,31 @@ def test_ws_decode_ignores_nan_past_the_end(heads, gluon):
 
 @pytest.mark.gpu
 @gluon_gpu
+@pytest.mark.parametrize("page", [16, 64])
+def test_ws_decode_garbage_table_past_the_end(page):
+    """Block-table entries past each sequence's last page hold anything a scheduler may leave there: -1, ids
+    far beyond the cache, and a block of NaN codes. A kernel may read them (a tile's boxes past the end) but
+    the output must not depend on them."""
+    gen = torch.Generator().manual_seed(31 + page)
+    lengths = [1, page - 1, page + 1, 70, 129, 640]
+    cache, table, lens = random_paged_cache(lengths, 256, page, FP8_DTYPE, gen)
+    nan_block, free = int(table[-1, 0]), min(set(range(cache.k.shape[0])) - set(table.flatten().tolist()))
+    table[-1, 0] = free  # the longest sequence's first page moves to a block no table entry names ...
+    cache.k[free].copy_(cache.k[nan_block])
+    cache.v[free].copy_(cache.v[nan_block])
+    cache.k[nan_block].view(torch.uint8).fill_(0x7F)  # ... and its old one becomes NaN codes
+    cache.v[nan_block].view(torch.uint8).fill_(0xFF)
+    junk = torch.tensor([-1, 2**30, nan_block, 10**9], dtype=torch.int32, device=DEVICE)
+    for b, n in enumerate(lengths):
+        used = -(-n // page)
+        table[b, used:] = junk[torch.arange(table.shape[1] - used, device=DEVICE) % 4]
+    q = torch.randn(len(lengths), 64, 256, generator=gen).to(torch.bfloat16).to(DEVICE)
+    for splits in (1, 3):
+        _check(q, cache, table, lens, _plan(len(lengths), max(lengths), page, num_splits=splits))
+
+
+@pytest.mark.gpu
+@gluon_gpu
 @pytest.mark.parametrize("gluon", [1, 2])
 def test_ws_decode_rising_scores(gluon):
     """The lazy rescale (`mfa_decode_ws._softmax`): K rows grow along each sequence (x 0.2 -> 3.2, one falls),
