@@ -104,6 +104,21 @@ def test_split_q_needs_the_lo_part():
     assert not q8[:, :, 5:].any()
 
 
+@pytest.mark.parametrize("qk_fp8", [0, 2])
+def test_decode_fp8_split_holds_a_large_v_scale(qk_fp8):
+    """With v_scale 300, V reaches 134,400 (twice fp16's range): split partials and their merge must keep it
+    (NOTES_mfa.md run 19 tried 16-bit partials)."""
+    gen = torch.Generator().manual_seed(13 + qk_fp8)
+    cache, block_table, seq_lens = random_paged_cache([40, 129, 1, 97], 64, 32, FP8_DTYPE, gen)
+    cache.v_scale.fill_(300.0)
+    q = torch.randn(4, 4, 64, generator=gen).to(torch.bfloat16).to(DEVICE)
+    plan = plan_decode(4, 129, 64, DEVICE, FP8_DTYPE, 32, num_splits=3, qk_fp8=qk_fp8)
+    out = mfa_decode(q, cache, block_table, seq_lens, plan=plan)
+    ref = mfa_decode_ref(q, cache, block_table, seq_lens)
+    assert ref.abs().max() > 65504 / 8 and out.isfinite().all()
+    assert rel_err(out, ref) < TOL_BF16
+
+
 def test_decode_qk_fp8_per_head_scale(qk_fp8=2):
     """Heads whose q spans 1e-3..1e5 (beyond fp16) keep their accuracy: the split scales q per head."""
     gen = torch.Generator().manual_seed(5)

@@ -102,6 +102,21 @@ def test_ws_decode_garbage_table_past_the_end(page):
 
 @pytest.mark.gpu
 @gluon_gpu
+def test_ws_decode_holds_a_large_v_scale():
+    """v_scale 300 puts V at up to 134,400, twice fp16's range: direct and split launches (their partials and
+    the merge) must agree with float64."""
+    gen = torch.Generator().manual_seed(23)
+    lengths = [64, 700, 1, 1500]
+    cache, table, lens = random_paged_cache(lengths, 256, 64, FP8_DTYPE, gen)
+    cache.v_scale.fill_(300.0)
+    q = torch.randn(len(lengths), 64, 256, generator=gen).to(torch.bfloat16).to(DEVICE)
+    for splits in (1, 4):
+        out = _check(q, cache, table, lens, _plan(len(lengths), max(lengths), 64, num_splits=splits))
+        assert out.abs().max() > 65504 / 8
+
+
+@pytest.mark.gpu
+@gluon_gpu
 @pytest.mark.parametrize("gluon", [1, 2])
 def test_ws_decode_rising_scores(gluon):
     """The lazy rescale (`mfa_decode_ws._softmax`): K rows grow along each sequence (x 0.2 -> 3.2, one falls),
