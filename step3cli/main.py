@@ -16,7 +16,8 @@ from converters.errors import Step3Error
 
 app = typer.Typer(
     name="step3",
-    help="Convert, quantize, serve and benchmark StepFun's Step-3 with Attention-FFN Disaggregation.",
+    help="Convert, quantize, verify and benchmark StepFun's Step-3 for Attention-FFN Disaggregation "
+    "(`serve` is not built yet).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
