@@ -175,7 +175,7 @@ def load_traced(waits: str | None):
 def trace_shape(batch: int, ctx: int, library, traced, waits: str | None) -> dict:
     """One shape (ctx 0: empty sequences, the CTA's fixed cost alone): times, then the CTAs' timeline."""
     from runtime.kernels.kv_cache import FP8_DTYPE, PagedKVCache
-    from runtime.kernels.mfa_decode import LOG2E
+    from runtime.kernels.mfa_decode import LOG2E, partial_dtype
     from runtime.kernels.mfa_plan import plan_decode
 
     pages = batch * max(ctx, PAGE) // PAGE
@@ -188,7 +188,8 @@ def trace_shape(batch: int, ctx: int, library, traced, waits: str | None) -> dic
     plan = plan_decode(batch, max(ctx, PAGE), D, torch.device("cuda"), FP8_DTYPE, PAGE, gluon=2, qk_fp8=2)
     out = torch.empty_like(q)
     split = plan.num_splits > 1
-    part_o = torch.empty(batch, plan.num_splits, H, D, device="cuda") if split else out
+    part_o = torch.empty(batch, plan.num_splits, H, D, device="cuda", dtype=partial_dtype(cache, q.dtype))
+    part_o = part_o if split else out
     part_lse = torch.empty(batch, plan.num_splits, H, device="cuda") if split else out
     trace = torch.zeros(batch * plan.num_splits * SLOTS, dtype=torch.int64, device="cuda")
     kw = dict(block_n=plan.block_n, stages=plan.num_stages, vstages=plan.gluon_vstages, pair=plan.gluon == 2)

@@ -5,9 +5,11 @@ All H query heads of a sequence share one K/V head, so one program takes the H h
 a [H_PAD, D] tile (H_PAD >= 16 for tl.dot, padded rows masked) and reads each K/V row ONCE for all of
 them: per sequence the traffic is L x 2 x D x (2 | 1) bytes of cache (the floor), plus q and out.
 Long sequences and small batches are cut into `num_splits` slices of the sequence; each writes its
-normalized partial output [H, D] fp32 and log2-sum-exp [H], and `_mfa_merge_kernel` combines them:
-    out = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M)
-which costs 2 x H x D x 4 bytes per split (`mfa_plan._pick_splits` weighs that against filling the GPU).
+normalized partial output [H, D] (fp32, or fp16 for an FP8 cache: `partial_dtype`) and log2-sum-exp [H],
+and `_mfa_merge_kernel` combines them:
+    out = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M)      (times v_scale for fp16 partials)
+which costs 2 x H x D x (4 | 2) bytes per split (`mfa_plan._pick_splits` weighs that against filling the
+GPU).
 With an FP8 cache P V takes fp16 operands (see kv_cache.dot_kind) and q K^T either fp16 ones (qk_fp8 0:
 |q| < 65504) or E4M3 ones on the raw K tile, q split per head into hi + lo by a pre-pass (qk_fp8 2).
 Measured on an H200 (benchmarks/NOTES_mfa.md, runs 5-7): BF16 256 x 4K at the copy bandwidth, 32 x 4K 68%.
@@ -199,20 +201,26 @@ def _mfa_decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, k_scale_ptr, v_s
                 v = load_paged_rows(vc_ptr, bt_row, tok, valid, stride_vb, stride_vt, PAGE, D)
                 acc, m_i, l_i = _softmax_step(q, q_lo, acc, m_i, l_i, k, v, valid, qk_scale, dot_ty, QK8)
     l_i = tl.where(l_i > 0, l_i, 1.0)  # an empty split: o = 0 and lse = -inf, i.e. weight 0 in the merge
-    o = acc * (tl.load(v_scale_ptr) / l_i)[:, None]
+    v_scale = tl.load(v_scale_ptr)
+    if not DIRECT and part_o_ptr.dtype.element_ty.primitive_bitwidth == 16:
+        v_scale = 1.0  # 16-bit partials hold O / l in the cache's units: the merge applies v_scale
+    o = acc * (v_scale / l_i)[:, None]
     if DIRECT:
         out = out_ptr + b.to(tl.int64) * stride_ob + h[:, None] * stride_oh + d[None, :]
         tl.store(out, o.to(out_ptr.dtype.element_ty), mask=h[:, None] < H)
-    else:
-        row = (b.to(tl.int64) * num_splits + s) * H + h  # partials: [B, S, H, D] and [B, S, H]
-        tl.store(part_o_ptr + row[:, None] * D + d[None, :], o, mask=h[:, None] < H)
+    else:  # partials [B, S, H, D] (`partial_dtype`) and [B, S, H]
+        row = (b.to(tl.int64) * num_splits + s) * H + h
+        tl.store(part_o_ptr + row[:, None] * D + d[None, :], o.to(part_o_ptr.dtype.element_ty),
+                 mask=h[:, None] < H)
         tl.store(part_lse_ptr + row, m_i * qk_scale + tl.log2(l_i), mask=h < H)
 
 
 @triton.jit
-def _mfa_merge_kernel(part_o_ptr, part_lse_ptr, out_ptr, num_splits, stride_ob, stride_oh, H: tl.constexpr,
-                      D: tl.constexpr, S_PAD: tl.constexpr, D_BLOCK: tl.constexpr, PDL: tl.constexpr):
-    """Program (head h, sequence b, dims block): all splits of (b, h) in ONE load of [S_PAD, D_BLOCK].
+def _mfa_merge_kernel(part_o_ptr, part_lse_ptr, v_scale_ptr, out_ptr, num_splits, stride_ob, stride_oh,
+                      H: tl.constexpr, D: tl.constexpr, S_PAD: tl.constexpr, D_BLOCK: tl.constexpr,
+                      PDL: tl.constexpr):
+    """Program (head h, sequence b, dims block): all splits of (b, h) in ONE load of [S_PAD, D_BLOCK];
+    16-bit partials are in the cache's units, so the merge applies v_scale (`partial_dtype`).
 
     One round trip per program instead of a loop over split blocks: at batch 1 the merge is latency,
     not bytes (64 heads x 128 splits x 1 KiB), so it is spread over D / D_BLOCK programs per head. The
@@ -228,10 +236,15 @@ def _mfa_merge_kernel(part_o_ptr, part_lse_ptr, out_ptr, num_splits, stride_ob, 
     d = tl.program_id(2) * D_BLOCK + tl.arange(0, D_BLOCK)
     sp = tl.arange(0, S_PAD)
     row = (b.to(tl.int64) * num_splits + sp) * H + h
+    scaled: tl.constexpr = part_o_ptr.dtype.element_ty.primitive_bitwidth == 16
+    if scaled:
+        v_scale = tl.load(v_scale_ptr)  # beside the partials' loads, not after them
     lse = tl.load(part_lse_ptr + row, mask=sp < num_splits, other=float("-inf"))  # [S_PAD]
     o = tl.load(part_o_ptr + row[:, None] * D + d[None, :], mask=(sp < num_splits)[:, None], other=0.0)
     w = tl.exp2(lse - tl.max(lse, 0))  # [S_PAD], 0 for unused splits
-    merged = tl.sum(w[:, None] * o, 0) / tl.sum(w, 0)
+    merged = tl.sum(w[:, None] * o.to(tl.float32), 0) / tl.sum(w, 0)
+    if scaled:
+        merged = merged * v_scale
     out = out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + d
     tl.store(out, merged.to(out_ptr.dtype.element_ty))
 
@@ -267,6 +280,24 @@ def _split_q(q: torch.Tensor, h_pad: int, cache: PagedKVCache,
     return q8, qs
 
 
+def partial_dtype(cache: PagedKVCache, out_dtype: torch.dtype) -> torch.dtype:
+    """The split partials' dtype. fp16 for an E4M3 cache and a 16-bit output: they hold O / l in the cache's
+    units (the merge applies v_scale), a convex combination of values within +-448, so fp16 keeps 11 bits
+    for any v_scale, no fewer than the output, at half fp32's bytes (NOTES_mfa.md run 19). Otherwise fp32,
+    holding O v_scale / l: a 16-bit cache's values have no such bound, and an fp32 output wants fp32."""
+    return torch.float16 if cache.is_fp8 and out_dtype.itemsize == 2 else torch.float32
+
+
+def _merge_warps(part_o: torch.Tensor, s_pad: int, d_block: int) -> int:
+    """16-bit partials up to 16 splits: warps only along D (one warp's 16-byte loads cover 256 columns), so
+    each thread sums its splits itself. With 4 warps over the split rows the fp16 merge waited on the
+    shared-memory reduction (ncu: L1 93% busy) and took 4x fp32's time; fp32 keeps 4 warps, which measured
+    better at 16 splits (NOTES_mfa.md run 19)."""
+    if part_o.element_size() == 2 and s_pad <= 16:
+        return max(1, d_block * 2 // 512)
+    return 4
+
+
 def mfa_decode(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor, seq_lens: torch.Tensor,
                max_seq_len: int | None = None, plan: DecodePlan | None = None) -> torch.Tensor:
     """q [B, H, D] (after RoPE) -> out [B, H, D] in q's dtype. Every seq_lens[b] must be in 1..max_seq_len.
@@ -283,7 +314,8 @@ def mfa_decode(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor, 
     assert plan.page == cache.block_size and plan.tokens_per_split % max(plan.chunk, 1) == 0, plan
     out = torch.empty_like(q)
     direct = plan.num_splits == 1
-    part_o = out if direct else torch.empty((B, plan.num_splits, H, D), dtype=torch.float32, device=q.device)
+    part_o = out if direct else torch.empty((B, plan.num_splits, H, D), dtype=partial_dtype(cache, q.dtype),
+                                            device=q.device)
     part_lse = out if direct else torch.empty((B, plan.num_splits, H), dtype=torch.float32, device=q.device)
     tile_page = plan.tile_page if plan.chunk > 0 else 0
     pdl = bool(plan.pdl) and q.is_cuda
@@ -310,9 +342,10 @@ def mfa_decode(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor, 
     if not direct:
         s_pad = triton.next_power_of_2(plan.num_splits)
         d_block = min(D, max(16, 8192 // s_pad))  # a [S_PAD, D_BLOCK] fp32 tile of <= 32 KiB
-        _mfa_merge_kernel[(H, B, D // d_block)](part_o, part_lse, out, plan.num_splits, out.stride(0),
-                                                out.stride(1), H=H, D=D, S_PAD=s_pad, D_BLOCK=d_block,
-                                                PDL=pdl, num_warps=4, launch_pdl=pdl)
+        _mfa_merge_kernel[(H, B, D // d_block)](part_o, part_lse, cache.v_scale, out, plan.num_splits,
+                                                out.stride(0), out.stride(1), H=H, D=D, S_PAD=s_pad,
+                                                D_BLOCK=d_block, PDL=pdl, launch_pdl=pdl,
+                                                num_warps=_merge_warps(part_o, s_pad, d_block))
     return out
 
 

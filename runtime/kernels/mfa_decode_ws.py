@@ -355,7 +355,7 @@ def _store_rows(x, stage, ptr, stride_h, H: gl.constexpr):
     """x [64, DH] (a wgmma accumulator's layout) into rows h < H of ptr (row stride stride_h) through the
     shared stage, so that each thread writes 16 contiguous bytes: from the accumulator's layout a thread holds
     2 adjacent 16-bit columns, and a warp's store wrote 8 rows 16 bytes each, half a sector (2-6% of the
-    call at 1K-4K tokens, NOTES_mfa.md run 17). fp32 partials go direct: 4 lanes x 8 bytes fill a sector."""
+    call at 1K-4K tokens, NOTES_mfa.md run 17). The fp16 partials take the same way (run 19)."""
     VEC: gl.constexpr = 128 // x.dtype.primitive_bitwidth
     layout: gl.constexpr = gl.BlockedLayout([1, VEC], [32 * VEC // DH, DH // VEC], [4, 1], [1, 0])
     stage.store(x)
@@ -369,25 +369,25 @@ def _store_rows(x, stage, ptr, stride_h, H: gl.constexpr):
 def _epilogue(acc0, acc1, m_i, l_i, qk_scale, v_scale, q_smem, out_ptr, part_o_ptr, part_lse_ptr, b, split,
               num_splits, stride_ob, stride_oh, H: gl.constexpr, DIRECT: gl.constexpr,
               o_layout: gl.constexpr):
-    """o = O * v_scale / l for heads < H, into out (one split: its two D halves staged in q's shared memory,
-    which no wgmma reads any more) or the fp32 partials [B, S, H, D] and lse [B, S, H] (an empty split:
-    o = 0, lse = -inf, weight 0 in the merge)."""
+    """Heads < H, both D halves staged in q's shared memory (no wgmma reads it any more): o = O v_scale / l
+    into out (one split), or O / l into the fp16 partials [B, S, H, D] (`mfa_decode.partial_dtype`: the
+    merge applies v_scale) and lse into [B, S, H] (an empty split: o = 0, lse = -inf, weight 0 in the
+    merge)."""
     l_i = gl.where(l_i > 0, l_i, 1.0)
-    inv = gl.convert_layout(v_scale / l_i, gl.SliceLayout(1, o_layout))[:, None]
     if DIRECT:
-        dtype: gl.constexpr = out_ptr.dtype.element_ty
-        gl.static_assert(dtype.primitive_bitwidth == 16)  # mfa_plan.ws_decode_usable
-        stage = q_smem._reinterpret(dtype, [2, 64, DH], gl.NVMMASharedLayout.get_default_for([64, DH], dtype))
         ptr = out_ptr + b.to(gl.int64) * stride_ob
-        _store_rows((acc0 * inv).to(dtype), stage.index(0), ptr, stride_oh, H)
-        _store_rows((acc1 * inv).to(dtype), stage.index(1), ptr + DH, stride_oh, H)
+        stride_h = stride_oh
     else:
-        h = gl.arange(0, 64, layout=gl.SliceLayout(1, o_layout))
-        d = gl.arange(0, DH, layout=gl.SliceLayout(0, o_layout))
-        row = (b.to(gl.int64) * num_splits + split) * H + h
-        ptr = part_o_ptr + row[:, None] * (2 * DH) + d[None, :]
-        gl.store(ptr, acc0 * inv, mask=(h < H)[:, None])
-        gl.store(ptr + DH, acc1 * inv, mask=(h < H)[:, None])
+        v_scale = 1.0
+        ptr = part_o_ptr + (b.to(gl.int64) * num_splits + split) * H * (2 * DH)
+        stride_h = 2 * DH
+    dtype: gl.constexpr = ptr.dtype.element_ty
+    gl.static_assert(dtype.primitive_bitwidth == 16)  # mfa_plan.ws_decode_usable, mfa_decode.partial_dtype
+    stage = q_smem._reinterpret(dtype, [2, 64, DH], gl.NVMMASharedLayout.get_default_for([64, DH], dtype))
+    inv = gl.convert_layout(v_scale / l_i, gl.SliceLayout(1, o_layout))[:, None]
+    _store_rows((acc0 * inv).to(dtype), stage.index(0), ptr, stride_h, H)
+    _store_rows((acc1 * inv).to(dtype), stage.index(1), ptr + DH, stride_h, H)
+    if not DIRECT:
         hs = gl.arange(0, 64, layout=m_i.type.layout)
         row_s = (b.to(gl.int64) * num_splits + split) * H + hs
         gl.store(part_lse_ptr + row_s, m_i * qk_scale + gl.log2(l_i), mask=hs < H)

@@ -52,7 +52,7 @@ QK8_MIN_TOKENS = 32 * 1024
 _CPU_LAUNCH = (32, 4, 2, 128, 0, 0, 0, 0)
 MAX_SPLITS = 512
 MAX_CHUNK_PAGES = 64  # page ids held in registers per chunk: chunk_max 4096 tokens at page 64, 1024 at 16
-SPLIT_COST_TOKENS = 128  # a split's q load + fp32 partial write + merge read, in cached-token equivalents
+SPLIT_COST_TOKENS = 128  # a split's q load + partial write + merge read, in cached-token equivalents
 MIN_SPLIT_TOKENS = 64  # a split's least tokens: one page (run 15: 1 x 1K 13.0 -> 8.4 us from 256's 4 splits)
 
 

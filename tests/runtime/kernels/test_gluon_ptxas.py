@@ -71,7 +71,7 @@ def test_fp8_decode_consumer_keeps_its_wgmma_pipeline(page, direct):
                                vec=plan.gluon_vec, pair=plan.gluon == 2, pdl=bool(plan.pdl))
     desc = _fp8_desc(min(page, plan.block_n))
     types = dict(q_ptr="*bf16", k_desc=desc, v_desc=desc, bt_ptr="*i32", lens_ptr="*i32", k_scale_ptr="*fp32",
-                 v_scale_ptr="*fp32", out_ptr="*bf16", part_o_ptr="*fp32", part_lse_ptr="*fp32",
+                 v_scale_ptr="*fp32", out_ptr="*bf16", part_o_ptr="*fp16", part_lse_ptr="*fp32",
                  sm_scale_log2="fp32")
     report = _ptxas(_mfa_decode_ws_kernel, types, consts)
     assert not _serialized(report), report

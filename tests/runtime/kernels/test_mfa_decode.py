@@ -6,7 +6,7 @@ from paged_inputs import DEVICE, boundary_lengths, random_paged_cache, rel_err
 
 from converters.errors import Step3Error
 from runtime.kernels.kv_cache import FP8_DTYPE, PagedKVCache, write_kv_ref
-from runtime.kernels.mfa_decode import _split_q, mfa_decode, mfa_decode_ref
+from runtime.kernels.mfa_decode import _split_q, mfa_decode, mfa_decode_ref, partial_dtype
 from runtime.kernels.mfa_plan import MAX_CHUNK_PAGES, QK8_MIN_TOKENS, _pick_splits, plan_decode
 from runtime.model import reference
 
@@ -106,11 +106,13 @@ def test_split_q_needs_the_lo_part():
 
 @pytest.mark.parametrize("qk_fp8", [0, 2])
 def test_decode_fp8_split_holds_a_large_v_scale(qk_fp8):
-    """With v_scale 300, V reaches 134,400 (twice fp16's range): split partials and their merge must keep it
-    (NOTES_mfa.md run 19 tried 16-bit partials)."""
+    """With v_scale 300, V reaches 134,400 (twice fp16's range): the fp16 split partials hold O / l in the
+    cache's units and the merge applies v_scale, so the output must still be right."""
     gen = torch.Generator().manual_seed(13 + qk_fp8)
     cache, block_table, seq_lens = random_paged_cache([40, 129, 1, 97], 64, 32, FP8_DTYPE, gen)
     cache.v_scale.fill_(300.0)
+    assert partial_dtype(cache, torch.bfloat16) == torch.float16
+    assert partial_dtype(cache, torch.float32) == torch.float32
     q = torch.randn(4, 4, 64, generator=gen).to(torch.bfloat16).to(DEVICE)
     plan = plan_decode(4, 129, 64, DEVICE, FP8_DTYPE, 32, num_splits=3, qk_fp8=qk_fp8)
     out = mfa_decode(q, cache, block_table, seq_lens, plan=plan)
