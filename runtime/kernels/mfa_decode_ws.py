@@ -12,16 +12,16 @@ but the work of a tile is spread over three partitions that meet only at mbarrie
   warps never touch V's bytes. Its bank-conflict-free layout (VEC 8) took 13% off the whole kernel
   (NOTES_mfa.md run 9); since then the consumer bounds the loop (run 13: it waits ~9% of a tile, and 8
   converter warps changed nothing).
-- consumer (the default partition, 4 warps): reads the first half of q's rows once and splits it into
-  shared memory while the first tile's K and V loads fly, the rest of the stream waiting for q (`q_in`;
-  NOTES_mfa.md runs 11 and 13), then S = q_hi K^T + q_lo K^T as E4M3 wgmma chains on the raw K tile
-  (K-major as stored), online softmax in registers, O += P V with P fp16 from registers and V fp16 from
-  shared memory. Tile n+1's S chains are issued before tile n's softmax and run under it. (Leaving tile n's
-  P V in flight across the loop's back edge as well, FA3-style, made ptxas serialize every wgmma of the
-  kernel, silently: the in-flight P registers and accumulators are loop-carried. So did a consumer held
-  below 256 registers: hence the converter's 152.) PAIR (plan gluon 2): two tiles a loop pass instead.
-  O's rescale is lazy (`_softmax`, `_rescale`), and each of the 128 threads releases a K / fp16-V stage
-  itself (`gluon_sync.release`): 3-5% off the loop together (NOTES_mfa.md run 14).
+- consumer (the default partition, 4 warps): reads the first half of q's rows once and splits it into shared
+  memory while the first tile's K and V loads fly (two tiles' in a CTA of few tiles), the rest of the stream
+  waiting for q (`q_in`; NOTES_mfa.md runs 11, 13 and 21), then S = q_hi K^T + q_lo K^T as E4M3 wgmma chains
+  on the raw K tile (K-major as stored), online softmax in registers, O += P V with P fp16 from registers and
+  V fp16 from shared memory. Tile n+1's S chains are issued before tile n's softmax and run under it. (Leaving
+  tile n's P V in flight across the loop's back edge as well, FA3-style, made ptxas serialize every wgmma of
+  the kernel, silently: the in-flight P registers and accumulators are loop-carried. So did a consumer held
+  below 256 registers: hence the converter's 152.) PAIR (plan gluon 2): two tiles a loop pass instead. O's
+  rescale is lazy (`_softmax`, `_rescale`), and each of the 128 threads releases a K / fp16-V stage itself
+  (`gluon_sync.release`): 3-5% off the loop together (NOTES_mfa.md run 14).
 The Triton kernel does all of this in each of its warps, one step after the other (NOTES_mfa.md run 7:
 445 instructions per warp per 32-token tile, latency-bound at 2 warps per scheduler).
 Measured (H200, NOTES_mfa.md run 18): 256 x 4K 151.9 us (BF16 258.9); the library's FP8 launch from 32K
@@ -49,6 +49,7 @@ from runtime.kernels.kv_cache import PagedKVCache
 
 DH = gl.constexpr(128)  # columns of one D half: a 128-byte E4M3 row, the TMA box's and the swizzle's width
 QROWS = gl.constexpr(32)  # q rows (heads) a partition splits: the consumer the first, the converter the rest
+FEW_TILES = gl.constexpr(16)  # a CTA of up to this many tiles lets two tiles' loads fly beside q's
 
 
 @gluon.jit
@@ -103,16 +104,19 @@ def _loader(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, 
     """Each tile's K and V: BLOCK_N / R boxes of R = min(PAGE, BLOCK_N) rows per D half. A box past the
     sequence end re-reads its last token's page (rows the consumer masks and the converter zeroes), so every
     tile has the same byte count. A tile's page ids are read before its stage is free, once for K and V
-    (1-3% off the call, NOTES_mfa.md run 17)."""
+    (1-3% off the call, NOTES_mfa.md run 17). The stream waits for q after its first tile, or its second
+    in a CTA of <= FEW_TILES tiles: there tile 1 in flight early saves ~0.4 us (2-3% at 4-8 tiles), where
+    a CTA of 64+ tiles loses about that much to q's later arrival (NOTES_mfa.md run 21)."""
     R: gl.constexpr = PAGE if PAGE < BLOCK_N else BLOCK_N
     end, n_tiles = _span(lens_ptr, b, start, tokens_per_split, BLOCK_N)
     bt_row = bt_ptr + b.to(gl.int64) * stride_bt
+    q_tile = 1 + (n_tiles <= FEW_TILES).to(gl.int32)  # the first tile the stream holds back until q is in
     for i in range(n_tiles):
         s = i % STAGES
         phase = ((i // STAGES) & 1) ^ 1  # the first round passes at once
         n, _ = _tile_bounds(start, end, i, BLOCK_N)
         rows = _tile_rows(bt_row, n, end, PAGE, BLOCK_N, R)
-        if i == 1:  # the first tile's loads fly beside q's, the rest of the stream waits for q
+        if i == q_tile:
             mbarrier.wait(q_in, 0)
         _load_tile(k_desc, k_smem, k_ready, k_empty, s, phase, rows, BLOCK_N, R, NH)
         _load_tile(v_desc, v_smem, v_ready, v_empty, s, phase, rows, BLOCK_N, R, NH)
@@ -187,8 +191,8 @@ def _split_q_smem(x0, x1, q_smem, q_in, qs_smem, NH: gl.constexpr, ROW0: gl.cons
     D halves into q_smem 0 .. NH - 1, lo's into NH .. 2 NH - 1, s into qs_smem. The consumer splits the
     first half of the rows and the converter, idle until the first V tile lands, the second: a CTA's first
     S waits for the split (NOTES_mfa.md run 18). q is read once, both D halves, and the loader issues only
-    the first tile before q is in registers (`q_in`: one arrive per partition): behind the whole K / V
-    stream q's loads had waited ~4 us (NOTES_mfa.md run 13)."""
+    a tile or two (`_loader`) before q is in registers (`q_in`: one arrive per partition): behind the whole
+    K / V stream q's loads had waited ~4 us (NOTES_mfa.md run 13)."""
     gl.static_assert(NH == 2)
     amax = gl.maximum(gl.max(gl.abs(x0.to(gl.float32)), 1), gl.max(gl.abs(x1.to(gl.float32)), 1))
     mbarrier.arrive(q_in, count=1)  # after the loads (the arrive releases them): the stream may go on
