@@ -35,17 +35,19 @@ class DecodePlan:
 
 # (block_n, num_warps, num_stages, chunk_max, tile_page, pdl, qk_fp8, gluon) for head_dim >= 128 on the GPU,
 # by KV bytes per value: the launches the committed H200 runs picked (results/mfa_attention_*h200.json,
-# NOTES_mfa.md runs 7-13). FP8 takes the E4M3 q K^T (qk_fp8 2) in the Gluon kernel (64-token tiles, 3
-# stages (below), two tiles per loop pass (gluon 2: 174.1-174.5 us at 256 x 4K in run 11's three calls,
-# one tile a pass 181.6-182.8), no PDL; the Triton kernel where Gluon cannot run) from QK8_MIN_TOKENS
-# cached tokens per call; below, run 6's fp16-dot launch, whose short programs win where a sequence is split
-# into many 1-4-tile pieces (run 15, `results/mfa_small_shapes_run15_h200.json`: 1 x 8K 11.8 us against
-# Gluon's 13.2, 8 x 1K 12.9 against 13.2; from 32K tokens Gluon wins: 1 x 32K 17.6 against 19.5, 8 x 4K 18.1
-# against 20.6, 32 x 1K 18.0 against 19.5). PDL for the Gluon launch stays off: timed in turns (run 18,
-# `results/mfa_pdl_ab_run18_h200.json`) it is 1.5-3.8% slower where a sequence is split (8 x 64K 1.030x, 32 x
-# 64K 1.038x; the merge alone as a dependent too) and 0.997-1.003x at one split. Since the Gluon CTA's
-# prologue went from ~12.5 to ~5.5 us (run 13), 3 E4M3 K / V stages and 3 fp16 V stages beat 4 + 2 at all
-# 12 shapes of an interleaved A/B, by 0.4-4% (32 x 4K 34.0 against 35.4 us, 128 x 64K 1200.9 against 1217.4).
+# NOTES_mfa.md runs 7-13). FP8 takes the E4M3 q K^T (qk_fp8 2) in the Gluon kernel (64-token tiles, 3 stages
+# (below), two tiles per loop pass (gluon 2: 174.1-174.5 us at 256 x 4K in run 11's three calls, one tile a
+# pass 181.6-182.8), PDL at one split; the Triton kernel where Gluon cannot run) from QK8_MIN_TOKENS cached
+# tokens per call; below, run 6's fp16-dot launch, whose short programs win where a sequence is split into
+# many 1-4-tile pieces (run 15, `results/mfa_small_shapes_run15_h200.json`: 1 x 8K 11.8 us against Gluon's
+# 13.2, 8 x 1K 12.9 against 13.2; from 32K tokens Gluon wins: 1 x 32K 17.6 against 19.5, 8 x 4K 18.1 against
+# 20.6, 32 x 1K 18.0 against 19.5). PDL for the Gluon launch only where a sequence is one split
+# (`plan_decode`): timed in turns (runs 18 and 21, `results/mfa_pdl_ab_run{18,21}_h200.json`) it is 3-21%
+# slower where a sequence is split in 8+ (1 x 32K 1.21x, 8 x 4K 1.08x, 8 x 64K 1.03x; the merge alone as a
+# dependent too), 0.99-1.00x in 4, 0.97x at 128 x 1K, 0.99x at 256 x 1K and 1.00x at one split of 64+ tiles.
+# Since the Gluon CTA's prologue went from ~12.5 to ~5.5 us (run 13), 3 E4M3 K / V stages and 3 fp16 V
+# stages beat 4 + 2 at all 12 shapes of an interleaved A/B, by 0.4-4% (32 x 4K 34.0 against 35.4 us, 128 x
+# 64K 1200.9 against 1217.4).
 _GPU_LAUNCH = {2: (32, 4, 4, 4096, 2, 1, 0, 0), 1: (64, 4, 3, 2048, 2, 0, 2, 2)}
 _GPU_LAUNCH_FP8_SMALL = (32, 4, 3, 512, 0, 1, 0, 0)
 QK8_MIN_TOKENS = 32 * 1024
@@ -104,6 +106,7 @@ def plan_decode(batch: int, max_seq_len: int, head_dim: int, device: torch.devic
     chunk_max = min(tuned[3] if chunk_max is None else chunk_max, MAX_CHUNK_PAGES * page)
     tile_page = int(tuned[4] if tile_page is None else tile_page) if chunk_max > 0 else 0
     granule = max(block_n, page) if chunk_max else block_n  # splits start on a page when chunking
+    pdl_given = pdl
     pdl = int(tuned[5] if pdl is None else pdl) if on_gpu else 0
     qk_fp8 = int(tuned[6] if qk_fp8 is None else qk_fp8) if kv_bytes == 1 else 0
     gluon = int(tuned[7] if gluon is None else gluon) if qk_fp8 == 2 and on_gpu else 0
@@ -113,6 +116,8 @@ def plan_decode(batch: int, max_seq_len: int, head_dim: int, device: torch.devic
         num_splits = _pick_splits(batch, max_seq_len, slots, granule, max_splits)
     tokens = _split_tokens(max_seq_len, num_splits, granule)
     num_splits = triton.cdiv(max_seq_len, tokens)
+    if gluon and pdl_given is None and num_splits == 1:  # its launch under the kernel before (see the table)
+        pdl = 1
     if gluon_vstages is None:  # the fp16 V ring takes the shared memory the K / V ring leaves (~224 KB)
         gluon_vstages = 3 if num_stages <= 3 else 2
     return DecodePlan(num_splits=num_splits, tokens_per_split=tokens, block_n=block_n,
