@@ -116,7 +116,7 @@ def plan_decode(batch: int, max_seq_len: int, head_dim: int, device: torch.devic
         num_splits = _pick_splits(batch, max_seq_len, slots, granule, max_splits)
     tokens = _split_tokens(max_seq_len, num_splits, granule)
     num_splits = triton.cdiv(max_seq_len, tokens)
-    if gluon and pdl_given is None and num_splits == 1:  # its launch under the kernel before (see the table)
+    if gluon and pdl_given is None and num_splits == 1:  # PDL pays there only (the comment on _GPU_LAUNCH)
         pdl = 1
     if gluon_vstages is None:  # the fp16 V ring takes the shared memory the K / V ring leaves (~224 KB)
         gluon_vstages = 3 if num_stages <= 3 else 2
