@@ -106,8 +106,6 @@ def plan_decode(batch: int, max_seq_len: int, head_dim: int, device: torch.devic
     chunk_max = min(tuned[3] if chunk_max is None else chunk_max, MAX_CHUNK_PAGES * page)
     tile_page = int(tuned[4] if tile_page is None else tile_page) if chunk_max > 0 else 0
     granule = max(block_n, page) if chunk_max else block_n  # splits start on a page when chunking
-    pdl_given = pdl
-    pdl = int(tuned[5] if pdl is None else pdl) if on_gpu else 0
     qk_fp8 = int(tuned[6] if qk_fp8 is None else qk_fp8) if kv_bytes == 1 else 0
     gluon = int(tuned[7] if gluon is None else gluon) if qk_fp8 == 2 and on_gpu else 0
     if num_splits is None:
@@ -116,8 +114,9 @@ def plan_decode(batch: int, max_seq_len: int, head_dim: int, device: torch.devic
         num_splits = _pick_splits(batch, max_seq_len, slots, granule, max_splits)
     tokens = _split_tokens(max_seq_len, num_splits, granule)
     num_splits = triton.cdiv(max_seq_len, tokens)
-    if gluon and pdl_given is None and num_splits == 1:  # PDL pays there only (the comment on _GPU_LAUNCH)
-        pdl = 1
+    if pdl is None:  # the Gluon launch: PDL pays at one split only (the comment on _GPU_LAUNCH)
+        pdl = 1 if gluon and num_splits == 1 else tuned[5]
+    pdl = int(pdl) if on_gpu else 0
     if gluon_vstages is None:  # the fp16 V ring takes the shared memory the K / V ring leaves (~224 KB)
         gluon_vstages = 3 if num_stages <= 3 else 2
     return DecodePlan(num_splits=num_splits, tokens_per_split=tokens, block_n=block_n,
