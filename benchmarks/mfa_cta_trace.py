@@ -99,7 +99,7 @@ def _edits(waits: str | None) -> list[tuple]:
     q_arrive = "    mbarrier.arrive(q_in, count=1)  # after the loads"
     q_done_arrive = "    mbarrier.arrive(q_done, count=1)\n"
     consumer_first = "    k_scale = gl.load(k_scale_ptr)  # the scales and q first"
-    last_wait = "        acc0, acc1, p16 = warpgroup_mma_wait(0, deps=[t0, t1, p16])\n    _epilogue("
+    last_wait = "        acc0, acc1, p16 = warpgroup_mma_wait(0, deps=[t0, t1, p16])\n    if PDL == 2:"
     epilogue = "              num_splits, stride_ob, stride_oh, H, DIRECT, o_layout)\n"
     bufs = "(q_smem, k_smem, k_ready, k_empty, v16_smem, v16_ready, v16_empty"
     store = "{}gl.store(tr + {}, _now())\n".format
@@ -119,7 +119,8 @@ def _edits(waits: str | None) -> list[tuple]:
         ("v16_ready, last, VSTAGES, o_layout)", "v16_ready, last, tr, VSTAGES, o_layout)"),
         ("v16_smem, v16_ready, v16_empty = bufs", "v16_smem, v16_ready, v16_empty, tr = bufs"),
         (f"bufs = {bufs})", f"bufs = {bufs}, tr)"),
-        ("DIRECT: gl.constexpr, PAIR: gl.constexpr):", "DIRECT: gl.constexpr, PAIR: gl.constexpr, tr):"),
+        ("PAIR: gl.constexpr, PDL: gl.constexpr):\n    \"\"\"Scores",
+         "PAIR: gl.constexpr, PDL: gl.constexpr, tr):\n    \"\"\"Scores"),
         (split_q, split_q.replace("NH, ", "NH, tr, "), 2),
         ("def _split_q_smem(x0, x1, q_smem, q_in, qs_smem, NH: gl.constexpr, ROW0: gl.constexpr):",
          "def _split_q_smem(x0, x1, q_smem, q_in, qs_smem, NH: gl.constexpr, tr, ROW0: gl.constexpr):"),
@@ -137,11 +138,11 @@ def _edits(waits: str | None) -> list[tuple]:
         ("    b = gl.program_id(1)\n", "    b = gl.program_id(1)\n"
          f"    tr = trace_ptr + (b * num_splits + split) * {SLOTS}\n"
          + store(" " * 4, 0) + "    gl.store(tr + 8, _clk())\n"),
-        ("STAGES, VSTAGES, NH, DIRECT, PAIR)),", "STAGES, VSTAGES, NH, DIRECT, PAIR, tr)),"),
+        ("STAGES, VSTAGES, NH, DIRECT, PAIR, PDL)),", "STAGES, VSTAGES, NH, DIRECT, PAIR, PDL, tr)),"),
         ("STAGES, VSTAGES, NH, VEC)),", "STAGES, VSTAGES, NH, VEC, tr)),"),
         ("PAGE, BLOCK_N, STAGES, NH)),", "PAGE, BLOCK_N, STAGES, NH, tr)),"),
-        ("pdl: bool = False) -> None:", "pdl: bool = False, trace: torch.Tensor | None = None) -> None:"),
-        ("num_warps=4, launch_pdl=pdl,", "num_warps=4, launch_pdl=pdl, trace_ptr=trace,"),
+        ("pdl: int = 0) -> None:", "pdl: int = 0, trace: torch.Tensor | None = None) -> None:"),
+        ("num_warps=4, launch_pdl=pdl > 0,", "num_warps=4, launch_pdl=pdl > 0, trace_ptr=trace,"),
     ]
     if waits == "consumer":
         edits += [(k_wait + "\n", _wait(k_wait, 10) + "\n"), (v16_wait + "\n", _wait(v16_wait, 11) + "\n")]

@@ -127,13 +127,15 @@ def _mfa_decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, k_scale_ptr, v_s
     picked as scalars (one per page of the tile), so the K/V row addresses are affine per page, not a
     per-row register gather; 2 also runs the full tiles without masks and peels the sequence's one
     partial tile. PDL (programmatic dependent launch, Hopper): this grid may start before the previous
-    kernel in the stream has finished, so it waits for it before reading anything; then it lets the merge
-    kernel start, which waits in turn: each launch overlaps the kernel before it instead of following it.
+    kernel in the stream has finished, so it waits for it before reading anything; then it lets the next
+    launch (the merge, which waits in turn) start: at once (1) or once its loop is done (2). Each launch
+    overlaps the kernel before it instead of following it.
     QK8 (FP8 cache, 2): q K^T as two E4M3 dots on the raw K tile (`_softmax_step`) of the q split that
     `_split_q_kernel` wrote (hi, lo and a scale per head).
     """
     if PDL:
         gdc_wait()  # the previous kernel's writes (q, the cache) are complete and visible
+    if PDL == 1:
         gdc_launch_dependents()
     s = tl.program_id(0)
     b = tl.program_id(1)
@@ -200,6 +202,8 @@ def _mfa_decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, k_scale_ptr, v_s
                 k = load_paged_rows(kc_ptr, bt_row, tok, valid, stride_kb, stride_kt, PAGE, D)
                 v = load_paged_rows(vc_ptr, bt_row, tok, valid, stride_vb, stride_vt, PAGE, D)
                 acc, m_i, l_i = _softmax_step(q, q_lo, acc, m_i, l_i, k, v, valid, qk_scale, dot_ty, QK8)
+    if PDL == 2:  # the merge launches while this grid stores its partials (`mfa_plan.plan_decode`)
+        gdc_launch_dependents()
     l_i = tl.where(l_i > 0, l_i, 1.0)  # an empty split: o = 0 and lse = -inf, i.e. weight 0 in the merge
     v_scale = tl.load(v_scale_ptr)
     if not DIRECT and part_o_ptr.dtype.element_ty.primitive_bitwidth == 16:
@@ -318,7 +322,7 @@ def mfa_decode(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor, 
                                             device=q.device)
     part_lse = out if direct else torch.empty((B, plan.num_splits, H), dtype=torch.float32, device=q.device)
     tile_page = plan.tile_page if plan.chunk > 0 else 0
-    pdl = bool(plan.pdl) and q.is_cuda
+    pdl = plan.pdl if q.is_cuda else 0  # 0 off, 1 or 2: where the decode kernel lets the next launch start
     h_pad = max(16, triton.next_power_of_2(H))
     qk8 = plan.qk_fp8 if cache.is_fp8 else 0
     sm_scale_log2 = D ** -0.5 * LOG2E  # scores in the log2 domain (exp2 in the kernels)
@@ -329,7 +333,7 @@ def mfa_decode(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor, 
                       plan.num_splits, plan.tokens_per_split, block_n=plan.block_n, stages=plan.num_stages,
                       vstages=plan.gluon_vstages, vec=plan.gluon_vec, pair=plan.gluon == 2, pdl=pdl)
     else:
-        q8, qs = _split_q(q, h_pad, cache, pdl) if qk8 else (out, out)  # (out: never read)
+        q8, qs = _split_q(q, h_pad, cache, pdl > 0) if qk8 else (out, out)  # (out: never read)
         _mfa_decode_kernel[(plan.num_splits, B)](
             q, cache.k, cache.v, block_table, seq_lens, cache.k_scale, cache.v_scale, out, part_o, part_lse,
             q8, qs, sm_scale_log2, plan.tokens_per_split, plan.num_splits,
@@ -338,13 +342,13 @@ def mfa_decode(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tensor, 
             H=H, H_PAD=h_pad, D=D, PAGE=cache.block_size,
             BLOCK_N=plan.block_n, CHUNK=plan.chunk, DIRECT=direct, DOT=dot_kind(cache),
             TILE_PAGE=tile_page, PDL=pdl, QK8=qk8, num_warps=plan.num_warps, num_stages=plan.num_stages,
-            launch_pdl=pdl)
+            launch_pdl=pdl > 0)
     if not direct:
         s_pad = triton.next_power_of_2(plan.num_splits)
         d_block = min(D, max(16, 8192 // s_pad))  # a [S_PAD, D_BLOCK] fp32 tile of <= 32 KiB
         _mfa_merge_kernel[(H, B, D // d_block)](part_o, part_lse, cache.v_scale, out, plan.num_splits,
                                                 out.stride(0), out.stride(1), H=H, D=D, S_PAD=s_pad,
-                                                D_BLOCK=d_block, PDL=pdl, launch_pdl=pdl,
+                                                D_BLOCK=d_block, PDL=pdl > 0, launch_pdl=pdl > 0,
                                                 num_warps=_merge_warps(part_o, s_pad, d_block))
     return out
 

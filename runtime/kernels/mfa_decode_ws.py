@@ -306,9 +306,10 @@ def _consumer(q_ptr, q_smem, q_in, q_done, qs_smem, k_smem, v16_smem, k_empty, k
               k_scale_ptr, v_scale_ptr, out_ptr, part_o_ptr, part_lse_ptr, sm_scale_log2, b, split, lens_ptr,
               start, tokens_per_split, num_splits, stride_qb, stride_qh, stride_ob, stride_oh,
               H: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, VSTAGES: gl.constexpr,
-              NH: gl.constexpr, DIRECT: gl.constexpr, PAIR: gl.constexpr):
+              NH: gl.constexpr, DIRECT: gl.constexpr, PAIR: gl.constexpr, PDL: gl.constexpr):
     """Scores, softmax and P V of every tile (the loop peels the last one, the only one masked), then the
-    normalized partial output and its log2-sum-exp (or the output itself when there is one split).
+    normalized partial output and its log2-sum-exp (or the output itself when there is one split); PDL 2
+    lets the next launch (the merge) start between the two.
     PAIR: the loop body takes two tiles, P V of the first running under the second's softmax (a P V left
     in flight across the loop's back edge instead makes ptxas serialize every wgmma)."""
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -350,6 +351,8 @@ def _consumer(q_ptr, q_smem, q_in, q_done, qs_smem, k_smem, v16_smem, k_empty, k
         acc0, acc1, p16 = warpgroup_mma_wait(0, deps=[t0, t1, p16])
         p16, t0, t1 = _pv(p, alpha, acc0, acc1, v16_smem, v16_ready, last, VSTAGES, o_layout)
         acc0, acc1, p16 = warpgroup_mma_wait(0, deps=[t0, t1, p16])
+    if PDL == 2:
+        _gdc("griddepcontrol.launch_dependents; // $0")
     _epilogue(acc0, acc1, m_i, l_i, qk_scale, v_scale, q_smem, out_ptr, part_o_ptr, part_lse_ptr, b, split,
               num_splits, stride_ob, stride_oh, H, DIRECT, o_layout)
 
@@ -407,11 +410,12 @@ def _mfa_decode_ws_kernel(q_ptr, k_desc, v_desc, bt_ptr, lens_ptr, k_scale_ptr, 
     """Program (split, sequence b): tokens [split * tps, min((split + 1) * tps, seq_len)) of b.
 
     PDL: launched as a programmatic dependent, so the grid's launch and the CTAs' start overlap the kernel
-    before it (that wrote q); it waits for it before reading anything, and lets the merge kernel launch,
-    which waits in turn."""
+    before it (that wrote q); it waits for it before reading anything, and lets the next launch (the merge,
+    which waits in turn) start: at once (1) or once the consumer's loop is done (2; `mfa_plan._pick_pdl`)."""
     NH: gl.constexpr = 2  # D = 256 as two 128-column halves
     if PDL:  # before every global read, the workers' too: they start at warp_specialize, after this
         _gdc("griddepcontrol.wait; // $0")
+    if PDL == 1:
         _gdc("griddepcontrol.launch_dependents; // $0")
     split = gl.program_id(0)
     b = gl.program_id(1)
@@ -447,7 +451,7 @@ def _mfa_decode_ws_kernel(q_ptr, k_desc, v_desc, bt_ptr, lens_ptr, k_scale_ptr, 
         (_consumer, (q_ptr, q_smem, q_in, q_done, qs_smem, k_smem, v16_smem, k_empty, k_ready, v16_ready,
                      v16_empty, k_scale_ptr, v_scale_ptr, out_ptr, part_o_ptr, part_lse_ptr, sm_scale_log2, b,
                      split, lens_ptr, start, tokens_per_split, num_splits, stride_qb, stride_qh, stride_ob,
-                     stride_oh, H, BLOCK_N, STAGES, VSTAGES, NH, DIRECT, PAIR)),
+                     stride_oh, H, BLOCK_N, STAGES, VSTAGES, NH, DIRECT, PAIR, PDL)),
         (_converter, (q_ptr, q_smem, q_in, q_done, qs_smem, stride_qb, stride_qh, v_smem, v16_smem, v_ready,
                       v_empty, v16_ready, v16_empty, b, lens_ptr, start, tokens_per_split, H, BLOCK_N,
                       STAGES, VSTAGES, NH, VEC)),
@@ -465,13 +469,14 @@ def mfa_decode_ws(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tenso
                   out: torch.Tensor, part_o: torch.Tensor, part_lse: torch.Tensor, sm_scale_log2: float,
                   num_splits: int, tokens_per_split: int, block_n: int = 64, stages: int = 3,
                   vstages: int = 2, converter_regs: int = 152, vec: int = 8, pair: bool = False,
-                  pdl: bool = False) -> None:
+                  pdl: int = 0) -> None:
     """The decode grid (num_splits, B) into out (one split) or the partials, which mfa_decode then merges.
 
     q [B, H <= 64, 256] (each program splits its sequence's q itself); sm_scale_log2 = D^-0.5 log2(e) (scores
     in the log2 domain); tokens_per_split a multiple of block_n.
     vec: the converter's E4M3 bytes per thread per row (8 or 16); pair: two tiles per loop pass (gluon 2);
-    pdl: launch as a programmatic dependent (the merge is launched so too).
+    pdl: launch as a programmatic dependent (the merge is launched so too), letting the next launch start at
+    once (1) or after the loop (2).
     """
     B, H, D = out.shape
     assert q.shape == (B, H, D) and q.stride(2) == 1 and H <= 64 and D == 2 * 128
@@ -482,12 +487,12 @@ def mfa_decode_ws(q: torch.Tensor, cache: PagedKVCache, block_table: torch.Tenso
     _mfa_decode_ws_kernel[(num_splits, B)](
         q, k_desc, v_desc, block_table, seq_lens, cache.k_scale, cache.v_scale, out, part_o, part_lse,
         sm_scale_log2, tokens_per_split, num_splits, q.stride(0), q.stride(1), block_table.stride(0),
-        out.stride(0), out.stride(1), num_warps=4, launch_pdl=pdl,
+        out.stride(0), out.stride(1), num_warps=4, launch_pdl=pdl > 0,
         **kernel_constexprs(H, pg, block_n, stages, vstages, num_splits == 1, converter_regs, vec, pair, pdl))
 
 
 def kernel_constexprs(heads: int, page: int, block_n: int, stages: int, vstages: int, direct: bool,
-                      converter_regs: int = 152, vec: int = 8, pair: bool = False, pdl: bool = False) -> dict:
+                      converter_regs: int = 152, vec: int = 8, pair: bool = False, pdl: int = 0) -> dict:
     """`_mfa_decode_ws_kernel`'s compile-time arguments for a launch (also what tests compile it with)."""
     return dict(H=heads, PAGE=page, BLOCK_N=block_n, STAGES=stages, VSTAGES=vstages, DIRECT=direct,
                 CONVERTER_REGS=converter_regs, VEC=vec, PAIR=pair, PDL=pdl)

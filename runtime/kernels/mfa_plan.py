@@ -26,7 +26,7 @@ class DecodePlan:
     chunk: int  # tokens whose page ids are loaded at once (0: per tile); divides tokens_per_split
     page: int
     tile_page: int = 0  # chunked: 1 scalar page ids per tile (one per page it covers), 2 also unmasked tiles
-    pdl: int = 0  # GPU: 1 launches both kernels as programmatic dependents (see _mfa_decode_kernel)
+    pdl: int = 0  # GPU: programmatic dependent launches, the next started early (1) or late (2): _pick_pdl
     qk_fp8: int = 0  # FP8 cache, 2: q K^T as E4M3 dots of q split in hi + lo (Triton: a pre-pass; 1: deleted)
     gluon: int = 0  # FP8 with qk_fp8 2 on Hopper + Triton 3.6: mfa_decode_ws's Gluon kernel, 2: tile pairs
     gluon_vec: int = 8  # Gluon: V converter's E4M3 bytes per thread per row (16: run 8's, bank-conflicted)
@@ -41,10 +41,7 @@ class DecodePlan:
 # tokens per call; below, run 6's fp16-dot launch, whose short programs win where a sequence is split into
 # many 1-4-tile pieces (run 15, `results/mfa_small_shapes_run15_h200.json`: 1 x 8K 11.8 us against Gluon's
 # 13.2, 8 x 1K 12.9 against 13.2; from 32K tokens Gluon wins: 1 x 32K 17.6 against 19.5, 8 x 4K 18.1 against
-# 20.6, 32 x 1K 18.0 against 19.5). PDL for the Gluon launch only where a sequence is one split
-# (`plan_decode`): timed in turns (runs 18 and 21, `results/mfa_pdl_ab_run{18,21}_h200.json`) it is 3-21%
-# slower where a sequence is split in 8+ (1 x 32K 1.21x, 8 x 4K 1.08x, 8 x 64K 1.03x; the merge alone as a
-# dependent too), 0.99-1.00x in 4, 0.97x at 128 x 1K, 0.99x at 256 x 1K and 1.00x at one split of 64+ tiles.
+# 20.6, 32 x 1K 18.0 against 19.5). Where PDL lets the next launch start is `plan_decode`'s.
 # Since the Gluon CTA's prologue went from ~12.5 to ~5.5 us (run 13), 3 E4M3 K / V stages and 3 fp16 V
 # stages beat 4 + 2 at all 12 shapes of an interleaved A/B, by 0.4-4% (32 x 4K 34.0 against 35.4 us, 128 x
 # 64K 1200.9 against 1217.4).
@@ -56,6 +53,7 @@ MAX_SPLITS = 512
 MAX_CHUNK_PAGES = 64  # page ids held in registers per chunk: chunk_max 4096 tokens at page 64, 1024 at 16
 SPLIT_COST_TOKENS = 128  # a split's q load + partial write + merge read, in cached-token equivalents
 MIN_SPLIT_TOKENS = 64  # a split's least tokens: one page (run 15: 1 x 1K 13.0 -> 8.4 us from 256's 4 splits)
+PDL_LATE_MAX_SPLITS = 16  # up to this many splits a decode lets its merge launch only once its loop is done
 
 
 def _chunk(tokens: int, granule: int, chunk_max: int) -> int:
@@ -87,6 +85,21 @@ def _pick_splits(batch: int, max_seq_len: int, slots: int, granule: int, max_spl
     return min(range(1, max_splits + 1), key=cost)
 
 
+def _pick_pdl(num_splits: int, gluon: int, tuned_pdl: int, kv_bytes: int) -> int:
+    """0: plain launches; 1: programmatic dependents, each decode letting the next launch start at once; 2:
+    only once its loop is done. Timed in turns on the H200 (NOTES_mfa.md runs 18, 21, 22):
+    - one split (no merge): 1 pays (Gluon 0.97x at 128 x 1K; both triggers alike).
+    - 2-16 splits: trigger 2 is 0.91-0.98x the best of the others for the Gluon launch (8 x 4K 12.4 against
+      13.7 us, 8 x 8K 16.8 against 18.2) and 0.96-0.99x trigger 1 for BF16, where trigger 1 makes the Gluon
+      launch 1.03-1.08x slower than none; the FP8 small-shape launch keeps 1 (2: 1.04x at 8 x 1K).
+    - more splits (batch 1, 32K-64K tokens): trigger 1 for BF16 (2 is 1.01-1.03x), none for Gluon (1 is
+      1.16-1.21x, 2 1.02x at 1 x 32K)."""
+    late = 1 < num_splits <= PDL_LATE_MAX_SPLITS
+    if gluon:
+        return 1 if num_splits == 1 else 2 if late else 0
+    return 2 if tuned_pdl and late and kv_bytes == 2 else tuned_pdl
+
+
 def plan_decode(batch: int, max_seq_len: int, head_dim: int, device: torch.device,
                 kv_dtype: torch.dtype = torch.bfloat16, page: int = 64,
                 num_splits: int | None = None, block_n: int | None = None, num_warps: int | None = None,
@@ -114,8 +127,8 @@ def plan_decode(batch: int, max_seq_len: int, head_dim: int, device: torch.devic
         num_splits = _pick_splits(batch, max_seq_len, slots, granule, max_splits)
     tokens = _split_tokens(max_seq_len, num_splits, granule)
     num_splits = triton.cdiv(max_seq_len, tokens)
-    if pdl is None:  # the Gluon launch: PDL pays at one split only (the comment on _GPU_LAUNCH)
-        pdl = 1 if gluon and num_splits == 1 else tuned[5]
+    if pdl is None:
+        pdl = _pick_pdl(num_splits, gluon, tuned[5], kv_bytes)
     pdl = int(pdl) if on_gpu else 0
     if gluon_vstages is None:  # the fp16 V ring takes the shared memory the K / V ring leaves (~224 KB)
         gluon_vstages = 3 if num_stages <= 3 else 2

@@ -68,7 +68,7 @@ def test_fp8_decode_consumer_keeps_its_wgmma_pipeline(page, direct):
     plan = plan_decode(256, 4096, 256, torch.device("cuda"), FP8_DTYPE, page, num_splits=1 if direct else 4)
     assert plan.gluon and plan.num_splits == (1 if direct else 4)
     consts = kernel_constexprs(64, page, plan.block_n, plan.num_stages, plan.gluon_vstages, direct,
-                               vec=plan.gluon_vec, pair=plan.gluon == 2, pdl=bool(plan.pdl))
+                               vec=plan.gluon_vec, pair=plan.gluon == 2, pdl=plan.pdl)
     desc = _fp8_desc(min(page, plan.block_n))
     types = dict(q_ptr="*bf16", k_desc=desc, v_desc=desc, bt_ptr="*i32", lens_ptr="*i32", k_scale_ptr="*fp32",
                  v_scale_ptr="*fp32", out_ptr="*bf16", part_o_ptr="*fp16", part_lse_ptr="*fp32",

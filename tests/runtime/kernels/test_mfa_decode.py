@@ -58,10 +58,11 @@ def test_decode_tile_page(dtype, page, block_n, tile_page):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, FP8_DTYPE], ids=["bf16", "fp8"])
 @pytest.mark.parametrize("num_splits", [1, 2, 5])
-def test_decode_pdl(dtype, num_splits):
-    """Both kernels as programmatic dependent launches (GPU; off the GPU the plan drops pdl): random
-    lengths incl. 1, page boundaries and empty splits, and three calls in a row on one stream, each
-    waiting on the one before, with new lengths each."""
+@pytest.mark.parametrize("pdl", [1, 2], ids=["trigger-early", "trigger-late"])
+def test_decode_pdl(dtype, num_splits, pdl):
+    """Both kernels as programmatic dependent launches (GPU; off the GPU the plan drops pdl), the next launch
+    let in at the decode's start or after its loop: random lengths incl. 1, page boundaries and empty
+    splits, and three calls in a row on one stream, each waiting on the one before, with new lengths each."""
     gen = torch.Generator().manual_seed(200 + num_splits)
     page = 16
     for call in range(3):
@@ -69,8 +70,8 @@ def test_decode_pdl(dtype, num_splits):
         cache, block_table, seq_lens = random_paged_cache(lengths, 64, page, dtype, gen)
         q = torch.randn(len(lengths), 5, 64, generator=gen).to(torch.bfloat16).to(DEVICE)
         plan = plan_decode(len(lengths), max(lengths), 64, DEVICE, dtype, page, num_splits=num_splits,
-                           block_n=16, chunk_max=64, tile_page=2 * (call % 2), pdl=1)
-        assert plan.num_splits <= num_splits and plan.pdl == (DEVICE.type == "cuda")
+                           block_n=16, chunk_max=64, tile_page=2 * (call % 2), pdl=pdl)
+        assert plan.num_splits <= num_splits and plan.pdl == (pdl if DEVICE.type == "cuda" else 0)
         out = mfa_decode(q, cache, block_table, seq_lens, plan=plan)
         assert rel_err(out, mfa_decode_ref(q, cache, block_table, seq_lens)) < TOL_BF16, call
 
@@ -152,14 +153,21 @@ def test_plan_gpu_fp8_launch_by_size():
     assert plan_decode(8, 1024, 256, gpu, FP8_DTYPE, 64, num_splits=4, qk_fp8=2).qk_fp8 == 2  # override
 
 
-def test_plan_gluon_pdl_only_at_one_split():
-    """The Gluon launch is a programmatic dependent where a sequence is one split (3% faster at 128 x 1K)
-    and not where it is split (up to 21% slower: NOTES_mfa.md run 21); a pdl given is kept."""
+def test_plan_pdl_trigger():
+    """Where PDL lets the next launch in (`mfa_plan._pick_pdl`, NOTES_mfa.md runs 21-22): the Gluon launch
+    at once at one split, after its loop at 2-16 splits, not at all beyond; BF16 after its loop at 2-16
+    splits, at once elsewhere; the FP8 small-shape launch at once; a pdl given is kept, none on the CPU."""
     gpu = torch.device("cuda")
-    one = plan_decode(128, 1024 * 32, 256, gpu, FP8_DTYPE, 64, num_splits=1)
-    split = plan_decode(128, 1024 * 32, 256, gpu, FP8_DTYPE, 64, num_splits=2)
-    assert (one.gluon, one.pdl, split.gluon, split.pdl) == (2, 1, 2, 0)
+
+    def pdl(batch, ctx, dtype, splits, **kw):
+        return plan_decode(batch, ctx, 256, gpu, dtype, 64, num_splits=splits, **kw).pdl
+
+    assert {plan_decode(128, 32768, 256, gpu, FP8_DTYPE, 64, num_splits=s).gluon for s in (1, 16, 64)} == {2}
+    assert [pdl(128, 32768, FP8_DTYPE, s) for s in (1, 2, 16, 17, 64)] == [1, 2, 2, 0, 0]
+    assert [pdl(8, 8192, torch.bfloat16, s) for s in (1, 2, 16, 32, 128)] == [1, 2, 2, 1, 1]
+    assert [pdl(8, 1024, FP8_DTYPE, s) for s in (1, 16)] == [1, 1]  # below QK8_MIN_TOKENS: the Triton launch
     assert plan_decode(128, 1024 * 32, 256, gpu, FP8_DTYPE, 64, num_splits=1, pdl=0).pdl == 0
+    assert pdl(8, 8192, torch.bfloat16, 4, pdl=1) == 1
     assert plan_decode(128, 1024 * 32, 256, torch.device("cpu"), FP8_DTYPE, 64, num_splits=1).pdl == 0
 
 

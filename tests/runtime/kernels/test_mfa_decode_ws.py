@@ -15,7 +15,7 @@ TOL = 1e-2
 
 
 def _plan(batch, longest, page, **kw):
-    kw = dict(block_n=64, num_stages=3, chunk_max=2048, tile_page=2, pdl=1, qk_fp8=2, gluon=1) | kw
+    kw = dict(block_n=64, num_stages=3, chunk_max=2048, tile_page=2, qk_fp8=2, gluon=1) | kw  # the plan's pdl
     return plan_decode(batch, longest, 256, DEVICE, FP8_DTYPE, page, min_split_tokens=64, **kw)
 
 
