@@ -202,7 +202,7 @@ def _mfa_decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, k_scale_ptr, v_s
                 k = load_paged_rows(kc_ptr, bt_row, tok, valid, stride_kb, stride_kt, PAGE, D)
                 v = load_paged_rows(vc_ptr, bt_row, tok, valid, stride_vb, stride_vt, PAGE, D)
                 acc, m_i, l_i = _softmax_step(q, q_lo, acc, m_i, l_i, k, v, valid, qk_scale, dot_ty, QK8)
-    if PDL == 2:  # the merge launches while this grid stores its partials (`mfa_plan.plan_decode`)
+    if PDL == 2:  # the merge launches while this grid stores its partials (`mfa_plan._pick_pdl`)
         gdc_launch_dependents()
     l_i = tl.where(l_i > 0, l_i, 1.0)  # an empty split: o = 0 and lse = -inf, i.e. weight 0 in the merge
     v_scale = tl.load(v_scale_ptr)
