@@ -37,11 +37,11 @@ class DecodePlan:
 # by KV bytes per value: the launches the committed H200 runs picked (results/mfa_attention_*h200.json,
 # NOTES_mfa.md runs 7-13). FP8 takes the E4M3 q K^T (qk_fp8 2) in the Gluon kernel (64-token tiles, 3 stages
 # (below), two tiles per loop pass (gluon 2: 174.1-174.5 us at 256 x 4K in run 11's three calls, one tile a
-# pass 181.6-182.8), PDL at one split; the Triton kernel where Gluon cannot run) from QK8_MIN_TOKENS cached
-# tokens per call; below, run 6's fp16-dot launch, whose short programs win where a sequence is split into
-# many 1-4-tile pieces (run 15, `results/mfa_small_shapes_run15_h200.json`: 1 x 8K 11.8 us against Gluon's
-# 13.2, 8 x 1K 12.9 against 13.2; from 32K tokens Gluon wins: 1 x 32K 17.6 against 19.5, 8 x 4K 18.1 against
-# 20.6, 32 x 1K 18.0 against 19.5). Where PDL lets the next launch start: `_pick_pdl`.
+# pass 181.6-182.8), PDL where `_pick_pdl` says; the Triton kernel where Gluon cannot run) from QK8_MIN_TOKENS
+# cached tokens per call; below, run 6's fp16-dot launch, whose short programs win where a sequence is split
+# into many 1-4-tile pieces (run 15, `results/mfa_small_shapes_run15_h200.json`: 1 x 8K 11.8 us against
+# Gluon's 13.2, 8 x 1K 12.9 against 13.2; from 32K tokens Gluon wins: 1 x 32K 17.6 against 19.5, 8 x 4K 18.1
+# against 20.6, 32 x 1K 18.0 against 19.5).
 # Since the Gluon CTA's prologue went from ~12.5 to ~5.5 us (run 13), 3 E4M3 K / V stages and 3 fp16 V
 # stages beat 4 + 2 at all 12 shapes of an interleaved A/B, by 0.4-4% (32 x 4K 34.0 against 35.4 us, 128 x
 # 64K 1200.9 against 1217.4).
