@@ -1,13 +1,17 @@
-"""Timing and version helpers shared by the GPU benchmarks (mfa_attention.py, moe_ffn.py).
+"""Timing, version and kernel-copy helpers shared by the GPU benchmarks (mfa_attention.py, moe_ffn.py, and
+the diagnostic copies of mfa_cta_trace.py and moe_gemm_limits.py).
 
 Each script keeps its own JSON layout; only the measuring is shared, so both time kernels the same way.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import platform
 import statistics
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import triton
@@ -66,3 +70,26 @@ def gpu_versions() -> dict:
     """The software a GPU result depends on, for the machine block of each result JSON."""
     return dict(torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
                 python=platform.python_version())
+
+
+def edited_source(source: Path, edits: list[tuple], tool: str) -> str:
+    """source's text with each (anchor, replacement[, copies]) edit applied; a kernel file that lost an anchor
+    stops the tool with an error naming it (the diagnostic copies follow the library's code, never drift)."""
+    src = source.read_text()
+    for anchor, new, *copies in edits:
+        count, expected = src.count(anchor), copies[0] if copies else 1
+        if count != expected:
+            raise SystemExit(f"{tool}: {source.name} has {count} copies of {anchor.strip()[:80]!r} "
+                             f"(expected {expected}): bring {tool} up to date")
+        src = src.replace(anchor, new)
+    return src
+
+
+def load_source(text: str, stem: str):
+    """A module made from text, imported from a temporary file (Gluon and Triton read a kernel's source)."""
+    path = Path(tempfile.mkdtemp()) / f"{stem}.py"
+    path.write_text(text)
+    spec = importlib.util.spec_from_file_location(stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

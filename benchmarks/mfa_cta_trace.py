@@ -19,18 +19,16 @@ DIR/mfa_cta_trace[_PARTITION_waits]_h200.json (DIR: benchmarks/results unless --
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from benchmarks.common import capture_graph, gpu_versions  # noqa: E402
+from benchmarks.common import capture_graph, edited_source, gpu_versions, load_source  # noqa: E402
 from benchmarks.mfa_attention import time_graph  # noqa: E402
 
 SOURCE = Path(__file__).resolve().parents[1] / "runtime" / "kernels" / "mfa_decode_ws.py"
@@ -153,24 +151,12 @@ def _edits(waits: str | None) -> list[tuple]:
 
 def traced_source(waits: str | None = None) -> str:
     """mfa_decode_ws.py with the trace stores; a clear error names the anchor the kernel source has lost."""
-    src = SOURCE.read_text()
-    for anchor, new, *copies in _edits(waits):
-        count, expected = src.count(anchor), copies[0] if copies else 1
-        if count != expected:
-            raise SystemExit(f"mfa_cta_trace: {SOURCE.name} has {count} copies of {anchor.strip()!r} "
-                             f"(expected {expected}): bring benchmarks/mfa_cta_trace.py up to date")
-        src = src.replace(anchor, new)
-    return src
+    return edited_source(SOURCE, _edits(waits), "benchmarks/mfa_cta_trace.py")
 
 
 def load_traced(waits: str | None):
-    """The traced kernel module, imported from a temporary file (Gluon reads a kernel's source there)."""
-    path = Path(tempfile.mkdtemp()) / f"mfa_decode_ws_traced_{waits or 'timeline'}.py"
-    path.write_text(traced_source(waits))
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The traced kernel module (Gluon reads a kernel's source from its file)."""
+    return load_source(traced_source(waits), f"mfa_decode_ws_traced_{waits or 'timeline'}")
 
 
 def trace_shape(batch: int, ctx: int, library, traced, waits: str | None) -> dict:

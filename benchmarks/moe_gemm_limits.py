@@ -1,0 +1,201 @@
+"""What bounds the routed MoE GEMMs at a token count, on one GPU (NOTES_ffn.md run 18).
+
+    python -m benchmarks.moe_gemm_limits --out DIR [--tokens 2048 4096]
+
+The library's persistent grouped GEMM (runtime/kernels/fp8_gemm_wsp.py) at the MoE default tile of these
+sizes (`wsp192g4`: 192 rows, GROUP_M 4, 4 stages) against copies of it built from its source at run time (the
+library file is not touched), each leaving one side of the work out:
+- loads: the consumers only wait for each stage and release it (no wgmma, no promotion): the TMA stream
+  alone; loads_a / loads_b: only A's boxes (the gathered token rows, re-read from L2) or only B's (the
+  weights, from DRAM).
+- mma: the producer issues no TMA and arrives `ready` itself: the wgmma chains and promotion on stale shared
+  memory, at the library's waits.
+- noprom: each wgmma chain accumulates in the tensor core (no promotion math, no scale loads), same waits.
+- blocked: the library kernel over weights re-laid out so that each 128 x 128 block is 16 contiguous KB (a TMA
+  box one DRAM-contiguous run instead of 128 rows 7 KB apart); its outputs are checked bit-equal to the
+  library's (the other copies' outputs mean nothing).
+gate_up and down are timed separately on the benchmark's layer (moe_ffn.make_layer / inputs): eager windows of
+10 calls, the variants in turns for 7 rounds, medians. Writes DIR/moe_gemm_limits_h200.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from benchmarks.common import edited_source, gpu_versions, load_source, time_ms  # noqa: E402
+from benchmarks.moe_ffn import copy_bandwidth, inputs, make_layer  # noqa: E402
+
+SOURCE = Path(__file__).resolve().parents[1] / "runtime" / "kernels" / "fp8_gemm_wsp.py"
+TILE = "wsp192g4"
+ROUNDS = 7
+
+_LOADS = """            mbarrier.expect(bar, B_BYTES + PARTS * HALF_M * 128, pred=live2)
+            if PARTS == 3:
+                mbarrier.expect(bar, B_BYTES + 2 * HALF_M * 128, pred=live1 and not live2)
+            mbarrier.expect(bar, B_BYTES + HALF_M * 128, pred=not live1)
+            for p in gl.static_range(PARTS):
+                live = p == 0 or (p == 1 and live1) or (p == 2 and live2)
+                tma.async_copy_global_to_shared(a_desc, [off_m + p * HALF_M, k], bar,
+                                                a_smem.index(PARTS * s + p), pred=live)
+            load_b(b_desc, b2_desc, b_smem.index(s), bar, off_b, j, k, SWIGLU, SUB_N)
+"""
+_LOAD_B = "            load_b(b_desc, b2_desc, b_smem.index(s), bar, off_b, j, k, SWIGLU, SUB_N)\n"
+_PROMOTED = """            for kb in range(k_tiles):
+                step = base + kb
+                s = step % STAGES
+                a_s, b_s, b2_s = scales(as_ptr, bs_ptr, b2s_ptr, kb, offs_m, stride_asg, stride_bsk, SWIGLU)
+                mbarrier.wait(ready.index(s), (step // STAGES) & 1)
+                t = _mma(a_smem.index(PARTS * s + half), b_smem.index(s), zero)
+                release(empty.index(s))
+                acc, acc2 = promote(t, acc, acc2, a_s, b_s, b2_s, SWIGLU)
+"""
+_IN_TENSOR_CORE = """            acc_t = zero
+            for kb in range(k_tiles):
+                step = base + kb
+                s = step % STAGES
+                mbarrier.wait(ready.index(s), (step // STAGES) & 1)
+                acc_t = warpgroup_mma(a_smem.index(PARTS * s + half), b_smem.index(s).permute((1, 0)), acc_t,
+                                      is_async=True)
+                acc_t = warpgroup_mma_wait(0, deps=[acc_t])
+                release(empty.index(s))
+            if SWIGLU:
+                acc, acc2 = _halves(acc_t)
+            else:
+                acc = acc_t
+"""
+_BLOCKED_LOAD = '''
+
+BLOCKED = {}  # a weight's data_ptr -> the same weights as [1, E * N * K / 128, 128] (`blocked`)
+
+
+@gluon.jit
+def _load_b_blocked(b_desc, b2_desc, b, bar, off_b, j, k, K, SWIGLU: gl.constexpr, SUB_N: gl.constexpr):
+    r = off_b + j * SUB_N if SWIGLU else off_b
+    row = ((r // 128) * (K // 128) + k // 128) * 128 + r % 128
+    if SWIGLU:
+        tma.async_copy_global_to_shared(b_desc, [row, 0], bar, b.slice(0, SUB_N))
+        tma.async_copy_global_to_shared(b2_desc, [row, 0], bar, b.slice(SUB_N, SUB_N))
+    else:
+        tma.async_copy_global_to_shared(b_desc, [row, 0], bar, b)
+'''
+_NO_MMA = [("acc = _k_loop(step, k_tiles, live,", "acc = _k_loop(step, k_tiles, False,"),
+           ("h1 = _k_loop(step, k_tiles, live,", "h1 = _k_loop(step, k_tiles, False,")]
+EDITS = {
+    "loads": _NO_MMA,
+    "loads_a": _NO_MMA + [(_LOADS, _LOADS.replace("B_BYTES + ", "").replace(_LOAD_B, ""))],
+    "loads_b": _NO_MMA + [(_LOADS, "            mbarrier.expect(bar, B_BYTES)\n" + _LOAD_B)],
+    "mma": [(_LOADS, "            mbarrier.arrive(bar, count=1)\n")],
+    "noprom": [(_PROMOTED, _IN_TENSOR_CORE)],
+    "blocked": [(_LOAD_B, _LOAD_B.replace("load_b(", "_load_b_blocked(").replace("SWIGLU", "K, SWIGLU")),
+                ("a_desc, b_desc, b2_desc = descriptors(a, b, b2)",
+                 "a_desc, b_desc, b2_desc = descriptors(a, BLOCKED[b.data_ptr()], "
+                 "None if b2 is None else BLOCKED[b2.data_ptr()])")],
+}
+
+
+def variant_source(name: str) -> str:
+    """fp8_gemm_wsp.py as the copy `name` (EDITS)."""
+    src = edited_source(SOURCE, EDITS[name], "benchmarks/moe_gemm_limits.py")
+    return src + _BLOCKED_LOAD if name == "blocked" else src
+
+
+def blocked(w: torch.Tensor) -> torch.Tensor:
+    """[E, N, K] weights as [1, E * N * K / 128, 128], each 128 x 128 block 16 contiguous KB."""
+    E, N, K = w.shape
+    return w.view(E, N // 128, 128, K // 128, 128).permute(0, 1, 3, 2, 4).contiguous().view(1, -1, 128)
+
+
+def gemm_calls(T: int, gen: torch.Generator, experts, modules: dict) -> tuple[dict, dict]:
+    """(name -> one gate_up or down GEMM of `T` tokens on that module's kernel, name -> its output buffer)."""
+    from quant.fp8 import FP8_DTYPE
+    from runtime.kernels.act_quant import act_quant
+    from runtime.kernels.moe import MOE_CANDIDATES
+    from runtime.kernels.moe_routing import align_by_expert, pair_buffer
+    from runtime.kernels.moe_tma import gather_rows
+
+    cfg = MOE_CANDIDATES[TILE]
+    x, w, ids = inputs(T, gen)
+    pairs = ids.numel()
+    rows, block_expert = align_by_expert(ids, experts.first, experts.num_local, cfg.block_m)
+    a, a_scale_t = gather_rows(act_quant(x), rows, ids.shape[1])
+    hq = torch.empty((a.shape[0], experts.gate.shape[1]), dtype=FP8_DTYPE, device=a.device)
+    hs = torch.empty((hq.shape[1] // 128, a.shape[0]), dtype=torch.float32, device=a.device)
+    partial = pair_buffer(experts, pairs, torch.bfloat16, a.device)
+    tiles = dict(block_m=cfg.block_m, group_m=cfg.group_m, skip=cfg.skip_pad, defer=cfg.defer, rows=rows,
+                 num_pairs=pairs)
+    topk_w = w.reshape(-1).float()
+    calls, outs = {}, {}
+    for name, m in modules.items():
+        calls[f"gate_up:{name}"] = lambda m=m: m.wsp_grouped_gemm(
+            a, a_scale_t, experts.gate, experts.gate_scale, hq, block_expert, b2=experts.up,
+            b2_scale=experts.up_scale, out_scale_t=hs, num_stages=cfg.stages_gate_up, **tiles)
+        calls[f"down:{name}"] = lambda m=m: m.wsp_grouped_gemm(
+            hq, hs, experts.down, experts.down_scale, partial, block_expert, topk_weights=topk_w,
+            num_stages=cfg.stages_down, **tiles)
+        outs[f"gate_up:{name}"], outs[f"down:{name}"] = hq, partial
+    return calls, outs
+
+
+def blocked_matches(calls: dict, outs: dict) -> dict[str, bool]:
+    """Whether the blocked-weight kernel writes the library's bytes (gate_up's h, then down's partials from
+    the library's h)."""
+    same = {}
+    for gemm in ("gate_up", "down"):
+        calls["gate_up:library"]()
+        calls[f"{gemm}:library"]()
+        want = outs[f"{gemm}:library"].clone()
+        calls["gate_up:library"]()
+        calls[f"{gemm}:blocked"]()
+        same[gemm] = bool(torch.equal(want.view(torch.uint8), outs[f"{gemm}:blocked"].view(torch.uint8)))
+    return same
+
+
+def measure(T: int, gen: torch.Generator, experts, modules: dict) -> dict:
+    calls, outs = gemm_calls(T, gen, experts, modules)
+    same = blocked_matches(calls, outs)
+    times = {name: [] for name in calls}
+    for _ in range(ROUNDS):
+        for name, fn in calls.items():
+            if name.startswith("down"):
+                calls["gate_up:library"]()  # the library's h (the copies write garbage)
+            times[name].append(time_ms(fn, 10))
+    ms = {name: statistics.median(t) for name, t in times.items()}
+    weight_gb = {g: getattr(experts, g).numel() / 1e9 for g in ("gate", "up", "down")}
+    gb = {"gate_up": weight_gb["gate"] + weight_gb["up"], "down": weight_gb["down"]}
+    tbs = {name: gb[name.split(":")[0]] / ms[name] for name in ms if name.endswith("loads_b")}
+    return dict(tokens=T, ms=ms, blocked_bit_equal=same, weights_tb_per_s=tbs,
+                rounds={name: [round(t, 4) for t in v] for name, v in times.items()})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--tokens", type=int, nargs="+", default=[2048, 4096])
+    args = ap.parse_args()
+    from runtime.kernels import fp8_gemm_wsp
+
+    modules = {"library": fp8_gemm_wsp} | {n: load_source(variant_source(n), f"wsp_{n}") for n in EDITS}
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    experts, _ = make_layer(gen)
+    for w in (experts.gate, experts.up, experts.down):
+        modules["blocked"].BLOCKED[w.data_ptr()] = blocked(w)
+    rows = []
+    for T in args.tokens:
+        rows.append(measure(T, gen, experts, modules))
+        print(json.dumps({k: rows[-1][k] for k in ("tokens", "ms", "blocked_bit_equal")}), flush=True)
+    machine = dict(gpu=torch.cuda.get_device_name(), copy_tb_per_s=copy_bandwidth() / 1e12, **gpu_versions())
+    result = dict(machine=machine, tile=TILE, rounds=ROUNDS, rows=rows)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "moe_gemm_limits_h200.json").write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
