@@ -42,6 +42,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma,
     warpgroup_mma_wait,
 )
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from runtime.kernels.fp8_gemm_ws import (
     ACC_LAYOUT,
@@ -54,7 +55,6 @@ from runtime.kernels.fp8_gemm_ws import (
     descriptors,
     load_b,
     promote,
-    scales,
     smem_ring,
 )
 from runtime.kernels.gluon_sync import release
@@ -70,6 +70,24 @@ def _live(rows_ptr, off_m, half, num_pairs, SKIP: gl.constexpr):
         return True
 
 
+@gluon.jit
+def _b_scales(bs_ptr, b2s_ptr, kb, stride_bsk, SWIGLU: gl.constexpr):
+    """K block kb's weight-tile scales (gate's and up's): one float each, the same for every thread (L1 hits:
+    a tile's K blocks are contiguous); loaded before the stage wait."""
+    b_s = gl.load(bs_ptr + kb * stride_bsk)
+    return b_s, gl.load(b2s_ptr + kb * stride_bsk) if SWIGLU else b_s
+
+
+@gluon.jit
+def _a_scales(as_smem, s, half: gl.constexpr, PARTS: gl.constexpr):
+    """This consumer's 64 row scales of stage s, which the producer's TMA brought with its part of A.
+    Loaded from global memory instead (a new 256-byte row segment every K step, an L2 round trip each under
+    the GEMM's L2 load) they cost 6-13% of gate_up at 2048 tokens (NOTES_ffn.md run 18)."""
+    return as_smem.index(PARTS * s + half).reshape([HALF_M]).load(gl.SliceLayout(1, ACC_LAYOUT))
+
+
+# a part's row scales of a K step: a [1, 64] TMA box of a_scale_t [K/128, P] (256 bytes: no swizzle)
+ROW_SCALES_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
 SLOTS = gl.constexpr(2)  # tile ids in flight from the producer to the consumers
 ONE_WARP = gl.constexpr(gl.BlockedLayout([1], [32], [1], [0]))
 WARPGROUP = gl.constexpr(gl.BlockedLayout([1], [32], [4], [0]))
@@ -104,11 +122,12 @@ def _producer(loads, sched, counter_ptr, SWIGLU: gl.constexpr, QUANT: gl.constex
     wait until every consumer released the stage, then A (PARTS 64-row parts; with SKIP only the live
     ones: padding ends a run, so they are a prefix) and B (SwiGLU: gate rows into the stage's first 64
     rows, up rows into the last 64). loads: the descriptors, the ring and the tile schedule's inputs."""
-    (a_desc, b_desc, b2_desc, a_smem, b_smem, ready, empty, block_expert_ptr, rows_ptr, N, K, num_m,
-     num_pairs, num_tiles) = loads
+    (a_desc, b_desc, b2_desc, as_desc, a_smem, b_smem, as_smem, ready, empty, block_expert_ptr, rows_ptr,
+     N, K, num_m, num_pairs, num_tiles) = loads
     SUB_N: gl.constexpr = 64 if SWIGLU else 128
     SUB: gl.constexpr = 2 if QUANT else 1
     B_BYTES: gl.constexpr = 128 * 128
+    PART_BYTES: gl.constexpr = HALF_M * (128 + 4)  # a part's A rows and their scales
     step = 0
     n = 0
     tile = gl.atomic_add(counter_ptr, 1)
@@ -124,14 +143,16 @@ def _producer(loads, sched, counter_ptr, SWIGLU: gl.constexpr, QUANT: gl.constex
             s = step % STAGES
             mbarrier.wait(empty.index(s), ((step // STAGES) & 1) ^ 1)  # the first round passes at once
             bar = ready.index(s)
-            mbarrier.expect(bar, B_BYTES + PARTS * HALF_M * 128, pred=live2)
+            mbarrier.expect(bar, B_BYTES + PARTS * PART_BYTES, pred=live2)
             if PARTS == 3:
-                mbarrier.expect(bar, B_BYTES + 2 * HALF_M * 128, pred=live1 and not live2)
-            mbarrier.expect(bar, B_BYTES + HALF_M * 128, pred=not live1)
+                mbarrier.expect(bar, B_BYTES + 2 * PART_BYTES, pred=live1 and not live2)
+            mbarrier.expect(bar, B_BYTES + PART_BYTES, pred=not live1)
             for p in gl.static_range(PARTS):
                 live = p == 0 or (p == 1 and live1) or (p == 2 and live2)
                 tma.async_copy_global_to_shared(a_desc, [off_m + p * HALF_M, k], bar,
                                                 a_smem.index(PARTS * s + p), pred=live)
+                tma.async_copy_global_to_shared(as_desc, [k // 128, off_m + p * HALF_M], bar,
+                                                as_smem.index(PARTS * s + p), pred=live)
             load_b(b_desc, b2_desc, b_smem.index(s), bar, off_b, j, k, SWIGLU, SUB_N)
             step += 1
         n += 1
@@ -149,19 +170,20 @@ def _issue(a_smem, b_smem, ready, step, half: gl.constexpr, STAGES: gl.constexpr
 
 
 @gluon.jit
-def _step_done(t, step, acc, acc2, empty, as_ptr, bs_ptr, b2s_ptr, base, offs_m, stride_asg, stride_bsk,
-               OUTSTANDING: gl.constexpr, SWIGLU: gl.constexpr, STAGES: gl.constexpr):
+def _step_done(t, step, acc, acc2, empty, as_smem, bs_ptr, b2s_ptr, base, stride_bsk, half: gl.constexpr,
+               OUTSTANDING: gl.constexpr, SWIGLU: gl.constexpr, STAGES: gl.constexpr, PARTS: gl.constexpr):
     """Wait until step's chain t is done (OUTSTANDING younger chains may still run), release its stage,
     promote it."""
-    a_s, b_s, b2_s = scales(as_ptr, bs_ptr, b2s_ptr, step - base, offs_m, stride_asg, stride_bsk, SWIGLU)
+    b_s, b2_s = _b_scales(bs_ptr, b2s_ptr, step - base, stride_bsk, SWIGLU)
+    a_s = _a_scales(as_smem, step % STAGES, half, PARTS)
     t = warpgroup_mma_wait(OUTSTANDING, deps=[t])
     release(empty.index(step % STAGES))
     return promote(t, acc, acc2, a_s, b_s, b2_s, SWIGLU)
 
 
 @gluon.jit
-def _deferred(base, k_tiles, acc, acc2, a_smem, b_smem, ready, empty, as_ptr, bs_ptr, b2s_ptr, offs_m,
-              stride_asg, stride_bsk, half: gl.constexpr, SWIGLU: gl.constexpr, STAGES: gl.constexpr,
+def _deferred(base, k_tiles, acc, acc2, a_smem, b_smem, as_smem, ready, empty, bs_ptr, b2s_ptr, stride_bsk,
+              half: gl.constexpr, SWIGLU: gl.constexpr, STAGES: gl.constexpr,
               PARTS: gl.constexpr, zero):
     """The K loop two steps at a time: both chains issued, then the first promoted while the second runs.
     No chain stays in flight across a loop boundary: a loop-carried copy of a running chain's registers
@@ -169,20 +191,20 @@ def _deferred(base, k_tiles, acc, acc2, a_smem, b_smem, ready, empty, as_ptr, bs
     for kb in range(0, k_tiles - 1, 2):
         t0 = _issue(a_smem, b_smem, ready, base + kb, half, STAGES, PARTS, zero)
         t1 = _issue(a_smem, b_smem, ready, base + kb + 1, half, STAGES, PARTS, zero)
-        acc, acc2 = _step_done(t0, base + kb, acc, acc2, empty, as_ptr, bs_ptr, b2s_ptr, base, offs_m,
-                               stride_asg, stride_bsk, 1, SWIGLU, STAGES)
-        acc, acc2 = _step_done(t1, base + kb + 1, acc, acc2, empty, as_ptr, bs_ptr, b2s_ptr, base, offs_m,
-                               stride_asg, stride_bsk, 0, SWIGLU, STAGES)
+        acc, acc2 = _step_done(t0, base + kb, acc, acc2, empty, as_smem, bs_ptr, b2s_ptr, base,
+                               stride_bsk, half, 1, SWIGLU, STAGES, PARTS)
+        acc, acc2 = _step_done(t1, base + kb + 1, acc, acc2, empty, as_smem, bs_ptr, b2s_ptr, base,
+                               stride_bsk, half, 0, SWIGLU, STAGES, PARTS)
     if k_tiles % 2 == 1:
         t0 = _issue(a_smem, b_smem, ready, base + k_tiles - 1, half, STAGES, PARTS, zero)
-        acc, acc2 = _step_done(t0, base + k_tiles - 1, acc, acc2, empty, as_ptr, bs_ptr, b2s_ptr, base,
-                               offs_m, stride_asg, stride_bsk, 0, SWIGLU, STAGES)
+        acc, acc2 = _step_done(t0, base + k_tiles - 1, acc, acc2, empty, as_smem, bs_ptr, b2s_ptr, base,
+                               stride_bsk, half, 0, SWIGLU, STAGES, PARTS)
     return acc, acc2
 
 
 @gluon.jit
-def _k_loop(base, k_tiles, live, a_smem, b_smem, ready, empty, as_ptr, bs_ptr, b2s_ptr, offs_m, stride_asg,
-            stride_bsk, half: gl.constexpr, SWIGLU: gl.constexpr, STAGES: gl.constexpr, DEFER: gl.constexpr,
+def _k_loop(base, k_tiles, live, a_smem, b_smem, as_smem, ready, empty, bs_ptr, b2s_ptr, stride_bsk,
+            half: gl.constexpr, SWIGLU: gl.constexpr, STAGES: gl.constexpr, DEFER: gl.constexpr,
             PARTS: gl.constexpr, layout: gl.constexpr, out_layout: gl.constexpr):
     """One sub-tile's K loop over global steps base .. base + k_tiles - 1 (fp8_gemm_ws._k_loop without the
     loads). DEFER: step k + 1's wgmma chain is issued before step k's promotion (two fp32 temporaries, so
@@ -196,14 +218,15 @@ def _k_loop(base, k_tiles, live, a_smem, b_smem, ready, empty, as_ptr, bs_ptr, b
         acc2 = zero
     if live:
         if DEFER:
-            acc, acc2 = _deferred(base, k_tiles, acc, acc2, a_smem, b_smem, ready, empty, as_ptr, bs_ptr,
-                                  b2s_ptr, offs_m, stride_asg, stride_bsk, half, SWIGLU, STAGES, PARTS, zero)
+            acc, acc2 = _deferred(base, k_tiles, acc, acc2, a_smem, b_smem, as_smem, ready, empty, bs_ptr,
+                                  b2s_ptr, stride_bsk, half, SWIGLU, STAGES, PARTS, zero)
         else:
             for kb in range(k_tiles):
                 step = base + kb
                 s = step % STAGES
-                a_s, b_s, b2_s = scales(as_ptr, bs_ptr, b2s_ptr, kb, offs_m, stride_asg, stride_bsk, SWIGLU)
+                b_s, b2_s = _b_scales(bs_ptr, b2s_ptr, kb, stride_bsk, SWIGLU)
                 mbarrier.wait(ready.index(s), (step // STAGES) & 1)
+                a_s = _a_scales(as_smem, s, half, PARTS)
                 t = _mma(a_smem.index(PARTS * s + half), b_smem.index(s), zero)
                 release(empty.index(s))
                 acc, acc2 = promote(t, acc, acc2, a_s, b_s, b2_s, SWIGLU)
@@ -223,9 +246,9 @@ def _consumer(half: gl.constexpr, bufs, args, sched, SWIGLU: gl.constexpr, WEIGH
               DEFER: gl.constexpr, PARTS: gl.constexpr):
     """Rows 64 half .. 64 half + 63 of every tile of this CTA: K loop(s), then the epilogue (the producer
     meanwhile fills the stages of the next tile). bufs: the ring; args: the kernel's pointers and sizes."""
-    a_smem, b_smem, ready, empty = bufs
-    (as_ptr, bs_ptr, b2s_ptr, c_ptr, cs_ptr, block_expert_ptr, rows_ptr, topk_w_ptr, N, K, num_m, num_pairs,
-     num_tiles, stride_asg, stride_bse, stride_bsn, stride_bsk, stride_cm, stride_csg) = args
+    a_smem, b_smem, as_smem, ready, empty = bufs
+    (bs_ptr, b2s_ptr, c_ptr, cs_ptr, block_expert_ptr, rows_ptr, topk_w_ptr, N, K, num_m, num_pairs,
+     num_tiles, stride_bse, stride_bsn, stride_bsk, stride_cm, stride_csg) = args
     layout: gl.constexpr = ACC_LAYOUT
     out_layout: gl.constexpr = H_LAYOUT
     SUB_N: gl.constexpr = 64 if SWIGLU else 128
@@ -242,13 +265,13 @@ def _consumer(half: gl.constexpr, bufs, args, sched, SWIGLU: gl.constexpr, WEIGH
         offs_m = off_m + half * HALF_M + gl.arange(0, HALF_M, layout=gl.SliceLayout(1, layout))
         scale_off = expert.to(gl.int64) * stride_bse + (pid_n * TILE_N // 128) * stride_bsn
         bs, b2s = bs_ptr + scale_off, b2s_ptr + scale_off
-        acc = _k_loop(step, k_tiles, live, a_smem, b_smem, ready, empty, as_ptr, bs, b2s, offs_m, stride_asg,
-                      stride_bsk, half, SWIGLU, STAGES, DEFER, PARTS, layout, out_layout)
+        acc = _k_loop(step, k_tiles, live, a_smem, b_smem, as_smem, ready, empty, bs, b2s, stride_bsk, half,
+                      SWIGLU, STAGES, DEFER, PARTS, layout, out_layout)
         step += k_tiles
         h1 = acc
         if QUANT:  # the second 64 columns of h
-            h1 = _k_loop(step, k_tiles, live, a_smem, b_smem, ready, empty, as_ptr, bs, b2s, offs_m,
-                         stride_asg, stride_bsk, half, SWIGLU, STAGES, DEFER, PARTS, layout, out_layout)
+            h1 = _k_loop(step, k_tiles, live, a_smem, b_smem, as_smem, ready, empty, bs, b2s, stride_bsk,
+                         half, SWIGLU, STAGES, DEFER, PARTS, layout, out_layout)
             step += k_tiles
         _store(acc, h1, offs_m, pid_n, c_ptr, cs_ptr, rows_ptr, topk_w_ptr, num_pairs, stride_cm, stride_csg,
                SWIGLU, WEIGHTED, QUANT, TILE_N, SUB_N, lay)
@@ -257,14 +280,15 @@ def _consumer(half: gl.constexpr, bufs, args, sched, SWIGLU: gl.constexpr, WEIGH
 
 
 @gluon.jit
-def _wsp_gemm_kernel(a_desc, as_ptr, b_desc, b2_desc, bs_ptr, b2s_ptr, c_ptr, cs_ptr, block_expert_ptr,
-                     rows_ptr, topk_w_ptr, counter_ptr, N, K, num_m, num_pairs, num_tiles, stride_asg,
-                     stride_bse, stride_bsn, stride_bsk, stride_cm, stride_csg,
+def _wsp_gemm_kernel(a_desc, as_desc, b_desc, b2_desc, bs_ptr, b2s_ptr, c_ptr, cs_ptr, block_expert_ptr,
+                     rows_ptr, topk_w_ptr, counter_ptr, N, K, num_m, num_pairs, num_tiles, stride_bse,
+                     stride_bsn, stride_bsk, stride_cm, stride_csg,
                      SWIGLU: gl.constexpr, WEIGHTED: gl.constexpr, QUANT: gl.constexpr, STAGES: gl.constexpr,
                      GROUP_M: gl.constexpr, SKIP: gl.constexpr, DEFER: gl.constexpr, PARTS: gl.constexpr,
                      CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
     a_smem, b_smem, ready, empty = smem_ring(a_desc, b_desc, STAGES, PARTS)
-    bufs = (a_smem, b_smem, ready, empty)
+    as_smem = gl.allocate_shared_memory(gl.float32, [PARTS * STAGES, 1, HALF_M], as_desc.layout)
+    bufs = (a_smem, b_smem, as_smem, ready, empty)
     tile_ids = gl.allocate_shared_memory(gl.int32, [SLOTS, 1], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
     full = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
     free = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
@@ -272,12 +296,12 @@ def _wsp_gemm_kernel(a_desc, as_ptr, b_desc, b2_desc, bs_ptr, b2s_ptr, c_ptr, cs
         mbarrier.init(full.index(i), count=1)
         mbarrier.init(free.index(i), count=PARTS)  # every consumer warpgroup reads each tile id
     sched = (tile_ids, full, free)
-    args = (as_ptr, bs_ptr, b2s_ptr, c_ptr, cs_ptr, block_expert_ptr, rows_ptr, topk_w_ptr, N, K, num_m,
-            num_pairs, num_tiles, stride_asg, stride_bse, stride_bsn, stride_bsk, stride_cm, stride_csg)
+    args = (bs_ptr, b2s_ptr, c_ptr, cs_ptr, block_expert_ptr, rows_ptr, topk_w_ptr, N, K, num_m, num_pairs,
+            num_tiles, stride_bse, stride_bsn, stride_bsk, stride_cm, stride_csg)
     # the tuples are written out: the frontend takes no *args, and a tuple built by concatenation turns
     # constexprs into tensors
-    loads = (a_desc, b_desc, b2_desc, a_smem, b_smem, ready, empty, block_expert_ptr, rows_ptr, N, K, num_m,
-             num_pairs, num_tiles)
+    loads = (a_desc, b_desc, b2_desc, as_desc, a_smem, b_smem, as_smem, ready, empty, block_expert_ptr,
+             rows_ptr, N, K, num_m, num_pairs, num_tiles)
     if PARTS == 2:
         gl.warp_specialize([
             (_consumer, (0, bufs, args, sched, SWIGLU, WEIGHTED, QUANT, STAGES, GROUP_M, SKIP, DEFER, PARTS)),
@@ -322,14 +346,15 @@ def wsp_grouped_gemm(a: torch.Tensor, a_scale_t: torch.Tensor, b: torch.Tensor, 
     assert a_scale_t.stride(1) == 1 and (not quant or (b2 is not None and out_scale_t.stride(1) == 1))
     assert (b2 is None) == (not quant) and (topk_weights is None) == quant  # QUANT gate_up or WEIGHTED down
     a_desc, b_desc, b2_desc = descriptors(a, b, b2)
+    as_desc = TensorDescriptor.from_tensor(a_scale_t, [1, 64], ROW_SCALES_LAYOUT)
     num_tiles = block_expert.numel() * (N // 128)
     _wsp_gemm_kernel[(max(1, min(num_tiles, sm_count(a.device))),)](
-        a_desc, a_scale_t, b_desc, b2_desc, b_scale, b_scale if b2_scale is None else b2_scale, out,
+        a_desc, as_desc, b_desc, b2_desc, b_scale, b_scale if b2_scale is None else b2_scale, out,
         out_scale_t if quant else a_scale_t, block_expert, rows,
         topk_weights if topk_weights is not None else a_scale_t,
         torch.zeros(1, dtype=torch.int32, device=a.device), N, K, block_expert.numel(),
         num_pairs, num_tiles,
-        a_scale_t.stride(0), b_scale.stride(0), b_scale.stride(1), b_scale.stride(2), out.stride(0),
+        b_scale.stride(0), b_scale.stride(1), b_scale.stride(2), out.stride(0),
         out_scale_t.stride(0) if quant else 0, num_warps=4,
         **kernel_constexprs(quant, topk_weights is not None, block_m, group_m, num_stages, skip, defer,
                             producer_regs),

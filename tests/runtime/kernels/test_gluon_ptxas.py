@@ -83,7 +83,7 @@ def test_fp8_decode_consumer_keeps_its_wgmma_pipeline(page, direct):
 def test_moe_gemm_keeps_its_wgmma_pipeline(name, gemm):
     """The persistent grouped GEMM at the MoE defaults from 2048 tokens and the DEFER tile: no wgmma
     serialization (the 3-consumer QUANT kernel spills ~130 B today; that is not what this guards)."""
-    from runtime.kernels.fp8_gemm_wsp import _wsp_gemm_kernel, kernel_constexprs
+    from runtime.kernels.fp8_gemm_wsp import ROW_SCALES_LAYOUT, _wsp_gemm_kernel, kernel_constexprs
     from runtime.kernels.moe import MOE_CANDIDATES
 
     cfg = MOE_CANDIDATES[name]
@@ -91,8 +91,9 @@ def test_moe_gemm_keeps_its_wgmma_pipeline(name, gemm):
     stages = cfg.stages_gate_up if quant else cfg.stages_down
     consts = kernel_constexprs(quant, not quant, cfg.block_m, cfg.group_m, stages, cfg.skip_pad, cfg.defer)
     b_rows = 64 if quant else 128
-    types = dict(a_desc=_fp8_desc(64), b_desc=_fp8_desc(b_rows), b2_desc=_fp8_desc(b_rows), as_ptr="*fp32",
-                 bs_ptr="*fp32", b2s_ptr="*fp32", c_ptr="*fp8e4nv" if quant else "*bf16", cs_ptr="*fp32",
+    types = dict(a_desc=_fp8_desc(64), b_desc=_fp8_desc(b_rows), b2_desc=_fp8_desc(b_rows),
+                 as_desc=f"tensordesc<fp32[1, 64],{ROW_SCALES_LAYOUT!r}>", bs_ptr="*fp32",
+                 b2s_ptr="*fp32", c_ptr="*fp8e4nv" if quant else "*bf16", cs_ptr="*fp32",
                  block_expert_ptr="*i32", rows_ptr="*i32", topk_w_ptr="*fp32", counter_ptr="*i32")
     report = _ptxas(_wsp_gemm_kernel, types, consts)
     assert not _serialized(report), report
