@@ -38,18 +38,19 @@ SOURCE = Path(__file__).resolve().parents[1] / "runtime" / "kernels" / "fp8_gemm
 TILE = "wsp192g4"
 ROUNDS = 7
 
-_LOADS = """            mbarrier.expect(bar, B_BYTES + PARTS * PART_BYTES, pred=live2)
-            if PARTS == 3:
-                mbarrier.expect(bar, B_BYTES + 2 * PART_BYTES, pred=live1 and not live2)
-            mbarrier.expect(bar, B_BYTES + PART_BYTES, pred=not live1)
-            for p in gl.static_range(PARTS):
-                live = p == 0 or (p == 1 and live1) or (p == 2 and live2)
-                tma.async_copy_global_to_shared(a_desc, [off_m + p * HALF_M, k], bar,
-                                                a_smem.index(PARTS * s + p), pred=live)
-                tma.async_copy_global_to_shared(as_desc, [k // 128, off_m + p * HALF_M], bar,
-                                                as_smem.index(PARTS * s + p), pred=live)
-            load_b(b_desc, b2_desc, b_smem.index(s), bar, off_b, j, k, SWIGLU, SUB_N)
-"""
+
+
+def _step_loads(src: str) -> str:
+    """The producer's loads of one K step in fp8_gemm_wsp.py's source: the lines from its `expect`s to its
+    last copy (read from the file, not restated here)."""
+    start, end = "            bar = ready.index(s)\n", "            step += 1\n"
+    if src.count(start) != 1 or src.count(end) != 1:
+        raise SystemExit(f"moe_gemm_limits: {SOURCE.name} lost the producer's step ({start.strip()!r} .. "
+                         f"{end.strip()!r}): bring benchmarks/moe_gemm_limits.py up to date")
+    return src[src.index(start) + len(start):src.index(end)]
+
+
+_LOADS = _step_loads(SOURCE.read_text())  # expects, A's parts and their row scales, then the weight tile
 _LOAD_B = "            load_b(b_desc, b2_desc, b_smem.index(s), bar, off_b, j, k, SWIGLU, SUB_N)\n"
 _B_SCALES = "                b_s, b2_s = _b_scales(bs_ptr, b2s_ptr, kb, stride_bsk, SWIGLU)\n"
 _A_SCALES = "                a_s = _a_scales(as_smem, s, half, PARTS)\n"
