@@ -5,7 +5,9 @@ Same operands, modes (SWIGLU / QUANT / WEIGHTED), arithmetic and epilogues as fp
 - a 1-warp producer partition issues every TMA load (few registers: setmaxnreg), so neither consumer
   issues loads between its wgmma chains. In fp8_gemm_ws.py consumer 0 issues them, and its load for
   step + STAGES - 1 waits until consumer 1 has released step - 1's stage: the two consumers run loosely
-  lock-stepped and consumer 0's next wgmma waits behind that.
+  lock-stepped and consumer 0's next wgmma waits behind that. A's per-row scales ride along with each
+  part of A (a [1, 64] box), so a consumer reads them from shared memory, not from global memory each K
+  step (NOTES_ffn.md run 18).
 - the grid is persistent: one CTA per SM loops over the tiles, and the producer runs on into the next
   tile while the consumers are still in this one's epilogue; the non-persistent grid exposed every
   tile's pipeline fill and epilogue.
