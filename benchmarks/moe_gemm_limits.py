@@ -16,7 +16,9 @@ library file is not touched), each leaving one side of the work out:
   box one DRAM-contiguous run instead of 128 rows 7 KB apart); its outputs are checked bit-equal to the
   library's (the other copies' outputs mean nothing).
 gate_up and down are timed separately on the benchmark's layer (moe_ffn.make_layer / inputs): eager windows of
-10 calls, the variants in turns for 7 rounds, medians. Writes DIR/moe_gemm_limits_h200.json.
+10 calls, the variants in turns for 7 rounds, medians. Writes DIR/moe_gemm_limits_h200.json. Under the H200's
+power cap a lighter copy keeps a higher clock than the full kernel (whose rounds slow down as the run goes
+on), so a gap between the library and a copy is partly the cap's; compare two full kernels by an A/B in turns.
 """
 
 from __future__ import annotations
