@@ -41,7 +41,6 @@ TILE = "wsp192g4"
 ROUNDS = 7
 
 
-
 def _step_loads(src: str) -> str:
     """The producer's loads of one K step in fp8_gemm_wsp.py's source: the lines from its `expect`s to its
     last copy (read from the file, not restated here)."""
@@ -54,7 +53,7 @@ def _step_loads(src: str) -> str:
 
 _LOADS = _step_loads(SOURCE.read_text())  # expects, A's parts and their row scales, then the weight tile
 _LOAD_B = "            load_b(b_desc, b2_desc, b_smem.index(s), bar, off_b, j, k, SWIGLU, SUB_N)\n"
-_B_SCALES = "                b_s, b2_s = _b_scales(bs_ptr, b2s_ptr, kb, stride_bsk, SWIGLU)\n"
+_B_SCALES = "                b_s, b2_s = weight_scales(bs_ptr, b2s_ptr, kb, stride_bsk, SWIGLU)\n"
 _A_SCALES = "                a_s = _a_scales(as_smem, s, half, PARTS)\n"
 _PROMOTED = """            for kb in range(k_tiles):
                 step = base + kb

@@ -109,12 +109,18 @@ def _halves(t):
 
 
 @gluon.jit
+def weight_scales(bs_ptr, b2s_ptr, kb, stride_bsk, SWIGLU: gl.constexpr):
+    """K block kb's weight-tile scales (gate's and up's): one float each, the same for every thread."""
+    b_s = gl.load(bs_ptr + kb * stride_bsk)
+    return b_s, gl.load(b2s_ptr + kb * stride_bsk) if SWIGLU else b_s
+
+
+@gluon.jit
 def scales(as_ptr, bs_ptr, b2s_ptr, kb, offs_m, stride_asg, stride_bsk, SWIGLU: gl.constexpr):
     """K block kb's scales: A's per row, the weight tile's (gate's and up's); loaded before the stage wait,
     so their L2 latency hides behind it (NOTES_ffn.md run 7)."""
     a_s = gl.load(as_ptr + kb * stride_asg + offs_m)
-    b_s = gl.load(bs_ptr + kb * stride_bsk)
-    b2_s = gl.load(b2s_ptr + kb * stride_bsk) if SWIGLU else b_s
+    b_s, b2_s = weight_scales(bs_ptr, b2s_ptr, kb, stride_bsk, SWIGLU)
     return a_s, b_s, b2_s
 
 

@@ -58,6 +58,7 @@ from runtime.kernels.fp8_gemm_ws import (
     load_b,
     promote,
     smem_ring,
+    weight_scales,
 )
 from runtime.kernels.gluon_sync import release
 
@@ -70,14 +71,6 @@ def _live(rows_ptr, off_m, half, num_pairs, SKIP: gl.constexpr):
         return gl.load(rows_ptr + off_m + half * HALF_M) < num_pairs
     else:
         return True
-
-
-@gluon.jit
-def _b_scales(bs_ptr, b2s_ptr, kb, stride_bsk, SWIGLU: gl.constexpr):
-    """K block kb's weight-tile scales (gate's and up's): one float each, the same for every thread (L1 hits:
-    a tile's K blocks are contiguous); loaded before the stage wait."""
-    b_s = gl.load(bs_ptr + kb * stride_bsk)
-    return b_s, gl.load(b2s_ptr + kb * stride_bsk) if SWIGLU else b_s
 
 
 @gluon.jit
@@ -176,7 +169,7 @@ def _step_done(t, step, acc, acc2, empty, as_smem, bs_ptr, b2s_ptr, base, stride
                OUTSTANDING: gl.constexpr, SWIGLU: gl.constexpr, STAGES: gl.constexpr, PARTS: gl.constexpr):
     """Wait until step's chain t is done (OUTSTANDING younger chains may still run), release its stage,
     promote it."""
-    b_s, b2_s = _b_scales(bs_ptr, b2s_ptr, step - base, stride_bsk, SWIGLU)
+    b_s, b2_s = weight_scales(bs_ptr, b2s_ptr, step - base, stride_bsk, SWIGLU)
     a_s = _a_scales(as_smem, step % STAGES, half, PARTS)
     t = warpgroup_mma_wait(OUTSTANDING, deps=[t])
     release(empty.index(step % STAGES))
@@ -226,7 +219,7 @@ def _k_loop(base, k_tiles, live, a_smem, b_smem, as_smem, ready, empty, bs_ptr, 
             for kb in range(k_tiles):
                 step = base + kb
                 s = step % STAGES
-                b_s, b2_s = _b_scales(bs_ptr, b2s_ptr, kb, stride_bsk, SWIGLU)
+                b_s, b2_s = weight_scales(bs_ptr, b2s_ptr, kb, stride_bsk, SWIGLU)
                 mbarrier.wait(ready.index(s), (step // STAGES) & 1)
                 a_s = _a_scales(as_smem, s, half, PARTS)
                 t = _mma(a_smem.index(PARTS * s + half), b_smem.index(s), zero)
