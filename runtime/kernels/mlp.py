@@ -4,10 +4,13 @@
 First half, two ways: (a) "fused": one Triton program computes a gate tile AND the matching up tile
 from the same FP8 activation tile, applies silu-and-mul and quantizes the result per 1x128 group in
 its epilogue (fp8_gemm.py, SWIGLU + QUANT_OUT), so the [T, I] intermediate crosses memory once, as
-FP8; (b) "scaled_mm": cuBLAS blockwise GEMMs for gate and up (fp32 out), then one pass of
-`silu_mul_quant` (reads 8 bytes, writes ~1 byte per intermediate element): faster wherever cuBLAS
-serves fp8_matmul (from 64 tokens): the MLP alone 0.57-0.94x the fused kernel's time at 64-2048 tokens,
-the MoE layer 0.95-0.99x at 64-1024 (benchmarks/NOTES_ffn.md runs 15-16). "auto" picks it there.
+FP8; (b) "scaled_mm": ONE cuBLAS blockwise GEMM over [gate; up] (fp32 out, N = 2I: MlpWeights keeps
+gate and up as the two halves of one tensor), then one pass of `silu_mul_quant` (reads 8 bytes, writes
+~1 byte per intermediate element): faster wherever cuBLAS serves fp8_matmul (from 64 tokens): the MLP
+alone 0.57-0.94x the fused kernel's time at 64-2048 tokens, the MoE layer 0.95-0.99x at 64-1024
+(benchmarks/NOTES_ffn.md runs 15-16); the one GEMM instead of two, bit-equal, takes the shared expert's
+first half to 0.60x at 128 tokens, 0.79x at 512, 0.84x at 1024 and 0.97-0.99x from 2048 (run 19: fewer
+launches, and a grid of 2I / tile columns fills the SMs' last wave better). "auto" picks it there.
 Second half: the down projection through fp8_matmul (cuBLAS blockwise on Hopper).
 Tensor parallelism: rank r of F holds rows [r I/F, (r+1) I/F) of gate/up and those columns of down.
 With I/F a multiple of 128 every quantization group stays whole, so the F partial outputs sum to the
@@ -17,6 +20,7 @@ unsliced output (up to fp32 summation order).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -27,12 +31,21 @@ from converters.errors import Step3Error
 from quant.fp8 import FP8_DTYPE, dequantize_fp8
 from runtime.kernels.act_quant import Fp8Act, act_dequant, act_quant, act_quant_ref, quantize_rows
 from runtime.kernels.fp8_gemm import fp8_gemm
-from runtime.kernels.fp8_linear import SCALED_MM_MIN_TOKENS, fp8_matmul, scaled_mm_usable
+from runtime.kernels.fp8_linear import (
+    SCALED_MM_MIN_TOKENS,
+    fp8_matmul,
+    scaled_mm_usable,
+    scaled_mm_weight_scale,
+)
 
 
 @dataclass(frozen=True)
 class MlpWeights:
-    """gate/up [I, H] and down [H, I] in FP8 with their [ceil(out/128), ceil(in/128)] scales."""
+    """gate/up [I, H] and down [H, I] in FP8 with their [ceil(out/128), ceil(in/128)] scales.
+
+    With I a multiple of 128 (whole scale blocks), gate and up are stored as the two halves of one [2I, H]
+    tensor (`gate_up`; packed here, one copy, unless they already are), so cuBLAS's first half is one GEMM.
+    """
 
     gate: torch.Tensor
     gate_scale: torch.Tensor
@@ -50,10 +63,37 @@ class MlpWeights:
             if w.dtype != FP8_DTYPE or tuple(w.shape) != shape:
                 raise Step3Error(f"{self.name}.{label}: expected float8_e4m3fn {shape}, got {w.dtype} "
                                  f"{tuple(w.shape)}")
+        if inter % 128 == 0:  # whole scale blocks: [gate; up]'s scales are the two stacked
+            for suffix in ("", "_scale"):
+                gate, up = getattr(self, "gate" + suffix), getattr(self, "up" + suffix)
+                if _halves_of_one(gate, up) is None:
+                    packed = torch.cat([gate, up])
+                    object.__setattr__(self, "gate" + suffix, packed[: len(gate)])
+                    object.__setattr__(self, "up" + suffix, packed[len(gate):])
 
     @property
     def intermediate(self) -> int:
         return self.gate.shape[0]
+
+    @property
+    def gate_up(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """[gate; up] [2I, H] and its scales (views of gate's and up's storage); None unless packed."""
+        w, s = _halves_of_one(self.gate, self.up), _halves_of_one(self.gate_scale, self.up_scale)
+        return None if w is None or s is None else (w, s)
+
+    @cached_property
+    def mm_scales(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """[gate; up]'s and down's scales in torch._scaled_mm's layout, made once (not at every call)."""
+        return scaled_mm_weight_scale(self.gate_up[1]), scaled_mm_weight_scale(self.down_scale)
+
+
+def _halves_of_one(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+    """The contiguous tensor whose first and second halves (along dim 0) are a and b, if there is one."""
+    if not (a.is_contiguous() and b.is_contiguous() and a.shape == b.shape and a.dtype == b.dtype
+            and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+            and b.storage_offset() == a.storage_offset() + a.numel()):
+        return None
+    return a.new_empty(0).set_(a.untyped_storage(), a.storage_offset(), (2 * a.shape[0], *a.shape[1:]))
 
 
 def mlp_tp_slice(w: MlpWeights, rank: int, world: int) -> MlpWeights:
@@ -123,12 +163,13 @@ def swiglu_mlp(x: torch.Tensor | Fp8Act, w: MlpWeights, out_dtype: torch.dtype |
         first_half = "scaled_mm" if cublas and T >= SCALED_MM_MIN_TOKENS else "fused"
     if first_half == "scaled_mm":
         # fp32 out: a BF16 rounding here would flip ~5% of the FP8 roundings that follow (~1.3% error)
-        g = fp8_matmul(x, w.gate, w.gate_scale, torch.float32, name=f"{w.name}.gate_proj")
-        h = silu_mul_quant(g, fp8_matmul(x, w.up, w.up_scale, torch.float32, name=f"{w.name}.up_proj"))
+        gate_up = fp8_matmul(x, *w.gate_up, torch.float32, mm_scale=w.mm_scales[0],
+                             name=f"{w.name}.gate_proj+up_proj")
+        h = silu_mul_quant(gate_up[:, : w.intermediate], gate_up[:, w.intermediate:])
     else:
         h = swiglu_quant(x, w, block_m=16 if T <= 16 else 64)
     return fp8_matmul(h, w.down, w.down_scale, out_dtype=out_dtype or torch.bfloat16,
-                      name=f"{w.name}.down_proj")
+                      mm_scale=w.mm_scales[1] if cublas else None, name=f"{w.name}.down_proj")
 
 
 def swiglu_mlp_ref(x: torch.Tensor, w: MlpWeights) -> torch.Tensor:

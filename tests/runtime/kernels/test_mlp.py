@@ -6,8 +6,8 @@ from ffn_inputs import DEVICE, REQUANT_TOL, fp8_weight, randn, rel_err
 
 from converters.errors import Step3Error
 from quant.fp8 import dequantize_fp8
-from runtime.kernels.act_quant import act_dequant, act_quant_ref
-from runtime.kernels.fp8_linear import SCALED_MM_MIN_TOKENS
+from runtime.kernels.act_quant import act_dequant, act_quant, act_quant_ref
+from runtime.kernels.fp8_linear import SCALED_MM_MIN_TOKENS, fp8_matmul
 from runtime.kernels.mlp import MlpWeights, mlp_tp_slice, silu_mul_quant, swiglu_mlp, swiglu_mlp_ref
 from runtime.model import reference
 
@@ -54,6 +54,36 @@ def test_cublas_first_half_matches_fused_on_gpu(T):
     ref = swiglu_mlp_ref(x, w)
     for first_half in ("fused", "scaled_mm"):
         assert rel_err(swiglu_mlp(x, w, first_half=first_half), ref) < 1.5e-2  # bf16 rounding inside
+
+
+def test_gate_and_up_are_halves_of_one_tensor():
+    """Whole 128-row blocks: gate and up (and their scales) are packed into one [2I, H] tensor once, and
+    weights that already are its halves (a TP slice's source, a second construction) are not copied."""
+    gen = torch.Generator().manual_seed(5)
+    (g, gs), (u, us), (d, ds) = (fp8_weight(s, gen) for s in ((256, 320), (256, 320), (320, 256)))
+    w = MlpWeights(g, gs, u, us, d, ds)
+    packed, scales = w.gate_up
+    assert torch.equal(packed.view(torch.uint8), torch.cat([g, u]).view(torch.uint8))
+    assert torch.equal(scales, torch.cat([gs, us]))
+    assert w.gate.data_ptr() == packed.data_ptr() and w.up.data_ptr() == packed[256:].data_ptr()
+    again = MlpWeights(w.gate, w.gate_scale, w.up, w.up_scale, d, ds)
+    assert again.gate_up[0].data_ptr() == packed.data_ptr()
+    odd = _weights(256, 192, seed=1)  # 192 rows: the scale blocks would not stack
+    assert odd.gate_up is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("T", [64, 300])
+def test_one_gemm_first_half_is_bit_equal_to_two_on_gpu(T):
+    """cuBLAS's first half over [gate; up] gives the same bits as a GEMM for each."""
+    w = _weights(1024, 512, seed=T)
+    x = act_quant(randn((T, 1024), torch.Generator().manual_seed(T)).bfloat16())
+    two = silu_mul_quant(*(fp8_matmul(x, t, s, torch.float32) for t, s in ((w.gate, w.gate_scale),
+                                                                             (w.up, w.up_scale))))
+    one = swiglu_mlp(x, w, first_half="scaled_mm")
+    want = fp8_matmul(two, w.down, w.down_scale, torch.bfloat16)
+    assert torch.equal(one.view(torch.int16), want.view(torch.int16))
 
 
 @pytest.mark.gpu
