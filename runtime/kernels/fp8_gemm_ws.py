@@ -28,7 +28,7 @@ NOTES_ffn.md run 7). Modes:
            dropped); stores w[pair] * row at C[pair].
 ptxas (sm_90a, Triton 3.6): no spills in any mode (QUANT also under a 200-register cap), 131-197 KB of shared
 memory. Two 128-column chains per step (a 256-column down tile) spilled 600 B: not used.
-Written against Triton 3.6's Gluon API (fp8_linear.gluon_usable checks the version). Traffic:
+Written against Triton 3.6's Gluon API, also 3.7's (fp8_linear.GLUON_TRITONS). Traffic:
 GROUP_M M-blocks sweep the N tiles together (an expert's weight tile comes from HBM about once per
 launch; A tiles are reused from L2).
 """

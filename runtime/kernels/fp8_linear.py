@@ -41,10 +41,14 @@ def cuda_capability(device: torch.device) -> tuple[int, int]:
     return _capability(device.index if device.index is not None else torch.cuda.current_device())
 
 
+# The Tritons whose Gluon API our Gluon kernels (fp8_gemm_ws*.py, mfa_decode_ws.py) are written against:
+# 3.6 (torch 2.10-2.11) and 3.7 (torch 2.12-2.13); 3.9's Gluon changed it. Elsewhere Triton kernels serve.
+GLUON_TRITONS = ("3.6.", "3.7.")
+
+
 def gluon_usable(device: torch.device) -> bool:
-    """Hopper with the Triton (3.6) whose Gluon API our Gluon kernels (fp8_gemm_ws*.py, mfa_decode_ws.py) are
-    written against; never the CPU interpreter."""
-    return cuda_capability(device)[0] == 9 and triton.__version__.startswith("3.6.")
+    """Hopper with a Triton of GLUON_TRITONS; never the CPU interpreter."""
+    return cuda_capability(device)[0] == 9 and triton.__version__.startswith(GLUON_TRITONS)
 
 
 def scaled_mm_usable(device: torch.device, n: int, k: int) -> bool:

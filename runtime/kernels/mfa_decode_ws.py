@@ -25,7 +25,7 @@ but the work of a tile is spread over three partitions that meet only at mbarrie
 The Triton kernel does all of this in each of its warps, one step after the other (NOTES_mfa.md run 7:
 445 instructions per warp per 32-token tile, latency-bound at 2 warps per scheduler).
 Measured (H200, NOTES_mfa.md run 18): 256 x 4K 151.9 us (BF16 258.9); the library's FP8 launch from 32K
-cached tokens per call (`mfa_plan`). Needs Hopper and Triton 3.6's Gluon API
+cached tokens per call (`mfa_plan`). Needs Hopper and Triton 3.6's or 3.7's Gluon API
 (`mfa_plan.ws_decode_usable`); elsewhere mfa_decode runs the Triton kernel.
 """
 

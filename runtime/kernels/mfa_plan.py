@@ -139,7 +139,7 @@ def plan_decode(batch: int, max_seq_len: int, head_dim: int, device: torch.devic
 
 
 def ws_decode_usable(q: torch.Tensor, cache) -> bool:
-    """Whether mfa_decode_ws's Gluon kernel can run: Hopper, Triton 3.6 (the Gluon API it is written against;
+    """Whether mfa_decode_ws's Gluon kernel can run: Hopper, a Triton of GLUON_TRITONS (its Gluon API;
     no interpreter), an FP8 cache whose [num_blocks * page, 256] view is a TMA tensor (contiguous), pages of
     >= 8 rows (the swizzle atom), 33..64 heads (one 64-row wgmma tile) and a 16-bit q (the output's two D
     halves are staged in q's 32 KB of shared memory)."""

@@ -2,8 +2,8 @@
 
 What no output check sees: ptxas serializing every wgmma of a kernel (C7510-C7515, "Potential Performance
 Loss") halves its speed silently, and it happened each time a consumer ran short of registers (NOTES_mfa.md
-runs 12 and 14, NOTES_ffn.md runs 6-9). Needs the Triton the kernels are written against (3.6) and its
-bundled ptxas; elsewhere the module is skipped, like the GPU tests off a GPU.
+runs 12 and 14, NOTES_ffn.md runs 6-9). Needs a Triton the kernels are written against (GLUON_TRITONS:
+3.6, 3.7) and its bundled ptxas; elsewhere the module is skipped, like the GPU tests off a GPU.
 """
 
 import inspect
@@ -16,8 +16,10 @@ import pytest
 import torch
 import triton
 
-pytestmark = pytest.mark.skipif(not triton.__version__.startswith("3.6."),
-                                reason="the Gluon kernels' Triton (3.6) and its ptxas")
+from runtime.kernels.fp8_linear import GLUON_TRITONS
+
+pytestmark = pytest.mark.skipif(not triton.__version__.startswith(GLUON_TRITONS),
+                                reason="a Triton the Gluon kernels are written against, and its ptxas")
 
 
 def _ptxas(fn, types: dict, constexprs: dict) -> str:
