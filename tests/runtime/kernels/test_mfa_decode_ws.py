@@ -1,4 +1,4 @@
-"""The Gluon FP8 decode kernel (mfa_decode_ws.py, Hopper + Triton 3.6 only) vs the float64 reference."""
+"""The Gluon FP8 decode kernel (mfa_decode_ws.py, Hopper + Triton 3.6 or 3.7) vs the float64 reference."""
 
 import pytest
 import torch
@@ -9,8 +9,8 @@ from runtime.kernels.kv_cache import FP8_DTYPE
 from runtime.kernels.mfa_decode import mfa_decode, mfa_decode_ref
 from runtime.kernels.mfa_plan import plan_decode, ws_decode_usable
 
-HOPPER_36 = torch.cuda.is_available() and gluon_usable(torch.device("cuda"))
-gluon_gpu = pytest.mark.skipif(not HOPPER_36, reason="needs Hopper and Triton 3.6 (Gluon)")
+GLUON_GPU = torch.cuda.is_available() and gluon_usable(torch.device("cuda"))
+gluon_gpu = pytest.mark.skipif(not GLUON_GPU, reason="needs Hopper and a Triton of GLUON_TRITONS (Gluon)")
 TOL = 1e-2
 
 
@@ -154,9 +154,9 @@ def test_ws_decode_long_sequences(gluon, vec, stages):
 
 def test_ws_plan_and_guard():
     """gluon holds only with the E4M3 q K^T (qk_fp8 2) on a GPU (the library's FP8 launch from
-    QK8_MIN_TOKENS); off Hopper + Triton 3.6, or for shapes the kernel does not take (head_dim 64, 16 heads;
-    an fp32 q, whose output would not fit the shared memory it is staged in), the guard says no and
-    mfa_decode runs the Triton kernel."""
+    QK8_MIN_TOKENS); off Hopper + a Triton of GLUON_TRITONS, or for shapes the kernel does not take
+    (head_dim 64, 16 heads; an fp32 q, whose output would not fit the shared memory it is staged in), the
+    guard says no and mfa_decode runs the Triton kernel."""
     gpu = torch.device("cuda")
     assert plan_decode(256, 4096, 256, gpu, FP8_DTYPE, 64, num_splits=1).gluon == 2  # tile pairs
     assert plan_decode(8, 2048, 256, gpu, FP8_DTYPE, 64, num_splits=16).gluon == 0  # < QK8_MIN_TOKENS
@@ -170,7 +170,7 @@ def test_ws_plan_and_guard():
     assert not ws_decode_usable(q, cache)
     cache64, _, _ = random_paged_cache([40, 7], 256, 16, FP8_DTYPE, gen)
     q64 = torch.randn(2, 64, 256, generator=gen).to(DEVICE)
-    assert ws_decode_usable(q64.bfloat16(), cache64) == HOPPER_36
+    assert ws_decode_usable(q64.bfloat16(), cache64) == GLUON_GPU
     assert not ws_decode_usable(q64, cache64)
     plan = plan_decode(2, 40, 64, DEVICE, FP8_DTYPE, 16, num_splits=2, qk_fp8=2, gluon=1)
     assert rel_err(mfa_decode(q, cache, table, lens, plan=plan), mfa_decode_ref(q, cache, table, lens)) < TOL
