@@ -28,7 +28,7 @@ class DecodePlan:
     tile_page: int = 0  # chunked: 1 scalar page ids per tile (one per page it covers), 2 also unmasked tiles
     pdl: int = 0  # GPU: programmatic dependent launches, the next started early (1) or late (2): _pick_pdl
     qk_fp8: int = 0  # FP8 cache, 2: q K^T as E4M3 dots of q split in hi + lo (Triton: a pre-pass; 1: deleted)
-    gluon: int = 0  # FP8 with qk_fp8 2 on Hopper + Triton 3.6: mfa_decode_ws's Gluon kernel, 2: tile pairs
+    gluon: int = 0  # FP8 with qk_fp8 2 on Hopper (GLUON_TRITONS): mfa_decode_ws's Gluon kernel, 2: tile pairs
     gluon_vec: int = 8  # Gluon: V converter's E4M3 bytes per thread per row (16: run 8's, bank-conflicted)
     gluon_vstages: int = 3  # Gluon: fp16 V stages (num_stages is the E4M3 K / V ring's)
 
