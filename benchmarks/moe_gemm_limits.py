@@ -87,10 +87,10 @@ def _load_b_blocked(b_desc, b2_desc, b, bar, off_b, j, k, K, SWIGLU: gl.constexp
     r = off_b + j * SUB_N if SWIGLU else off_b
     row = ((r // 128) * (K // 128) + k // 128) * 128 + r % 128
     if SWIGLU:
-        tma.async_copy_global_to_shared(b_desc, [row, 0], bar, b.slice(0, SUB_N))
-        tma.async_copy_global_to_shared(b2_desc, [row, 0], bar, b.slice(SUB_N, SUB_N))
+        tma_load(b_desc, [row, 0], bar, b.slice(0, SUB_N))
+        tma_load(b2_desc, [row, 0], bar, b.slice(SUB_N, SUB_N))
     else:
-        tma.async_copy_global_to_shared(b_desc, [row, 0], bar, b)
+        tma_load(b_desc, [row, 0], bar, b)
 '''
 _NO_MMA = [("acc = _k_loop(step, k_tiles, live,", "acc = _k_loop(step, k_tiles, False,"),
            ("h1 = _k_loop(step, k_tiles, live,", "h1 = _k_loop(step, k_tiles, False,")]

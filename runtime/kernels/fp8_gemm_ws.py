@@ -28,7 +28,7 @@ NOTES_ffn.md run 7). Modes:
            dropped); stores w[pair] * row at C[pair].
 ptxas (sm_90a, Triton 3.6): no spills in any mode (QUANT also under a 200-register cap), 131-197 KB of shared
 memory. Two 128-column chains per step (a 256-column down tile) spilled 600 B: not used.
-Written against Triton 3.6's Gluon API, also 3.7's (fp8_linear.GLUON_TRITONS). Traffic:
+Runs on the Tritons of fp8_linear.GLUON_TRITONS (3.6-3.9). Traffic:
 GROUP_M M-blocks sweep the N tiles together (an expert's weight tile comes from HBM about once per
 launch; A tiles are reused from L2).
 """
@@ -41,12 +41,12 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared,
     mbarrier,
-    tma,
     warpgroup_mma,
     warpgroup_mma_wait,
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from runtime.kernels.gluon_api import tma_load
 from runtime.kernels.gluon_sync import WARPGROUP_THREADS, release
 
 BLOCK_M, HALF_M = gl.constexpr(128), gl.constexpr(64)
@@ -85,8 +85,8 @@ def _load(step, k_tiles, a_desc, b_desc, b2_desc, a_smem, b_smem, ready, empty, 
     mbarrier.wait(empty.index(s), ((step // STAGES) & 1) ^ 1)  # the first round passes at once
     bar = ready.index(s)
     mbarrier.expect(bar, (BLOCK_M + 128) * 128)
-    tma.async_copy_global_to_shared(a_desc, [off_m, k], bar, a_smem.index(2 * s))
-    tma.async_copy_global_to_shared(a_desc, [off_m + HALF_M, k], bar, a_smem.index(2 * s + 1))
+    tma_load(a_desc, [off_m, k], bar, a_smem.index(2 * s))
+    tma_load(a_desc, [off_m + HALF_M, k], bar, a_smem.index(2 * s + 1))
     load_b(b_desc, b2_desc, b_smem.index(s), bar, off_b, j, k, SWIGLU, SUB_N)
 
 
@@ -95,10 +95,10 @@ def load_b(b_desc, b2_desc, b, bar, off_b, j, k, SWIGLU: gl.constexpr, SUB_N: gl
     """The weight tile of sub-tile j at K offset k into stage b: SwiGLU gate rows into its first SUB_N rows
     and up rows into the last SUB_N (one m64n128 wgmma multiplies A by both), else B's 128 rows."""
     if SWIGLU:
-        tma.async_copy_global_to_shared(b_desc, [off_b + j * SUB_N, k], bar, b.slice(0, SUB_N))
-        tma.async_copy_global_to_shared(b2_desc, [off_b + j * SUB_N, k], bar, b.slice(SUB_N, SUB_N))
+        tma_load(b_desc, [off_b + j * SUB_N, k], bar, b.slice(0, SUB_N))
+        tma_load(b2_desc, [off_b + j * SUB_N, k], bar, b.slice(SUB_N, SUB_N))
     else:
-        tma.async_copy_global_to_shared(b_desc, [off_b, k], bar, b)
+        tma_load(b_desc, [off_b, k], bar, b)
 
 
 @gluon.jit

@@ -40,7 +40,6 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
     mbarrier,
-    tma,
     warpgroup_mma,
     warpgroup_mma_wait,
 )
@@ -60,6 +59,7 @@ from runtime.kernels.fp8_gemm_ws import (
     smem_ring,
     weight_scales,
 )
+from runtime.kernels.gluon_api import tma_load
 from runtime.kernels.gluon_sync import release
 
 
@@ -144,9 +144,9 @@ def _producer(loads, sched, counter_ptr, SWIGLU: gl.constexpr, QUANT: gl.constex
             mbarrier.expect(bar, B_BYTES + PART_BYTES, pred=not live1)
             for p in gl.static_range(PARTS):
                 live = p == 0 or (p == 1 and live1) or (p == 2 and live2)
-                tma.async_copy_global_to_shared(a_desc, [off_m + p * HALF_M, k], bar,
+                tma_load(a_desc, [off_m + p * HALF_M, k], bar,
                                                 a_smem.index(PARTS * s + p), pred=live)
-                tma.async_copy_global_to_shared(as_desc, [k // 128, off_m + p * HALF_M], bar,
+                tma_load(as_desc, [k // 128, off_m + p * HALF_M], bar,
                                                 as_smem.index(PARTS * s + p), pred=live)
             load_b(b_desc, b2_desc, b_smem.index(s), bar, off_b, j, k, SWIGLU, SUB_N)
             step += 1

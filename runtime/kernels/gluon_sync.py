@@ -1,4 +1,4 @@
-"""mbarrier helpers shared by the warp-specialized Gluon kernels (Hopper, Triton 3.6 / 3.7)."""
+"""mbarrier helpers shared by the warp-specialized Gluon kernels (Hopper, fp8_linear.GLUON_TRITONS)."""
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl

@@ -25,7 +25,7 @@ but the work of a tile is spread over three partitions that meet only at mbarrie
 The Triton kernel does all of this in each of its warps, one step after the other (NOTES_mfa.md run 7:
 445 instructions per warp per 32-token tile, latency-bound at 2 warps per scheduler).
 Measured (H200, NOTES_mfa.md run 18): 256 x 4K 151.9 us (BF16 258.9); the library's FP8 launch from 32K
-cached tokens per call (`mfa_plan`). Needs Hopper and Triton 3.6's or 3.7's Gluon API
+cached tokens per call (`mfa_plan`). Needs Hopper and a Triton of fp8_linear.GLUON_TRITONS
 (`mfa_plan.ws_decode_usable`); elsewhere mfa_decode runs the Triton kernel.
 """
 
@@ -37,13 +37,13 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared,
     mbarrier,
-    tma,
     warpgroup_mma,
     warpgroup_mma_init,
     warpgroup_mma_wait,
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from runtime.kernels.gluon_api import PUBLIC_REINTERPRET, tma_load
 from runtime.kernels.gluon_sync import WARPGROUP_THREADS, release
 from runtime.kernels.kv_cache import PagedKVCache
 
@@ -93,7 +93,7 @@ def _load_tile(desc, smem, ready, empty, s, phase, rows, BLOCK_N: gl.constexpr, 
     mbarrier.expect(ready.index(s), BLOCK_N * NH * DH)
     for j in gl.static_range(BLOCK_N // R):
         for h in gl.static_range(NH):
-            tma.async_copy_global_to_shared(desc, [rows[j], h * DH], ready.index(s),
+            tma_load(desc, [rows[j], h * DH], ready.index(s),
                                             smem.index(s * NH + h).slice(j * R, R))
 
 
@@ -390,7 +390,11 @@ def _epilogue(acc0, acc1, m_i, l_i, qk_scale, v_scale, q_smem, out_ptr, part_o_p
         stride_h = 2 * DH
     dtype: gl.constexpr = ptr.dtype.element_ty
     gl.static_assert(dtype.primitive_bitwidth == 16)  # mfa_plan.ws_decode_usable, mfa_decode.partial_dtype
-    stage = q_smem._reinterpret(dtype, [2, 64, DH], gl.NVMMASharedLayout.get_default_for([64, DH], dtype))
+    stage_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, DH], dtype)
+    if PUBLIC_REINTERPRET:
+        stage = q_smem.reinterpret(dtype, [2, 64, DH], stage_layout)
+    else:
+        stage = q_smem._reinterpret(dtype, [2, 64, DH], stage_layout)
     inv = gl.convert_layout(v_scale / l_i, gl.SliceLayout(1, o_layout))[:, None]
     _store_rows((acc0 * inv).to(dtype), stage.index(0), ptr, stride_h, H)
     _store_rows((acc1 * inv).to(dtype), stage.index(1), ptr + DH, stride_h, H)

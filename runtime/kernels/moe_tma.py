@@ -4,7 +4,7 @@
     h     = silu(A G_e^T) * (A U_e^T)           fp32, in registers
     h_q   = 1x128 quantization of h             FP8 [P, I] + scales (the format's requantization)
     y[t] += w[t, j] * (h_q D_e^T)[p]            the down GEMM scatters row p to pair rows[p] = t*k + j
-The GEMMs: fp8_gemm_ws.py (Gluon, two warp-specialized consumer warpgroups) on Hopper with Triton 3.6 or 3.7
+The GEMMs: fp8_gemm_ws.py (Gluon, two warp-specialized consumer warpgroups) on Hopper with GLUON_TRITONS
 when the config asks for warp specialization, else fp8_gemm_tma.py (portable Triton, also the CPU
 interpreter's). With config.fuse_quant the Gluon gate_up quantizes h in its epilogue; otherwise (and
 in the portable kernel, whose 64-column tiles cannot see a whole 1x128 group) h goes through memory

@@ -3,7 +3,7 @@
 What no output check sees: ptxas serializing every wgmma of a kernel (C7510-C7515, "Potential Performance
 Loss") halves its speed silently, and it happened each time a consumer ran short of registers (NOTES_mfa.md
 runs 12 and 14, NOTES_ffn.md runs 6-9). Needs a Triton the kernels are written against (GLUON_TRITONS:
-3.6, 3.7) and its bundled ptxas; elsewhere the module is skipped, like the GPU tests off a GPU.
+3.6-3.9) and the ptxas it picks for sm_90; elsewhere the module is skipped, like the GPU tests off a GPU.
 """
 
 import inspect
@@ -26,6 +26,7 @@ def _ptxas(fn, types: dict, constexprs: dict) -> str:
     """fn compiled for sm_90a with `types` for its runtime arguments (i32 where absent), then `ptxas -v`'s
     report."""
     from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
     from triton.experimental.gluon._runtime import GluonASTSource
 
     names = list(inspect.signature(fn.fn).parameters)
@@ -34,7 +35,7 @@ def _ptxas(fn, types: dict, constexprs: dict) -> str:
              if sig[n].startswith("*") or n.startswith("stride")}
     kernel = triton.compile(GluonASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
                             target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    ptxas = get_ptxas(90).path  # Triton's own choice: 3.9 runs sm_90a through its newer ptxas-blackwell
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.ptx")
         with open(path, "w") as f:
@@ -62,7 +63,9 @@ def _fp8_desc(rows: int) -> str:
 @pytest.mark.parametrize("page", [64, 16])
 @pytest.mark.parametrize("direct", [True, False], ids=["direct", "split"])
 def test_fp8_decode_consumer_keeps_its_wgmma_pipeline(page, direct):
-    """The library's FP8 decode launch (mfa_plan's table): no wgmma serialization and no spills."""
+    """The library's FP8 decode launch (mfa_plan's table): no wgmma serialization and no spills, but for the
+    one or two registers Triton 3.9's build spills (4 B direct, 8 B split: stored and reloaded before the tile
+    loop, reloaded once after it, read in its SASS; NOTES_mfa.md session 18): any more is new."""
     from runtime.kernels.kv_cache import FP8_DTYPE
     from runtime.kernels.mfa_decode_ws import _mfa_decode_ws_kernel, kernel_constexprs
     from runtime.kernels.mfa_plan import plan_decode
@@ -77,7 +80,7 @@ def test_fp8_decode_consumer_keeps_its_wgmma_pipeline(page, direct):
                  sm_scale_log2="fp32")
     report = _ptxas(_mfa_decode_ws_kernel, types, consts)
     assert not _serialized(report), report
-    assert _spill_bytes(report) == 0, report
+    assert _spill_bytes(report) <= 8, report
 
 
 @pytest.mark.parametrize("name", ["wsp192g4_side", "wsp192g8", "wspsd_side"])

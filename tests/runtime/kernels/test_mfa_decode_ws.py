@@ -1,4 +1,4 @@
-"""The Gluon FP8 decode kernel (mfa_decode_ws.py, Hopper + Triton 3.6 or 3.7) vs the float64 reference."""
+"""The Gluon FP8 decode kernel (mfa_decode_ws.py, Hopper + GLUON_TRITONS) vs the float64 reference."""
 
 import pytest
 import torch

@@ -15,7 +15,7 @@ def test_variant_source_applies_and_parses(name):
     assert src != tool.SOURCE.read_text()
     no_mma = name.startswith("loads")
     assert src.count("_k_loop(step, k_tiles, False,") == (2 if no_mma else 0)
-    assert ("tma.async_copy_global_to_shared(a_desc" in src) == (name not in ("loads_b", "mma"))
+    assert ("tma_load(a_desc" in src) == (name not in ("loads_b", "mma"))
 
 
 def test_blocked_layout_puts_each_block_in_one_run():

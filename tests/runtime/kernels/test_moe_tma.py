@@ -1,8 +1,8 @@
 """The TMA MoE path (moe_tma.py, fp8_gemm_tma.py): gather, grouped GEMMs, scatter, expert ranges.
 
 Runs under the CPU interpreter (tensor descriptors included; ws128 falls back to the portable kernel
-there) and on a GPU, where ws128 is the warp-specialized Gluon kernel (Hopper, Triton 3.6 or 3.7). Widths are
-whole 128 tiles (the path's precondition); K = 384 gives three scale groups per row.
+there) and on a GPU, where ws128 is the warp-specialized Gluon kernel (Hopper, GLUON_TRITONS). Widths
+are whole 128 tiles (the path's precondition); K = 384 gives three scale groups per row.
 """
 
 import pytest
@@ -89,7 +89,7 @@ def test_tma_config_falls_back_on_widths_that_are_not_whole_tiles(name):
 
 
 gluon_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and gluon_usable(torch.device("cuda"))),
-                               reason="the Gluon kernels need Hopper and Triton 3.6 or 3.7")
+                               reason="the Gluon kernels need Hopper and a Triton of GLUON_TRITONS")
 
 
 @pytest.mark.gpu
