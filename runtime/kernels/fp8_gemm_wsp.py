@@ -144,10 +144,9 @@ def _producer(loads, sched, counter_ptr, SWIGLU: gl.constexpr, QUANT: gl.constex
             mbarrier.expect(bar, B_BYTES + PART_BYTES, pred=not live1)
             for p in gl.static_range(PARTS):
                 live = p == 0 or (p == 1 and live1) or (p == 2 and live2)
-                tma_load(a_desc, [off_m + p * HALF_M, k], bar,
-                                                a_smem.index(PARTS * s + p), pred=live)
-                tma_load(as_desc, [k // 128, off_m + p * HALF_M], bar,
-                                                as_smem.index(PARTS * s + p), pred=live)
+                tma_load(a_desc, [off_m + p * HALF_M, k], bar, a_smem.index(PARTS * s + p), pred=live)
+                tma_load(as_desc, [k // 128, off_m + p * HALF_M], bar, as_smem.index(PARTS * s + p),
+                         pred=live)
             load_b(b_desc, b2_desc, b_smem.index(s), bar, off_b, j, k, SWIGLU, SUB_N)
             step += 1
         n += 1

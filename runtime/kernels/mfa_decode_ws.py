@@ -93,8 +93,7 @@ def _load_tile(desc, smem, ready, empty, s, phase, rows, BLOCK_N: gl.constexpr, 
     mbarrier.expect(ready.index(s), BLOCK_N * NH * DH)
     for j in gl.static_range(BLOCK_N // R):
         for h in gl.static_range(NH):
-            tma_load(desc, [rows[j], h * DH], ready.index(s),
-                                            smem.index(s * NH + h).slice(j * R, R))
+            tma_load(desc, [rows[j], h * DH], ready.index(s), smem.index(s * NH + h).slice(j * R, R))
 
 
 @gluon.jit
