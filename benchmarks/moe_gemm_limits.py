@@ -10,6 +10,8 @@ library file is not touched), each leaving one side of the work out:
   weights, from DRAM).
 - mma: the producer issues no TMA and arrives `ready` itself: the wgmma chains and promotion on stale shared
   memory, at the library's waits.
+- half_a: every second tile of a CTA loads no A: the full kernel's MMA work with half of A's L2 reads, what
+  a CTA pair sharing A by TMA multicast would save (its outputs are garbage).
 - noprom: each wgmma chain accumulates in the tensor core (no promotion math, no scale loads), same waits;
   noscale: the library's promotion with constant scales (its math without its scale reads a step).
 - blocked: the library kernel over weights re-laid out so that each 128 x 128 block is 16 contiguous KB (a TMA
@@ -92,12 +94,18 @@ def _load_b_blocked(b_desc, b2_desc, b, bar, off_b, j, k, K, SWIGLU: gl.constexp
     else:
         tma_load(b_desc, [row, 0], bar, b)
 '''
+# half_a: every second tile of a CTA loads no A (its rows and row scales): the consumers multiply stale shared
+# memory there, so the MMA work stays and A's L2 reads halve, as a CTA pair sharing A by TMA multicast would.
+_A_LOADS = _LOADS.replace(_LOAD_B, "")
+_HALF_A = ("            if n % 2 == 1:\n                mbarrier.expect(bar, B_BYTES)\n            else:\n"
+           + "".join("    " + line for line in _A_LOADS.splitlines(keepends=True)) + _LOAD_B)
 _NO_MMA = [("acc = _k_loop(step, k_tiles, live,", "acc = _k_loop(step, k_tiles, False,"),
            ("h1 = _k_loop(step, k_tiles, live,", "h1 = _k_loop(step, k_tiles, False,")]
 EDITS = {
     "loads": _NO_MMA,
     "loads_a": _NO_MMA + [(_LOADS, _LOADS.replace("B_BYTES + ", "").replace(_LOAD_B, ""))],
     "loads_b": _NO_MMA + [(_LOADS, "            mbarrier.expect(bar, B_BYTES)\n" + _LOAD_B)],
+    "half_a": [(_LOADS, _HALF_A)],
     "mma": [(_LOADS, "            mbarrier.arrive(bar, count=1)\n")],
     "noprom": [(_PROMOTED, _IN_TENSOR_CORE)],
     "noscale": [(_B_SCALES, "                b_s, b2_s = 1.0, 1.0\n"),
@@ -169,7 +177,7 @@ def blocked_matches(calls: dict, outs: dict) -> dict[str, bool]:
 
 def measure(T: int, gen: torch.Generator, experts, modules: dict) -> dict:
     calls, outs = gemm_calls(T, gen, experts, modules)
-    same = blocked_matches(calls, outs)
+    same = blocked_matches(calls, outs) if "blocked" in modules else None
     times = {name: [] for name in calls}
     for _ in range(ROUNDS):
         for name, fn in calls.items():
@@ -188,13 +196,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--tokens", type=int, nargs="+", default=[2048, 4096])
+    ap.add_argument("--variants", nargs="+", choices=sorted(EDITS), default=sorted(EDITS),
+                    help="the copies to time beside the library (default: all)")
     args = ap.parse_args()
     from runtime.kernels import fp8_gemm_wsp
 
-    modules = {"library": fp8_gemm_wsp} | {n: load_source(variant_source(n), f"wsp_{n}") for n in EDITS}
+    copies = {n: load_source(variant_source(n), f"wsp_{n}") for n in args.variants}
+    modules = {"library": fp8_gemm_wsp} | copies
     gen = torch.Generator(device="cuda").manual_seed(0)
     experts, _ = make_layer(gen)
-    for w in (experts.gate, experts.up, experts.down):
+    for w in (experts.gate, experts.up, experts.down) if "blocked" in modules else ():
         modules["blocked"].BLOCKED[w.data_ptr()] = blocked(w)
     rows = []
     for T in args.tokens:
