@@ -12,6 +12,8 @@ library file is not touched), each leaving one side of the work out:
   memory, at the library's waits.
 - half_a: every second tile of a CTA loads no A: the full kernel's MMA work with half of A's L2 reads, what
   a CTA pair sharing A by TMA multicast would save (its outputs are garbage).
+- no_tail: a 64-row part with fewer than 32 pairs counts as padding (no A loads, no wgmma): the most that
+  cheaper tail parts (a swap-AB tail) could save (those rows' outputs are not computed).
 - noprom: each wgmma chain accumulates in the tensor core (no promotion math, no scale loads), same waits;
   noscale: the library's promotion with constant scales (its math without its scale reads a step).
 - blocked: the library kernel over weights re-laid out so that each 128 x 128 block is 16 contiguous KB (a TMA
@@ -106,6 +108,8 @@ EDITS = {
     "loads_a": _NO_MMA + [(_LOADS, _LOADS.replace("B_BYTES + ", "").replace(_LOAD_B, ""))],
     "loads_b": _NO_MMA + [(_LOADS, "            mbarrier.expect(bar, B_BYTES)\n" + _LOAD_B)],
     "half_a": [(_LOADS, _HALF_A)],
+    "no_tail": [("return gl.load(rows_ptr + off_m + half * HALF_M) < num_pairs",
+                 "return gl.load(rows_ptr + off_m + half * HALF_M + 31) < num_pairs")],
     "mma": [(_LOADS, "            mbarrier.arrive(bar, count=1)\n")],
     "noprom": [(_PROMOTED, _IN_TENSOR_CORE)],
     "noscale": [(_B_SCALES, "                b_s, b2_s = 1.0, 1.0\n"),
@@ -130,8 +134,9 @@ def blocked(w: torch.Tensor) -> torch.Tensor:
     return w.view(E, N // 128, 128, K // 128, 128).permute(0, 1, 3, 2, 4).contiguous().view(1, -1, 128)
 
 
-def gemm_calls(T: int, gen: torch.Generator, experts, modules: dict) -> tuple[dict, dict]:
-    """(name -> one gate_up or down GEMM of `T` tokens on that module's kernel, name -> its output buffer)."""
+def gemm_calls(T: int, gen: torch.Generator, experts, modules: dict) -> tuple[dict, dict, dict]:
+    """(name -> one gate_up or down GEMM of `T` tokens on that module's kernel, name -> its output buffer,
+    `wgmma_rows` of the routing)."""
     from quant.fp8 import FP8_DTYPE
     from runtime.kernels.act_quant import act_quant
     from runtime.kernels.moe import MOE_CANDIDATES
@@ -158,7 +163,14 @@ def gemm_calls(T: int, gen: torch.Generator, experts, modules: dict) -> tuple[di
             hq, hs, experts.down, experts.down_scale, partial, block_expert, topk_weights=topk_w,
             num_stages=cfg.stages_down, **tiles)
         outs[f"gate_up:{name}"], outs[f"down:{name}"] = hq, partial
-    return calls, outs
+    return calls, outs, wgmma_rows(rows, pairs)
+
+
+def wgmma_rows(rows: torch.Tensor, pairs: int) -> dict[str, int]:
+    """Rows the consumers multiply per weight tile: 64 per part holding a pair (the library), and without the
+    parts of fewer than 32 pairs (`no_tail`); against the pairs themselves."""
+    valid = (rows < pairs).view(-1, 64).sum(1)
+    return dict(pairs=pairs, library=64 * int((valid > 0).sum()), no_tail=64 * int((valid >= 32).sum()))
 
 
 def blocked_matches(calls: dict, outs: dict) -> dict[str, bool]:
@@ -176,7 +188,7 @@ def blocked_matches(calls: dict, outs: dict) -> dict[str, bool]:
 
 
 def measure(T: int, gen: torch.Generator, experts, modules: dict) -> dict:
-    calls, outs = gemm_calls(T, gen, experts, modules)
+    calls, outs, mma_rows = gemm_calls(T, gen, experts, modules)
     same = blocked_matches(calls, outs) if "blocked" in modules else None
     times = {name: [] for name in calls}
     for _ in range(ROUNDS):
@@ -189,6 +201,7 @@ def measure(T: int, gen: torch.Generator, experts, modules: dict) -> dict:
     gb = {"gate_up": weight_gb["gate"] + weight_gb["up"], "down": weight_gb["down"]}
     tbs = {name: gb[name.split(":")[0]] / ms[name] for name in ms if name.endswith("loads_b")}
     return dict(tokens=T, ms=ms, blocked_bit_equal=same, weights_tb_per_s=tbs,
+                wgmma_rows=mma_rows,
                 rounds={name: [round(t, 4) for t in v] for name, v in times.items()})
 
 

@@ -38,3 +38,12 @@ def test_a_lost_anchor_is_named(tmp_path, monkeypatch):
     monkeypatch.setattr(tool, "SOURCE", tmp_path / "fp8_gemm_wsp.py")
     with pytest.raises(SystemExit, match="0 copies of 'for kb in range"):
         tool.variant_source("noprom")
+
+
+def test_wgmma_rows_counts_live_parts_and_drops_short_tails():
+    """Two experts' runs (10 and 40 pairs, then 40 and 33) over 64-row parts: every part holding a pair costs
+    64 rows; without the parts of fewer than 32 pairs, the 10-pair part goes."""
+    pad = 1000
+    rows = torch.tensor(list(range(10)) + [pad] * 54 + list(range(10, 50)) + [pad] * 24
+                        + list(range(50, 90)) + [pad] * 24 + list(range(90, 123)) + [pad] * 31)
+    assert tool.wgmma_rows(rows, 123) == dict(pairs=123, library=256, no_tail=192)
