@@ -9,7 +9,9 @@ from __future__ import annotations
 import importlib.util
 import platform
 import statistics
+import subprocess
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -93,3 +95,34 @@ def load_source(text: str, stem: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def clocks_under_load(calls: dict[str, Callable[[], object]], before: dict[str, Callable[[], object]],
+                      seconds: float = 1.5) -> dict[str, dict]:
+    """Each call run back to back for `seconds` while nvidia-smi samples the SM clock and the board power
+    every 50 ms: the medians over the last two thirds (the clock settles within ~40 ms of load, NOTES_ffn.md
+    run 10), and the time per call. Says whether a kernel's speed is its own or the clock its power draw gets
+    under the H200's cap. before: name -> what to run first (a GEMM that reads what another one writes)."""
+    query = ["nvidia-smi", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits", "-lms", "50"]
+    out = {}
+    for name, fn in calls.items():
+        if name in before:
+            before[name]()
+        sampler = subprocess.Popen(query, stdout=subprocess.PIPE, text=True)
+        time.sleep(0.3)  # nvidia-smi's own start
+        t0, n = time.perf_counter(), 0
+        while time.perf_counter() - t0 < seconds:
+            fn()
+            n += 1
+            if n % 20 == 0:
+                torch.cuda.synchronize()
+        torch.cuda.synchronize()
+        sampler.terminate()
+        lines = sampler.communicate()[0].strip().splitlines()
+        samples = [tuple(float(v) for v in line.split(",")) for line in lines if line.count(",") == 1]
+        steady = samples[len(samples) // 3:]
+        out[name] = dict(sm_mhz=statistics.median(c for c, _ in steady),
+                         watts=statistics.median(w for _, w in steady), samples=len(steady), calls=n,
+                         ms_per_call=seconds * 1e3 / n)
+        time.sleep(0.5)
+    return out

@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from benchmarks.common import edited_source, gpu_versions, load_source, time_ms  # noqa: E402
+from benchmarks.common import clocks_under_load, edited_source, gpu_versions, load_source, time_ms  # noqa: E402
 from benchmarks.moe_ffn import copy_bandwidth, inputs, make_layer  # noqa: E402
 
 SOURCE = Path(__file__).resolve().parents[1] / "runtime" / "kernels" / "fp8_gemm_wsp.py"
@@ -187,7 +187,7 @@ def blocked_matches(calls: dict, outs: dict) -> dict[str, bool]:
     return same
 
 
-def measure(T: int, gen: torch.Generator, experts, modules: dict) -> dict:
+def measure(T: int, gen: torch.Generator, experts, modules: dict, clocks: bool = False) -> dict:
     calls, outs, mma_rows = gemm_calls(T, gen, experts, modules)
     same = blocked_matches(calls, outs) if "blocked" in modules else None
     times = {name: [] for name in calls}
@@ -197,11 +197,12 @@ def measure(T: int, gen: torch.Generator, experts, modules: dict) -> dict:
                 calls["gate_up:library"]()  # the library's h (the copies write garbage)
             times[name].append(time_ms(fn, 10))
     ms = {name: statistics.median(t) for name, t in times.items()}
+    h_first = {name: calls["gate_up:library"] for name in calls if name.startswith("down")}
     weight_gb = {g: getattr(experts, g).numel() / 1e9 for g in ("gate", "up", "down")}
     gb = {"gate_up": weight_gb["gate"] + weight_gb["up"], "down": weight_gb["down"]}
     tbs = {name: gb[name.split(":")[0]] / ms[name] for name in ms if name.endswith("loads_b")}
     return dict(tokens=T, ms=ms, blocked_bit_equal=same, weights_tb_per_s=tbs,
-                wgmma_rows=mma_rows,
+                wgmma_rows=mma_rows, clocks=clocks_under_load(calls, h_first) if clocks else None,
                 rounds={name: [round(t, 4) for t in v] for name, v in times.items()})
 
 
@@ -211,6 +212,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, nargs="+", default=[2048, 4096])
     ap.add_argument("--variants", nargs="+", choices=sorted(EDITS), default=sorted(EDITS),
                     help="the copies to time beside the library (default: all)")
+    ap.add_argument("--clocks", action="store_true",
+                    help="also run each call alone for 1.5 s and record the SM clock and power (nvidia-smi)")
     args = ap.parse_args()
     from runtime.kernels import fp8_gemm_wsp
 
@@ -222,7 +225,7 @@ def main() -> None:
         modules["blocked"].BLOCKED[w.data_ptr()] = blocked(w)
     rows = []
     for T in args.tokens:
-        rows.append(measure(T, gen, experts, modules))
+        rows.append(measure(T, gen, experts, modules, args.clocks))
         print(json.dumps({k: rows[-1][k] for k in ("tokens", "ms", "blocked_bit_equal")}), flush=True)
     machine = dict(gpu=torch.cuda.get_device_name(), copy_tb_per_s=copy_bandwidth() / 1e12, **gpu_versions())
     result = dict(machine=machine, tile=TILE, rounds=ROUNDS, rows=rows)
