@@ -6,11 +6,11 @@ runs 12 and 14, NOTES_ffn.md runs 6-9). Needs a Triton the kernels are written a
 3.6-3.9) and the ptxas it picks for sm_90; elsewhere the module is skipped, like the GPU tests off a GPU.
 """
 
-import inspect
+import json
 import os
 import re
 import subprocess
-import tempfile
+import sys
 
 import pytest
 import torch
@@ -22,27 +22,43 @@ pytestmark = pytest.mark.skipif(not triton.__version__.startswith(GLUON_TRITONS)
                                 reason="a Triton the Gluon kernels are written against, and its ptxas")
 
 
+# The compile runs in a child process with TRITON_INTERPRET=0: without a GPU the kernel tests' conftest turns
+# the interpreter on, under which Triton's @jit helpers are interpreter objects that patch triton.language
+# for good when called (a Gluon compile in this process then fails; with a warm Triton cache it went unseen).
+_COMPILE = """
+import importlib, inspect, json, os, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
+from triton.experimental.gluon._runtime import GluonASTSource
+
+spec = json.loads(sys.argv[1])
+fn = getattr(importlib.import_module(spec["module"]), spec["name"])
+names = list(inspect.signature(fn.fn).parameters)
+sig = {n: "constexpr" if n in spec["constexprs"] else spec["types"].get(n, "i32") for n in names}
+attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+         if sig[n].startswith("*") or n.startswith("stride")}
+kernel = triton.compile(GluonASTSource(fn=fn, signature=sig, constexprs=spec["constexprs"], attrs=attrs),
+                        target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+ptxas = get_ptxas(90).path  # Triton's own choice: 3.9 runs sm_90a through its newer ptxas-blackwell
+with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, "k.ptx")
+    with open(path, "w") as f:
+        f.write(kernel.asm["ptx"])
+    run = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", path, "-o", os.devnull],
+                         capture_output=True, text=True, check=True)
+print(run.stderr)
+"""
+
+
 def _ptxas(fn, types: dict, constexprs: dict) -> str:
     """fn compiled for sm_90a with `types` for its runtime arguments (i32 where absent), then `ptxas -v`'s
     report."""
-    from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import get_ptxas
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    names = list(inspect.signature(fn.fn).parameters)
-    sig = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
-             if sig[n].startswith("*") or n.startswith("stride")}
-    kernel = triton.compile(GluonASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
-                            target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
-    ptxas = get_ptxas(90).path  # Triton's own choice: 3.9 runs sm_90a through its newer ptxas-blackwell
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "k.ptx")
-        with open(path, "w") as f:
-            f.write(kernel.asm["ptx"])
-        run = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", path, "-o", os.devnull],
-                             capture_output=True, text=True, check=True)
-    return run.stderr
+    spec = dict(module=fn.fn.__module__, name=fn.fn.__name__, types=types, constexprs=constexprs)
+    run = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps(spec)], capture_output=True, text=True,
+                         env=os.environ | {"TRITON_INTERPRET": "0"})
+    assert run.returncode == 0, f"compiling {spec['name']} failed:\n{run.stderr[-4000:]}"
+    return run.stdout
 
 
 def _serialized(report: str) -> bool:
