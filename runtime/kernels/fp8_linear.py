@@ -16,6 +16,7 @@ Traffic: x read twice (quantize, then the GEMM reads T*K bytes of FP8), W read o
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 import triton
@@ -48,8 +49,21 @@ GLUON_TRITONS = ("3.6.", "3.7.", "3.8.", "3.9.")
 
 
 def gluon_usable(device: torch.device) -> bool:
-    """Hopper with a Triton of GLUON_TRITONS; never the CPU interpreter."""
-    return cuda_capability(device)[0] == 9 and triton.__version__.startswith(GLUON_TRITONS)
+    """Hopper with a Triton of GLUON_TRITONS; never the CPU interpreter. Hopper with another Triton warns
+    once: the portable kernels then serve, slower, and that should not go unnoticed."""
+    if cuda_capability(device)[0] != 9:
+        return False
+    if triton.__version__.startswith(GLUON_TRITONS):
+        return True
+    _warn_other_triton()
+    return False
+
+
+@functools.cache
+def _warn_other_triton() -> None:
+    known = ", ".join(v.rstrip(".") for v in GLUON_TRITONS)
+    warnings.warn(f"Triton {triton.__version__}: step3's Hopper Gluon kernels run on Triton {known}; the "
+                  "portable Triton kernels serve instead, slower", RuntimeWarning, stacklevel=3)
 
 
 def scaled_mm_usable(device: torch.device, n: int, k: int) -> bool:

@@ -62,3 +62,29 @@ def test_scaled_mm_blockwise_path_matches_reference(T):
     xq = act_quant(x)
     tri = fp8_gemm(xq.q, xq.scale_inv, w, ws, torch.empty(T, N, device="cuda"))
     assert rel_err(y, tri) < 1e-2
+
+
+def test_gluon_gate_warns_once_on_hopper_with_another_triton(monkeypatch):
+    """Hopper with a Triton outside GLUON_TRITONS: the Gluon kernels are off and one RuntimeWarning says so
+    (naming the Triton); a listed Triton turns them on silently; another GPU never warns."""
+    import warnings
+
+    import triton
+
+    from runtime.kernels import fp8_linear
+
+    hopper = torch.device("cuda", 0)
+    monkeypatch.setattr(fp8_linear, "_capability", lambda index: (9, 0))
+    fp8_linear._warn_other_triton.cache_clear()
+    monkeypatch.setattr(triton, "__version__", "3.10.0")
+    with pytest.warns(RuntimeWarning, match=r"Triton 3\.10\.0.*3\.6, 3\.7, 3\.8, 3\.9"):
+        assert not fp8_linear.gluon_usable(hopper)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not fp8_linear.gluon_usable(hopper)  # once only
+        monkeypatch.setattr(triton, "__version__", "3.9.0")
+        assert fp8_linear.gluon_usable(hopper)
+        monkeypatch.setattr(fp8_linear, "_capability", lambda index: (10, 0))
+        monkeypatch.setattr(triton, "__version__", "3.10.0")
+        assert not fp8_linear.gluon_usable(hopper)
+    fp8_linear._warn_other_triton.cache_clear()
