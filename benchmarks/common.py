@@ -117,12 +117,13 @@ def clocks_under_load(calls: dict[str, Callable[[], object]], before: dict[str, 
             if n % 20 == 0:
                 torch.cuda.synchronize()
         torch.cuda.synchronize()
+        elapsed = time.perf_counter() - t0  # the calls still queued at `seconds` included
         sampler.terminate()
         lines = sampler.communicate()[0].strip().splitlines()
         samples = [tuple(float(v) for v in line.split(",")) for line in lines if line.count(",") == 1]
         steady = samples[len(samples) // 3:]
         out[name] = dict(sm_mhz=statistics.median(c for c, _ in steady),
                          watts=statistics.median(w for _, w in steady), samples=len(steady), calls=n,
-                         ms_per_call=seconds * 1e3 / n)
+                         ms_per_call=elapsed * 1e3 / n)
         time.sleep(0.5)
     return out
