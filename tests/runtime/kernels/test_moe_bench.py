@@ -1,5 +1,6 @@
 """benchmarks/moe_ffn.py's floor at the sustained FP8 rate: information beside the bar, which keeps the rested
-rate. Runs anywhere (arithmetic on a timed row)."""
+rate; and the clock sampler of benchmarks/common.py. Runs anywhere (arithmetic on a timed row, a faked
+nvidia-smi)."""
 
 import pytest
 
@@ -15,3 +16,37 @@ def test_floor_at_sustained_rate_takes_the_larger_bound():
     assert got["fraction_of_floor_at_sustained_rate"] == pytest.approx(2.25 / 4.7)
     memory_bound = at_sustained_rate(dict(flops=1e11, bytes=5.6e9, ours_ms=2.0), 1.2e15, 4.26e12)
     assert memory_bound["floor_ms_at_sustained_rate"] == pytest.approx(5.6e9 / 4.26e12 * 1e3)
+
+
+def test_clocks_under_load_reads_the_settled_samples(monkeypatch):
+    """benchmarks/common.clocks_under_load with nvidia-smi and CUDA faked: the medians come from the last two
+    thirds of the samples (the first third holds the idle start), `before` runs first, every call counts."""
+    import subprocess
+
+    import torch
+
+    from benchmarks import common
+
+    lines = ["345, 80.1"] * 4 + ["1980, 420.0"] * 2 + ["1400, 690.0", "1410, 688.0", "1395, 692.0"] * 2
+
+    class FakeSmi:
+        def __init__(self, cmd, **kw):
+            assert "clocks.sm,power.draw" in " ".join(cmd)
+
+        def terminate(self):
+            pass
+
+        def communicate(self):
+            return "\n".join(lines) + "\nno data\n", ""
+
+    monkeypatch.setattr(subprocess, "Popen", FakeSmi)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(common.time, "sleep", lambda s: None)
+    order = []
+    got = common.clocks_under_load({"a": lambda: order.append("a")}, {"a": lambda: order.append("before")},
+                                   seconds=0.01)
+    assert order[0] == "before" and set(order[1:]) == {"a"}
+    row = got["a"]
+    assert row["calls"] == len(order) - 1 and row["samples"] == 8  # 12 samples, the first 4 dropped
+    assert row["sm_mhz"] == 1405.0 and row["watts"] == 689.0  # medians of the 8 kept (2 still at boost)
+    assert row["ms_per_call"] > 0
