@@ -20,7 +20,7 @@ from benchmarks.common import capture_graph, gpu_versions, time_ms
 from benchmarks.mfa_attention import Pools, decode_point
 from benchmarks.moe_ffn import inputs, make_layer, rel_err
 from runtime.kernels.fp8_linear import gluon_usable
-from runtime.kernels.moe import MOE_CANDIDATES, default_moe_config, fused_moe, fused_moe_ref, moe_ffn
+from runtime.kernels.moe import MOE_CANDIDATES, default_moe_name, fused_moe, fused_moe_ref, moe_ffn
 
 DECODE = ((1, 4096), (32, 4096), (128, 4096), (64, 32768))  # (batch, context), page 64
 MOE_TOKENS = (512, 2048, 8192)
@@ -50,12 +50,12 @@ def moe_rows(reps: int, gen: torch.Generator) -> list[dict]:
     rows = []
     for T in MOE_TOKENS:
         x, weights, ids = inputs(T, gen)
-        config = default_moe_config(T, ids.shape[1], experts.num_experts)
+        name = default_moe_name(T, ids.shape[1], experts.num_experts)
+        config = MOE_CANDIDATES[name]
         replay = capture_graph(lambda: moe_ffn(x, weights, ids, experts, shared, config)).replay  # noqa: B023
         times = [time_ms(replay, reps) for _ in range(ROUNDS)]
         routed = fused_moe(x, weights, ids, experts, out_dtype=torch.float32, config=config)
         err = rel_err(routed, fused_moe_ref(x, weights, ids, experts))
-        name = next(n for n, c in MOE_CANDIDATES.items() if c == config)
         rows.append(dict(tokens=T, candidate=name, ms=statistics.median(times), ms_rounds=times,
                          rel_err_routed=err))
         print(f"moe {T}: {rows[-1]['ms']:.3f} ms ({name}), routed err {err:.1e}", flush=True)

@@ -41,7 +41,7 @@ from runtime.kernels.moe import (
     MOE_CANDIDATES,
     ExpertWeights,
     MoeConfig,
-    default_moe_config,
+    default_moe_name,
     fused_moe,
     fused_moe_ref,
     moe_ffn,
@@ -456,8 +456,7 @@ def tune(T, gen, experts, shared, rate, bw, t0: float, names: list[str] | None =
          ) -> tuple[list[dict], MoeConfig, str | None]:
     """TUNE's candidates (or `names`) at T, taking turns in `rounds` rounds (the GPU clock drifts), the first
     two only once past the deadline: (rows, best, its name)."""
-    default = default_moe_config(T, TOP_K, EXPERTS)
-    default_name = next(n for n, c in MOE_CANDIDATES.items() if c == default)
+    default_name = default_moe_name(T, TOP_K, EXPERTS)
     names = list(dict.fromkeys(names or TUNE.get(T, [default_name]))) * rounds
     tried = []
     for n in names:
@@ -467,7 +466,8 @@ def tune(T, gen, experts, shared, rate, bw, t0: float, names: list[str] | None =
             continue
         tried.append(try_candidate(T, n, gen, experts, shared, rate, bw, reps=8))
     win = pick(tried)
-    return tried, (MOE_CANDIDATES[win["candidate"]] if win else default), (win["candidate"] if win else None)
+    winner = win["candidate"] if win else None
+    return tried, MOE_CANDIDATES[winner or default_name], winner
 
 
 def main() -> None:

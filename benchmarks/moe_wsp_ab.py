@@ -44,10 +44,11 @@ def layer_call(gemm, x, w, ids, experts, shared, config):
 
 
 def measure(T: int, gen: torch.Generator, experts, shared, gemms: dict, rounds: int) -> dict | None:
-    from runtime.kernels.moe import MOE_CANDIDATES, default_moe_config
+    from runtime.kernels.moe import MOE_CANDIDATES, default_moe_name
 
     x, w, ids = inputs(T, gen)
-    config = default_moe_config(T, ids.shape[1], experts.num_local)
+    name = default_moe_name(T, ids.shape[1], experts.num_local)
+    config = MOE_CANDIDATES[name]
     if not config.persistent:
         return None
     calls = {name: layer_call(g, x, w, ids, experts, shared, config) for name, g in gemms.items()}
@@ -57,7 +58,7 @@ def measure(T: int, gen: torch.Generator, experts, shared, gemms: dict, rounds: 
         for name, call in calls.items():
             times[name].append(time_ms(call, 10))
     ms = {name: statistics.median(t) for name, t in times.items()}
-    return dict(tokens=T, config=next(n for n, c in MOE_CANDIDATES.items() if c == config),
+    return dict(tokens=T, config=name,
                 bit_equal=bool(torch.equal(*outs)), ms=ms, new_over_old=ms["new"] / ms["old"],
                 rounds={name: [round(t, 4) for t in v] for name, v in times.items()})
 

@@ -195,7 +195,12 @@ DEFAULT_MOE_TILES = ((8, "m16s3i"), (16, "m32s3"), (96, "wspsd_side"), (384, "ws
 
 
 def default_moe_config(tokens: int, top_k: int, num_experts: int) -> MoeConfig:
-    """The fastest candidate per mean pairs per expert on the H200 (DEFAULT_MOE_TILES).
+    """MOE_CANDIDATES[default_moe_name(...)]."""
+    return MOE_CANDIDATES[default_moe_name(tokens, top_k, num_experts)]
+
+
+def default_moe_name(tokens: int, top_k: int, num_experts: int) -> str:
+    """The fastest candidate per mean pairs per expert on the H200 (DEFAULT_MOE_TILES), by name.
 
     16- and 32-row gathering tiles while experts get up to ~16 pairs (weight-bandwidth bound: little
     padding); above, the TMA path over expert-contiguous rows (warp-specialized and persistent on Hopper:
@@ -204,7 +209,7 @@ def default_moe_config(tokens: int, top_k: int, num_experts: int) -> MoeConfig:
     of them sees the same mean pairs per expert as the whole layer.
     """
     mean = tokens * top_k / max(num_experts, 1)
-    return MOE_CANDIDATES[next(name for bound, name in DEFAULT_MOE_TILES if mean <= bound)]
+    return next(name for bound, name in DEFAULT_MOE_TILES if mean <= bound)
 
 
 def fused_moe(x: torch.Tensor | Fp8Act, weights: torch.Tensor, ids: torch.Tensor, experts: ExpertWeights,
