@@ -15,12 +15,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import clocks_under_load, gpu_versions, time_ms
-from benchmarks.moe_ffn import fp8_weight, inputs, make_layer
-from runtime.kernels.act_quant import act_quant
-from runtime.kernels.fp8_linear import scaled_mm_weight_scale
+from benchmarks.moe_ffn import RATE_N, inputs, make_layer, rate_gemm
 from runtime.kernels.moe import moe_ffn
-
-GEMM_N = 8192  # moe_ffn.fp8_matmul_rates' shape
 
 
 def main() -> None:
@@ -30,12 +26,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=2.0, help="sustained load per call")
     args = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
-    n = GEMM_N
-    x = act_quant(torch.randn(n, n, generator=gen, device="cuda", dtype=torch.bfloat16))
-    w, ws = fp8_weight((n, n), gen)
-    mm_scale = scaled_mm_weight_scale(ws)
-    calls = {"scaled_mm_8192": lambda: torch._scaled_mm(x.q, w.t(), scale_a=x.scale_inv, scale_b=mm_scale,
-                                                          out_dtype=torch.bfloat16)}
+    calls = {"scaled_mm_8192": rate_gemm(gen)}
     experts, shared = make_layer(gen)
     for T in args.tokens:
         xt, weights, ids = inputs(T, gen)
@@ -48,7 +39,7 @@ def main() -> None:
         rested[name] = time_ms(fn, 5)
     loaded = clocks_under_load(calls, {}, args.seconds)
     rows = {name: dict(rested_ms=rested[name], **loaded[name]) for name in calls}
-    flop = 2 * n**3
+    flop = 2 * RATE_N**3
     rows["scaled_mm_8192"] |= dict(rested_tflops=flop / rested["scaled_mm_8192"] / 1e9,
                                    sustained_tflops=flop / loaded["scaled_mm_8192"]["ms_per_call"] / 1e9)
     for name, r in rows.items():

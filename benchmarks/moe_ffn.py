@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -107,15 +108,25 @@ def fp8_weight(shape: tuple[int, ...], gen: torch.Generator) -> tuple[torch.Tens
     return q, scale
 
 
-def fp8_matmul_rates(gen: torch.Generator) -> tuple[float, float]:
-    """FLOP/s of blockwise (1x128 x 128x128) torch._scaled_mm at 8192^3 on random data: (the floor's rate, 20
-    calls from a rested GPU; the same after ~0.4 s of calls, median of TIMED_ROUNDS windows of 10, the clock
-    state the timed rows are measured in (run 10: the H200 settles under its power cap after ~40 ms))."""
-    n = 8192
+RATE_N = 8192  # the floor's FP8 rate: blockwise torch._scaled_mm at RATE_N^3
+
+
+def rate_gemm(gen: torch.Generator) -> Callable[[], torch.Tensor]:
+    """One blockwise (1x128 x 128x128) torch._scaled_mm at RATE_N^3 on random data, as a call."""
+    n = RATE_N
     x = act_quant(torch.randn(n, n, generator=gen, device="cuda", dtype=torch.bfloat16))
     w, ws = fp8_weight((n, n), gen)
     mm_scale = scaled_mm_weight_scale(ws)
-    mm = lambda: torch._scaled_mm(x.q, w.t(), scale_a=x.scale_inv, scale_b=mm_scale, out_dtype=torch.bfloat16)
+    return lambda: torch._scaled_mm(x.q, w.t(), scale_a=x.scale_inv, scale_b=mm_scale,
+                                    out_dtype=torch.bfloat16)
+
+
+def fp8_matmul_rates(gen: torch.Generator) -> tuple[float, float]:
+    """FLOP/s of `rate_gemm`: (the floor's rate, 20 calls from a rested GPU; the same after ~0.4 s of calls,
+    median of TIMED_ROUNDS windows of 10, the clock state the timed rows are measured in (run 10: the H200
+    settles under its power cap after ~40 ms))."""
+    n = RATE_N
+    mm = rate_gemm(gen)
     rested = time_ms(mm, 20)
     event_median_ms(mm, 500)  # ~0.4 s of load
     loaded = statistics.median(event_median_ms(mm, 10) for _ in range(TIMED_ROUNDS))
