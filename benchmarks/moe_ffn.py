@@ -128,7 +128,7 @@ def fp8_matmul_rates(gen: torch.Generator) -> tuple[float, float]:
     The floor's rate is the sustained one since session 19: the timed rows run windows under sustained load
     (run 10: the H200 settles under its ~690 W cap after ~40 ms), and there the layer and this GEMM both run
     at ~1.4 GHz (session 18, results/moe_clocks_h200.json); the rested rate is the boost clock's, which no
-    timed row sees. Until session 18 the floor took the rested rate (runs 1-19's `fp8_matmul_flops`)."""
+    timed row sees. Through session 18 the floor took the rested rate (runs 1-19's `fp8_matmul_flops`)."""
     n = RATE_N
     mm = rate_gemm(gen)
     rested = time_ms(mm, 20)

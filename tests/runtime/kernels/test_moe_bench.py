@@ -18,6 +18,19 @@ def test_floor_at_rested_rate_takes_the_larger_bound():
     assert memory_bound["floor_ms_at_rested_rate"] == pytest.approx(5.6e9 / 4.26e12 * 1e3)
 
 
+
+def test_the_floor_takes_the_rate_under_load(monkeypatch):
+    """fp8_matmul_rates with the GEMM and CUDA timing faked: the floor's rate (first) is the one timed after
+    the load, the rows' clock state; the rested one comes second, for information."""
+    from benchmarks import moe_ffn
+
+    monkeypatch.setattr(moe_ffn, "rate_gemm", lambda gen: lambda: None)
+    monkeypatch.setattr(moe_ffn, "time_ms", lambda fn, reps: 0.8)  # rested: boost clock
+    monkeypatch.setattr(moe_ffn, "event_median_ms", lambda fn, reps: 1.0)  # loaded: the power cap's clock
+    floor_rate, rested = moe_ffn.fp8_matmul_rates(None)
+    assert floor_rate == pytest.approx(2 * moe_ffn.RATE_N**3 / 1e-3)
+    assert rested == pytest.approx(2 * moe_ffn.RATE_N**3 / 0.8e-3)
+
 def test_clocks_under_load_reads_the_settled_samples(monkeypatch):
     """benchmarks/common.clocks_under_load with nvidia-smi and CUDA faked: the medians come from the last two
     thirds of the samples (the first third holds the idle start), `before` runs first, every call counts."""
