@@ -1,6 +1,7 @@
 """The MoE layer and the floor's FP8 GEMM, each rested and under sustained load: time per call, SM clock,
-board power (NOTES_ffn.md item 23). moe_ffn.py's floor takes cuBLAS's rate from a rested GPU, while its timed
-rows run into the H200's power cap; this puts both sides' clocks in one file.
+board power (NOTES_ffn.md items 23-24). Both sides run into the H200's power cap under load, which is why
+moe_ffn.py's floor takes cuBLAS's rate under sustained load, as its timed rows run; this puts both sides'
+clocks, rested and loaded, in one file.
 
     python -m benchmarks.moe_clocks --out DIR [--tokens 2048 4096]   # writes DIR/moe_clocks_h200.json
 """
